@@ -1,0 +1,118 @@
+//! Test plugin `faulty`: the pid driver with failures injected on demand,
+//! for the loader's and the engine's negative tests.
+//!
+//! - `-o panic=HOOK`: the hook panics (caught by the export guard).
+//! - `-o fail=HOOK`: the hook returns an error.
+//! - `PHAUL_TEST_FAULTY_INFO=panic` in the environment: `info` panics, so
+//!   the plugin fails to initialise and the loader must skip it.
+//!
+//! Every other option and every hook behave as in the pid driver.
+
+// The pid driver's source, compiled into this plugin (a cdylib cannot be
+// linked as a library, and its entry points would clash with ours).
+#[path = "../../../../plugins/pid/src/driver.rs"]
+mod pid_driver;
+
+use phaul_plugin_api::abi_stable::std_types::RVec;
+use phaul_plugin_api::*;
+use pid_driver::PidDriver;
+
+#[derive(Default)]
+pub struct FaultyDriver {
+    inner: PidDriver,
+    panic_in: Vec<String>,
+    fail_in: Vec<String>,
+}
+
+impl FaultyDriver {
+    fn inject(&self, hook: &str) -> DriverResult<()> {
+        if self.panic_in.iter().any(|h| h == hook) {
+            panic!("injected panic in {hook}");
+        }
+        if self.fail_in.iter().any(|h| h == hook) {
+            return Err(DriverError::failed(format!("injected failure in {hook}")));
+        }
+        Ok(())
+    }
+}
+
+impl Driver for FaultyDriver {
+    fn info(&self) -> DriverInfo {
+        if std::env::var("PHAUL_TEST_FAULTY_INFO").as_deref() == Ok("panic") {
+            panic!("injected panic in info");
+        }
+        let mut info = self.inner.info();
+        info.name = "faulty".into();
+        info.description = "test driver: the pid driver with injected failures".into();
+        info
+    }
+
+    fn init(&mut self, mut ctx: InitContext) -> DriverResult<()> {
+        let mut rest = RVec::new();
+        for kv in ctx.options.iter() {
+            match kv.key.as_str() {
+                "panic" => self.panic_in.push(kv.value.to_string()),
+                "fail" => self.fail_in.push(kv.value.to_string()),
+                _ => rest.push(kv.clone()),
+            }
+        }
+        ctx.options = rest;
+        self.inject("init")?;
+        self.inner.init(ctx)
+    }
+
+    fn root_task_pid(&mut self) -> DriverResult<i32> {
+        self.inject("root_task_pid")?;
+        self.inner.root_task_pid()
+    }
+    fn adjust_dump_opts(&mut self, opts: &mut CriuOpts) -> DriverResult<()> {
+        self.inject("adjust_dump_opts")?;
+        self.inner.adjust_dump_opts(opts)
+    }
+    fn adjust_restore_opts(&mut self, opts: &mut CriuOpts) -> DriverResult<()> {
+        self.inject("adjust_restore_opts")?;
+        self.inner.adjust_restore_opts(opts)
+    }
+    fn dump(&mut self, ctx: &DumpContext) -> DriverResult<HookOutcome> {
+        self.inject("dump")?;
+        self.inner.dump(ctx)
+    }
+    fn restore(&mut self, ctx: &RestoreContext) -> DriverResult<HookOutcome> {
+        self.inject("restore")?;
+        self.inner.restore(ctx)
+    }
+    fn fs_sync(&mut self) -> DriverResult<FsSyncSpec> {
+        self.inject("fs_sync")?;
+        self.inner.fs_sync()
+    }
+    fn net_lock(&mut self) -> DriverResult<()> {
+        self.inject("net_lock")?;
+        self.inner.net_lock()
+    }
+    fn net_unlock(&mut self) -> DriverResult<()> {
+        self.inject("net_unlock")?;
+        self.inner.net_unlock()
+    }
+    fn mount(&mut self) -> DriverResult<()> {
+        self.inject("mount")?;
+        self.inner.mount()
+    }
+    fn meta_files_out(&mut self, dir: &str) -> DriverResult<Vec<String>> {
+        self.inject("meta_files_out")?;
+        self.inner.meta_files_out(dir)
+    }
+    fn meta_files_in(&mut self, dir: &str, names: &[String]) -> DriverResult<()> {
+        self.inject("meta_files_in")?;
+        self.inner.meta_files_in(dir, names)
+    }
+    fn migration_complete(&mut self) -> DriverResult<()> {
+        self.inject("migration_complete")?;
+        self.inner.migration_complete()
+    }
+    fn migration_fail(&mut self) -> DriverResult<()> {
+        self.inject("migration_fail")?;
+        self.inner.migration_fail()
+    }
+}
+
+export_driver!(FaultyDriver);
