@@ -1,15 +1,36 @@
 //! # phaul-core: the phaul migration engine
 //!
 //! phaul moves running process trees and containers between hosts with
-//! CRIU. This crate is the engine: it loads htype driver plugins
-//! ([`plugins`]) and drives migrations through them.
+//! CRIU. This crate is the engine:
 //!
-//! The driver contract itself lives in the `phaul-plugin-api` crate, which
-//! is all a driver author needs.
+//! - [`plugins`] loads htype driver plugins behind the stable ABI of
+//!   `phaul-plugin-api` (all a driver author needs);
+//! - [`criu`] talks to CRIU over its RPC interface (`criu swrk`);
+//! - [`proto`] is the wire protocol between the two phauls;
+//! - [`engine`] runs a migration on the source ([`engine::source`]) and on
+//!   the destination ([`engine::dest`]), with rollback on failure; its
+//!   documentation lists the phases and what a failure does in each;
+//! - [`server`] is the destination service;
+//! - [`api`] is the library API for embedders (a config, a server, a client
+//!   and `migrate()`, in the shape of the Go phaul library).
 
 #![warn(missing_docs)]
 
+pub mod api;
+pub mod conn;
+pub mod criu;
+pub mod engine;
 pub mod error;
 pub mod plugins;
+pub mod proc;
+pub mod proto;
+pub mod relay;
+pub mod server;
+pub mod workdir;
 
 pub use error::{Error, Result};
+
+/// This phaul's version.
+pub const PHAUL_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The plugin ABI version this engine was built against.
+pub const ABI_VERSION: &str = phaul_plugin_api::ABI_VERSION;

@@ -13,7 +13,7 @@ mod host;
 mod registry;
 
 pub use driver::Driver;
-pub use host::EngineHost;
+pub use host::{EngineHost, FeatureCheck};
 pub use registry::{default_plugin_dirs, DriverSummary, LoadedPlugin, Registry, Skipped};
 
 pub use phaul_plugin_api::DriverError;

@@ -2,6 +2,9 @@
 
 pub mod exit;
 mod htypes;
+mod migrate;
+mod progress;
+mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,7 +15,9 @@ use phaul_core::plugins::{default_plugin_dirs, Registry};
 const AFTER_HELP: &str = "\
 Examples:
   phaul htypes                                   list the available drivers
-  phaul --plugin-dir ./target/release htypes --json
+  phaul serve --listen 127.0.0.1:7070            run the destination service
+  phaul migrate pid 4242 --to 127.0.0.1:7070     move process tree 4242 there, live
+  phaul --plugin-dir ./target/release/plugins htypes --json
 
 Logs go to standard error; set RUST_LOG (e.g. RUST_LOG=phaul=debug) for more.";
 
@@ -43,6 +48,10 @@ pub struct Cli {
 pub enum Command {
     /// List the available htypes (workload drivers) and their capabilities.
     Htypes(htypes::HtypesArgs),
+    /// Run the destination service that receives migrations.
+    Serve(serve::ServeArgs),
+    /// Migrate a workload to a destination service.
+    Migrate(migrate::MigrateArgs),
 }
 
 /// Sets up `tracing` to standard error, honouring RUST_LOG.
@@ -75,5 +84,7 @@ pub fn load_registry(dirs: &[PathBuf]) -> Registry {
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Htypes(args) => htypes::run(&cli.plugin_dirs, args),
+        Command::Serve(args) => serve::run(&cli.plugin_dirs, args),
+        Command::Migrate(args) => migrate::run(&cli.plugin_dirs, cli.quiet, args),
     }
 }

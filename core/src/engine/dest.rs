@@ -1,0 +1,626 @@
+//! The destination side of a live migration: pre-flight checks, page
+//! servers fed from the memory connection, receiving images, and the
+//! restore held at `post-restore` until the source commits. See the
+//! [module documentation](super) for the phases.
+
+use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+use phaul_plugin_api::{CriuOpts, InitContext, KeyValue, Mode, RestoreContext, Side};
+
+use crate::conn::Conn;
+use crate::criu::rpc::ReqType;
+use crate::criu::{stats, Event, Worker};
+use crate::plugins::{Driver, EngineHost, Registry};
+use crate::proto::{
+    FrameError, FrameReader, FrameWriter, Hello, MigrationMode, Msg, Outcome, Refusal, Welcome,
+};
+use crate::relay::Relay;
+use crate::workdir::{free_bytes, WorkDir};
+use crate::{ABI_VERSION, PHAUL_VERSION};
+
+use super::criu_opts_to_rpc;
+
+/// How the destination service runs migrations.
+#[derive(Debug, Clone)]
+pub struct DestOptions {
+    /// Root of the work directories.
+    pub work_root: PathBuf,
+    /// The CRIU binary.
+    pub criu: PathBuf,
+    /// Keep images after every migration (the source can ask too).
+    pub keep_images: bool,
+    /// How long to wait for the source's commit once restored.
+    pub commit_timeout: Duration,
+}
+
+/// What the destination did, for its log.
+#[derive(Debug, Clone)]
+pub struct DestSummary {
+    /// The session.
+    pub session: u64,
+    /// The restored root's pid.
+    pub pid: i32,
+    /// The restore's wall time.
+    pub restore_time: Duration,
+}
+
+type Reader = FrameReader<Conn>;
+type Writer = FrameWriter<Conn>;
+
+/// A session's control channel.
+pub struct Control {
+    reader: Reader,
+    writer: Writer,
+}
+
+impl Control {
+    /// Wraps a connection whose preamble has been read.
+    pub fn new(conn: Conn) -> std::io::Result<Self> {
+        Ok(Self {
+            reader: FrameReader::new(conn.try_clone()?),
+            writer: FrameWriter::new(conn),
+        })
+    }
+
+    /// Reads the next frame.
+    pub fn read(&mut self) -> Result<Msg, FrameError> {
+        self.reader.read()
+    }
+
+    /// Sends a frame.
+    pub fn write(&mut self, m: &Msg) -> Result<(), FrameError> {
+        self.writer.write(m)
+    }
+
+    fn conn(&self) -> &Conn {
+        self.writer.get_ref()
+    }
+}
+
+/// A refusal to send back in place of `Welcome`.
+struct Refuse(Refusal, String);
+
+fn version_mm(v: &str) -> (u32, u32) {
+    let mut it = v.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    (it.next().unwrap_or(0), it.next().unwrap_or(0))
+}
+
+/// Whether two versions are compatible under the 0.x rule (same major,
+/// and same minor while major is 0).
+fn compatible(a: &str, b: &str) -> bool {
+    let (am, an) = version_mm(a);
+    let (bm, bn) = version_mm(b);
+    am == bm && (am != 0 || an == bn)
+}
+
+struct Session<'a> {
+    hello: &'a Hello,
+    opts: &'a DestOptions,
+    driver: Driver,
+    mounted: bool,
+    work: WorkDir,
+    pages: Option<Worker>,
+    restorer: Option<Worker>,
+    ps_fd: i32,
+    relay: Option<Relay>,
+    ps_ours: Option<OwnedFd>,
+    page_server: Option<(i32, OwnedFd)>,
+    iter: u32,
+}
+
+fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
+    // SAFETY: plain syscall; the result is a new descriptor we own.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: pidfd_open returned a fresh descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+fn wait_pidfd(fd: &OwnedFd, timeout: Duration) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    unsafe { libc::poll(&mut p, 1, timeout.as_millis() as i32) > 0 }
+}
+
+/// A file name the source may create: a plain name, no path.
+fn safe_name(name: &str) -> Result<&str, String> {
+    if name.is_empty()
+        || name == "."
+        || name == ".."
+        || name.contains('/')
+        || name.contains('\0')
+        || name.len() > 255
+    {
+        return Err(format!(
+            "the source sent an invalid image file name {name:?}"
+        ));
+    }
+    Ok(name)
+}
+
+impl<'a> Session<'a> {
+    fn preflight(
+        registry: &Registry,
+        opts: &'a DestOptions,
+        hello: &'a Hello,
+    ) -> Result<Session<'a>, Refuse> {
+        if hello.mode != MigrationMode::Live {
+            return Err(Refuse(
+                Refusal::Other,
+                "only live migrations are supported by this phaul".into(),
+            ));
+        }
+        if !hello.force && !compatible(&hello.phaul_version, PHAUL_VERSION) {
+            return Err(Refuse(
+                Refusal::Version,
+                format!(
+                    "source phaul {} and destination phaul {PHAUL_VERSION} are not compatible (use --force to try anyway)",
+                    hello.phaul_version
+                ),
+            ));
+        }
+        if !compatible(&hello.abi_version, ABI_VERSION) {
+            return Err(Refuse(
+                Refusal::Version,
+                format!(
+                    "source plugin ABI {} and destination plugin ABI {ABI_VERSION} differ",
+                    hello.abi_version
+                ),
+            ));
+        }
+        let mut driver = registry
+            .instantiate(&hello.htype)
+            .map_err(|e| Refuse(Refusal::Htype, e.to_string()))?;
+        let free = free_bytes(&opts.work_root);
+        let need = hello.need_bytes + hello.need_bytes / 10;
+        if free < need {
+            return Err(Refuse(
+                Refusal::Space,
+                format!(
+                    "the work directory {} has {} MiB free, the images need about {} MiB",
+                    opts.work_root.display(),
+                    free >> 20,
+                    need >> 20
+                ),
+            ));
+        }
+        let mut work = WorkDir::create(&opts.work_root, "dst", hello.session)
+            .map_err(|e| Refuse(Refusal::Other, e.to_string()))?;
+        work.keep(opts.keep_images || hello.keep_images);
+        let (ps_criu, ps_ours) = socketpair(
+            AddressFamily::Unix,
+            SockType::Stream,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(|e| Refuse(Refusal::Other, format!("socketpair: {e}")))?;
+        let other = |e: crate::criu::CriuError| Refuse(Refusal::Other, e.to_string());
+        let mut pages = Worker::spawn(&opts.criu, "pages", &work.criu(), &[ps_criu.as_raw_fd()])
+            .map_err(other)?;
+        let ps_fd = ps_criu.as_raw_fd();
+        let restorer = Worker::spawn(&opts.criu, "restore", &work.criu(), &[]).map_err(other)?;
+        let version = pages.version().map_err(other)?;
+        if !hello.force && version < hello.criu_version {
+            return Err(Refuse(
+                Refusal::Criu,
+                format!(
+                    "destination CRIU {version} is older than source CRIU {} (upgrade it, or --force)",
+                    hello.criu_version
+                ),
+            ));
+        }
+        if !hello.force {
+            let cpu_dir = work.path().join("cpuinfo");
+            std::fs::create_dir_all(&cpu_dir).map_err(|e| Refuse(Refusal::Other, e.to_string()))?;
+            std::fs::write(cpu_dir.join("cpuinfo.img"), &hello.cpuinfo)
+                .map_err(|e| Refuse(Refusal::Other, e.to_string()))?;
+            pages.cpuinfo_check(&cpu_dir).map_err(|e| {
+                Refuse(
+                    Refusal::Cpu,
+                    format!(
+                        "this CPU cannot run the source's processes ({e}); --force skips the check"
+                    ),
+                )
+            })?;
+        }
+        let host = EngineHost::new(
+            &hello.htype,
+            &opts.criu.display().to_string(),
+            &version.to_string(),
+            std::sync::Arc::new(|_| {
+                Err("feature checks are only available on the source".to_string())
+            }),
+        );
+        let drv_err = |e: crate::Error| Refuse(Refusal::Driver, e.to_string());
+        driver
+            .init(InitContext {
+                side: Side::Destination,
+                mode: Mode::Live,
+                id: hello.id.as_str().into(),
+                options: hello
+                    .options
+                    .iter()
+                    .map(|(k, v)| KeyValue::new(k, v))
+                    .collect(),
+                work_dir: work.path().display().to_string().into(),
+                host: host.into_box(),
+            })
+            .map_err(drv_err)?;
+        let mut s = Session {
+            hello,
+            opts,
+            driver,
+            mounted: false,
+            work,
+            pages: Some(pages),
+            restorer: Some(restorer),
+            ps_fd,
+            relay: None,
+            ps_ours: Some(ps_ours),
+            page_server: None,
+            iter: 0,
+        };
+        s.driver.mount().map_err(drv_err)?;
+        s.mounted = true;
+        // CRIU's end now lives only in the page-server worker.
+        drop(ps_criu);
+        Ok(s)
+    }
+
+    fn wait_page_server(&mut self) -> Result<(), String> {
+        if let Some((pid, fd)) = self.page_server.take() {
+            if !wait_pidfd(&fd, Duration::from_secs(60)) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                return Err(format!(
+                    "the page server (pid {pid}) did not finish receiving memory"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn start_pass(&mut self, iter: u32, parent: Option<u32>) -> Result<(), String> {
+        self.wait_page_server()?;
+        if iter != self.iter + 1 || parent.is_some_and(|p| p != self.iter) {
+            return Err(format!(
+                "the source started pass {iter} after pass {}",
+                self.iter
+            ));
+        }
+        let dir = self.work.images(iter);
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        if let Some(p) = parent {
+            std::os::unix::fs::symlink(format!("../{p}"), dir.join("parent"))
+                .map_err(|e| e.to_string())?;
+        }
+        let ps_fd = self.ps_fd;
+        let pages = self
+            .pages
+            .as_mut()
+            .ok_or("the page-server worker is gone")?;
+        let pid = pages
+            .page_server(&dir, ps_fd, &format!("page-server-{iter}.log"))
+            .map_err(|e| e.to_string())?;
+        let fd = pidfd_open(pid).map_err(|e| format!("pidfd_open({pid}): {e}"))?;
+        self.page_server = Some((pid, fd));
+        self.iter = iter;
+        tracing::debug!(iter, page_server = pid, "page server started");
+        Ok(())
+    }
+
+    fn receive_file(
+        &mut self,
+        control: &mut Control,
+        name: &str,
+        mode: u32,
+        size: u64,
+    ) -> Result<(), String> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let name = safe_name(name)?;
+        if self.iter == 0 {
+            return Err("the source sent an image before any memory pass".into());
+        }
+        let path = self.work.images(self.iter).join(name);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode & 0o777)
+            .open(&path)
+            .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+        let mut got = 0u64;
+        while got < size {
+            match control.read() {
+                Ok(Msg::Chunk(data)) => {
+                    got += data.len() as u64;
+                    if got > size {
+                        return Err(format!(
+                            "the source sent more than the announced {size} bytes of {name}"
+                        ));
+                    }
+                    f.write_all(&data)
+                        .map_err(|e| format!("writing {}: {e}", path.display()))?;
+                }
+                Ok(other) => {
+                    return Err(format!("expected a chunk of {name}, got {}", other.name()))
+                }
+                Err(e) => return Err(format!("receiving {name}: {e}")),
+            }
+        }
+        Ok(())
+    }
+
+    /// Restores, holding at `post-restore` until the source commits.
+    fn restore(
+        &mut self,
+        control: &mut Control,
+        iter: u32,
+        meta: &[String],
+    ) -> Result<(i32, Duration), String> {
+        if iter != self.iter {
+            return Err(format!(
+                "the source asked to restore pass {iter}, the last pass was {}",
+                self.iter
+            ));
+        }
+        self.wait_page_server()?;
+        // Memory is complete: the page-server worker and relay are done.
+        drop(self.pages.take());
+        if let Some(r) = self.relay.take() {
+            r.shutdown();
+        }
+        let images = self.work.images(iter);
+        let meta_dir = self.work.meta();
+        for m in meta {
+            let m = safe_name(m)?;
+            std::fs::rename(images.join(m), meta_dir.join(m))
+                .map_err(|e| format!("meta file {m}: {e}"))?;
+        }
+        self.driver
+            .meta_files_in(&meta_dir.display().to_string(), meta)
+            .map_err(|e| e.to_string())?;
+        let mut copts = CriuOpts {
+            tcp_established: self.hello.tcp_established,
+            ..CriuOpts::default()
+        };
+        self.driver
+            .adjust_restore_opts(&mut copts)
+            .map_err(|e| e.to_string())?;
+        let outcome = self
+            .driver
+            .restore(&RestoreContext {
+                images_dir: images.display().to_string().into(),
+                opts: copts.clone(),
+            })
+            .map_err(|e| e.to_string())?;
+        if outcome.handled {
+            return Err("drivers that restore through their own tooling are not supported by this engine yet".into());
+        }
+        let w = self.restorer.as_mut().ok_or("the restore worker is gone")?;
+        let mut o = w.opts(&images, "restore.log");
+        o.notify_scripts = Some(true);
+        criu_opts_to_rpc(&copts, &mut o);
+        let started = Instant::now();
+        w.start(ReqType::Restore, o).map_err(|e| e.to_string())?;
+        let mut committed = false;
+        let mut failure: Option<String> = None;
+        loop {
+            let w = self.restorer.as_mut().expect("restore worker");
+            match w.next_event(ReqType::Restore).map_err(|e| e.to_string())? {
+                Event::Notify { script, .. } => {
+                    tracing::debug!(%script, "CRIU notification");
+                    let ok = match script.as_str() {
+                        "post-restore" => match self.await_commit(control) {
+                            Ok(()) => {
+                                committed = true;
+                                true
+                            }
+                            Err(e) => {
+                                failure = Some(e);
+                                false
+                            }
+                        },
+                        "network-unlock" => {
+                            if let Err(e) = self.driver.net_unlock() {
+                                tracing::warn!("{e}");
+                            }
+                            true
+                        }
+                        _ => true,
+                    };
+                    self.restorer
+                        .as_mut()
+                        .expect("restore worker")
+                        .answer_notify(ok)
+                        .map_err(|e| e.to_string())?;
+                }
+                Event::Done(resp) => {
+                    let w = self.restorer.as_ref().expect("restore worker");
+                    if let Some(f) = failure {
+                        return Err(f);
+                    }
+                    w.check_done(ReqType::Restore, &resp, "restore.log")
+                        .map_err(|e| e.to_string())?;
+                    if !committed {
+                        return Err(
+                            "CRIU finished the restore without a post-restore notification".into(),
+                        );
+                    }
+                    let pid = resp.restore.map_or(0, |r| r.pid);
+                    if let Some(mut w) = self.restorer.take() {
+                        w.wait_exit(Duration::from_secs(5));
+                    }
+                    return Ok((pid, started.elapsed()));
+                }
+            }
+        }
+    }
+
+    /// Tells the source the copy is ready and waits for its verdict.
+    fn await_commit(&mut self, control: &mut Control) -> Result<(), String> {
+        control
+            .write(&Msg::Restored)
+            .map_err(|e| format!("telling the source: {e}"))?;
+        let _ = control
+            .conn()
+            .set_read_timeout(Some(self.opts.commit_timeout));
+        let r = control.read();
+        let _ = control.conn().set_read_timeout(None);
+        match r {
+            Ok(Msg::Commit) => Ok(()),
+            Ok(Msg::Abort { reason }) => Err(format!("the source aborted: {reason}")),
+            Ok(other) => Err(format!("expected Commit, got {}", other.name())),
+            Err(e) => Err(format!("no commit from the source: {e}")),
+        }
+    }
+
+    fn rollback(&mut self) {
+        if let Some((pid, _)) = self.page_server.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        if let Some(r) = self.relay.take() {
+            r.shutdown();
+        }
+        drop(self.pages.take());
+        drop(self.restorer.take());
+        if self.mounted {
+            if let Err(e) = self.driver.umount() {
+                tracing::warn!("{e}");
+            }
+        }
+        if let Err(e) = self.driver.migration_fail() {
+            tracing::warn!("{e}");
+        }
+    }
+}
+
+/// Runs one migration on the destination, from its `Hello` on. `mem` is
+/// the memory connection (already attached); `record` learns the outcome
+/// as it changes, for sources that lose the connection and ask later.
+pub fn serve_session(
+    registry: &Registry,
+    opts: &DestOptions,
+    hello: &Hello,
+    mut control: Control,
+    mem: Conn,
+    record: &dyn Fn(Outcome),
+) -> Result<DestSummary, String> {
+    let session = hello.session;
+    record(Outcome::InProgress);
+    let mut s = match Session::preflight(registry, opts, hello) {
+        Ok(s) => s,
+        Err(Refuse(kind, reason)) => {
+            tracing::warn!("refused: {reason}");
+            let _ = control.write(&Msg::Refused {
+                kind,
+                reason: reason.clone(),
+            });
+            record(Outcome::RolledBack);
+            return Err(format!("refused: {reason}"));
+        }
+    };
+    let welcome = Welcome {
+        phaul_version: PHAUL_VERSION.into(),
+        criu_version: s
+            .pages
+            .as_mut()
+            .and_then(|p| p.version().ok())
+            .unwrap_or(hello.criu_version),
+        free_bytes: free_bytes(&opts.work_root),
+    };
+    let ps_ours = s.ps_ours.take().expect("page-server socket");
+    s.relay = Some(Relay::start(ps_ours, mem.into_fd()));
+    let r = (|| -> Result<DestSummary, String> {
+        control
+            .write(&Msg::Welcome(welcome))
+            .map_err(|e| e.to_string())?;
+        loop {
+            let msg = control.read().map_err(|e| match e {
+                FrameError::Closed => "the source closed the connection".to_string(),
+                e => e.to_string(),
+            })?;
+            match msg {
+                Msg::StartIter { iter, parent } => {
+                    s.start_pass(iter, parent)?;
+                    control
+                        .write(&Msg::IterReady { iter })
+                        .map_err(|e| e.to_string())?;
+                }
+                Msg::File { name, mode, size } => {
+                    s.receive_file(&mut control, &name, mode, size)?
+                }
+                Msg::Restore { iter, meta_files } => {
+                    // On error the caller tells the source, which may still resume its copy.
+                    let (pid, took) = s.restore(&mut control, iter, &meta_files)?;
+                    record(Outcome::Resumed);
+                    let restore_stats = stats::read_restore(&s.work.criu()).ok();
+                    if let Err(e) = control.write(&Msg::Resumed {
+                        pid,
+                        stats: restore_stats,
+                        restore_us: took.as_micros() as u64,
+                    }) {
+                        tracing::warn!(
+                            "the workload runs (pid {pid}) but the source did not hear it: {e}"
+                        );
+                    }
+                    if let Err(e) = s.driver.migration_complete() {
+                        tracing::warn!("{e}");
+                    }
+                    return Ok(DestSummary {
+                        session,
+                        pid,
+                        restore_time: took,
+                    });
+                }
+                Msg::Abort { reason } => return Err(format!("the source aborted: {reason}")),
+                other => return Err(format!("unexpected {} from the source", other.name())),
+            }
+        }
+    })();
+    match r {
+        Ok(sum) => Ok(sum),
+        Err(e) => {
+            tracing::warn!("rolling back: {e}");
+            let _ = control.write(&Msg::Abort { reason: e.clone() });
+            s.rollback();
+            record(Outcome::RolledBack);
+            Err(e)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_names_from_the_source_are_plain_names() {
+        assert!(safe_name("pages-1.img").is_ok());
+        for bad in ["", ".", "..", "../x", "/etc/passwd", "a/b", "x\0y"] {
+            assert!(safe_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn version_compatibility_follows_semver_zero_rules() {
+        assert!(compatible("0.1.0", "0.1.7"));
+        assert!(!compatible("0.1.0", "0.2.0"));
+        assert!(compatible("1.2.0", "1.5.0"));
+        assert!(!compatible("1.0.0", "2.0.0"));
+    }
+}

@@ -1,0 +1,147 @@
+//! The migration engine: a live migration of one workload from a source
+//! host ([`source::migrate`]) to a destination service
+//! ([`dest::serve_session`]), with an htype driver on each side.
+//!
+//! # Phases, and what a failure does in each
+//!
+//! 1. **Pre-flight** (nothing frozen, nothing changed). The source loads
+//!    the driver, validates the workload, starts its CRIU worker, checks
+//!    pre-dump support, dumps its CPU description, connects, and sends the
+//!    handshake; the destination checks protocol, phaul and plugin ABI
+//!    versions, that the htype exists, that its CRIU is the same or newer,
+//!    the CPU (CRIU `cpuinfo check`), and free space, then initialises its
+//!    driver and starts its own CRIU workers (so their start-up is not
+//!    paid while the workload is frozen). *Failure*: the migration is
+//!    refused with a message naming the mismatch; exit code 3.
+//! 2. **Memory passes** (workload running). With pre-dumps, each pass
+//!    copies memory to a destination page server while the workload runs,
+//!    until a stop rule fires ([`iter`]). *Failure*: the workload never
+//!    stopped; the destination discards its images; exit code 4.
+//! 3. **Final dump** (workload frozen, network locked). CRIU freezes the
+//!    tree, streams the remaining pages to the destination and stops at
+//!    its `post-dump` notification, which the source holds unanswered
+//!    while the remaining images go over and the destination restores up
+//!    to its own `post-restore` notification (restored, network still
+//!    locked, not running). *Failure* (destination dies, connection drops,
+//!    restore fails, a driver hook fails, Ctrl-C): the source answers
+//!    `post-dump` with failure, CRIU resumes the tree and unlocks its
+//!    network exactly as it was; the destination answers `post-restore`
+//!    with failure, CRIU kills its copy; exit code 4.
+//! 4. **Commit**. The source sends `Commit` and from then on never resumes
+//!    its copy on its own. The destination lets its copy run and reports
+//!    `Resumed`. *Failure*: if the destination cannot resume, it says so and
+//!    discards its copy, and the source — still frozen — resumes; exit 4.
+//! 5. **Point of no return**: the source receives `Resumed`, answers
+//!    `post-dump` with success and CRIU kills the source copy (TCP sockets
+//!    stay in repair mode, so peers see no reset). *Failure* after this
+//!    point cannot be undone: exit code 5. If the connection breaks between
+//!    `Commit` and `Resumed`, the source asks the destination on a new
+//!    connection what became of the session; if nobody can tell, the
+//!    source copy is left stopped (SIGSTOP) for an operator rather than
+//!    risking two running copies.
+
+pub mod abort;
+pub mod dest;
+pub mod iter;
+pub mod report;
+pub mod source;
+
+use std::net::SocketAddr;
+
+use phaul_plugin_api::{CgroupMode, CriuOpts, NetworkLock};
+
+use crate::conn::Conn;
+use crate::criu::rpc;
+
+/// Whether to pre-copy memory with CRIU pre-dumps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PreDump {
+    /// Use them when CRIU and the driver can.
+    Auto,
+    /// Require them; refuse the migration if impossible.
+    Force,
+    /// Never.
+    Never,
+}
+
+/// How the source reaches the destination.
+#[derive(Debug)]
+pub enum Connector {
+    /// Connect to a `phaul serve` (a control and a memory connection).
+    Tcp(SocketAddr),
+    /// Connections the embedder already has.
+    Given {
+        /// The control channel.
+        control: Conn,
+        /// The memory channel.
+        mem: Conn,
+    },
+}
+
+impl Connector {
+    /// For the report.
+    pub fn describe(&self) -> String {
+        match self {
+            Connector::Tcp(a) => a.to_string(),
+            Connector::Given { .. } => "given connections".to_string(),
+        }
+    }
+}
+
+/// How a migration failed, which decides the exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    /// Refused before anything was frozen; nothing changed.
+    #[error("refused: {0}")]
+    Refused(String),
+    /// Failed and rolled back: the source workload runs as before.
+    #[error("failed, the source workload was resumed: {0}")]
+    RolledBack(String),
+    /// Failed after the commit: the source copy is gone or stopped.
+    #[error("failed after the point of no return: {0}")]
+    AfterCommit(String),
+}
+
+/// Copies the driver-adjustable CRIU options into an RPC request.
+pub fn criu_opts_to_rpc(c: &CriuOpts, o: &mut rpc::Opts) {
+    if let Some(root) = c.root.as_ref().into_option() {
+        o.root = Some(root.to_string());
+    }
+    o.external.extend(c.external.iter().map(|s| s.to_string()));
+    o.skip_mnt.extend(c.skip_mnt.iter().map(|s| s.to_string()));
+    o.enable_fs
+        .extend(c.enable_fs.iter().map(|s| s.to_string()));
+    o.irmap_scan_paths
+        .extend(c.irmap_scan_paths.iter().map(|s| s.to_string()));
+    o.manage_cgroups_mode = match c.cgroup_mode {
+        CgroupMode::Default => None,
+        CgroupMode::Ignore => Some(rpc::CgMode::Ignore as i32),
+        CgroupMode::Props => Some(rpc::CgMode::Props as i32),
+        CgroupMode::Soft => Some(rpc::CgMode::Soft as i32),
+        CgroupMode::Full => Some(rpc::CgMode::Full as i32),
+        CgroupMode::Strict => Some(rpc::CgMode::Strict as i32),
+    };
+    if let Some(f) = c.freeze_cgroup.as_ref().into_option() {
+        o.freeze_cgroup = Some(f.to_string());
+    }
+    if let Some(l) = c.lsm_profile.as_ref().into_option() {
+        o.lsm_profile = Some(l.to_string());
+    }
+    o.network_lock = Some(match c.network_lock {
+        NetworkLock::Nftables => rpc::NetworkLockMethod::Nftables,
+        NetworkLock::Iptables => rpc::NetworkLockMethod::Iptables,
+        NetworkLock::Skip => rpc::NetworkLockMethod::Skip,
+    } as i32);
+    let flag = |b: bool| b.then_some(true);
+    o.tcp_established = flag(c.tcp_established);
+    o.shell_job = flag(c.shell_job);
+    o.ext_unix_sk = flag(c.ext_unix_sk);
+    o.file_locks = flag(c.file_locks);
+    o.link_remap = flag(c.link_remap);
+    o.force_irmap = flag(c.force_irmap);
+    o.evasive_devices = flag(c.evasive_devices);
+    o.orphan_pts_master = flag(c.orphan_pts_master);
+    if c.empty_ns != 0 {
+        o.empty_ns = Some(c.empty_ns);
+    }
+}

@@ -1,0 +1,928 @@
+//! The source side of a live migration: pre-flight, memory passes, the
+//! final dump held at `post-dump` while the destination restores, and the
+//! commit or the rollback. See the [module documentation](super) for the
+//! phases and what a failure does in each.
+
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+use phaul_plugin_api::{CriuOpts, DumpContext, FsSyncKind, InitContext, KeyValue, Mode, Side};
+
+use super::abort::Abort;
+use super::iter::{decide, Decision, PassStats, StopReason, StopRules};
+use super::report::{PassReport, Progress, Report};
+use super::{criu_opts_to_rpc, Connector, MigrationError, PreDump};
+use crate::conn::Conn;
+use crate::criu::rpc::{self, ReqType};
+use crate::criu::{stats, Event, Worker};
+use crate::plugins::{Driver, EngineHost, Registry};
+use crate::proto::{FrameReader, FrameWriter, Hello, MigrationMode, Msg, Outcome, Refusal};
+use crate::relay::Relay;
+use crate::workdir::WorkDir;
+use crate::{proc, ABI_VERSION, PHAUL_VERSION};
+
+/// Everything the source needs to know about a migration.
+#[derive(Debug, Clone)]
+pub struct SourceOptions {
+    /// The htype.
+    pub htype: String,
+    /// The workload id (a pid for the pid htype).
+    pub id: String,
+    /// Driver options (`-o key=value`).
+    pub options: Vec<(String, String)>,
+    /// Pre-dump choice.
+    pub pre_dump: PreDump,
+    /// Iteration stop rules.
+    pub rules: StopRules,
+    /// Dump and restore established TCP connections.
+    pub tcp_established: bool,
+    /// Skip CPU and version checks.
+    pub force: bool,
+    /// Keep images on both sides.
+    pub keep_images: bool,
+    /// Root of the work directories.
+    pub work_root: PathBuf,
+    /// The CRIU binary.
+    pub criu: PathBuf,
+    /// How long to keep asking an unreachable destination what became of
+    /// a committed migration.
+    pub resolve_timeout: Duration,
+    /// Restore cost assumed by the downtime rule before one is measured.
+    pub restore_estimate: Duration,
+}
+
+/// Size of the chunks image files travel in.
+const CHUNK: usize = 1 << 20;
+
+type Control = (FrameReader<Conn>, FrameWriter<Conn>);
+
+struct Source<'a> {
+    opts: &'a SourceOptions,
+    connector: &'a Connector,
+    progress: Arc<dyn Progress>,
+    abort: &'a Abort,
+    session: u64,
+    driver: Driver,
+    work: WorkDir,
+    criu: Option<Worker>,
+    ps_fd: i32,
+    control: Control,
+    relay: Relay,
+    pid: i32,
+    passes: Vec<PassReport>,
+    image_bytes: u64,
+    frozen_at: Option<Instant>,
+}
+
+fn refused(e: impl std::fmt::Display) -> MigrationError {
+    MigrationError::Refused(e.to_string())
+}
+
+fn open_control(conn: Conn) -> Control {
+    let reader = FrameReader::new(conn.try_clone().expect("dup control socket"));
+    (reader, FrameWriter::new(conn))
+}
+
+/// Connects (or takes the embedder's connections) and writes the preambles.
+fn connect(connector: &Connector, session: u64) -> Result<(Conn, Conn), String> {
+    let (control, mem) = match connector {
+        Connector::Tcp(addr) => {
+            let c = std::net::TcpStream::connect_timeout(addr, Duration::from_secs(10)).map_err(
+                |e| format!("cannot connect to {addr}: {e} (is `phaul serve` running there?)"),
+            )?;
+            let m = std::net::TcpStream::connect_timeout(addr, Duration::from_secs(10))
+                .map_err(|e| format!("cannot open the memory connection to {addr}: {e}"))?;
+            (Conn::from(c), Conn::from(m))
+        }
+        Connector::Given { control, mem } => (
+            control.try_clone().map_err(|e| e.to_string())?,
+            mem.try_clone().map_err(|e| e.to_string())?,
+        ),
+    };
+    control.set_nodelay();
+    mem.set_nodelay();
+    crate::proto::write_preamble(&mut &control).map_err(|e| e.to_string())?;
+    crate::proto::write_preamble(&mut &mem).map_err(|e| e.to_string())?;
+    FrameWriter::new(&mem)
+        .write(&Msg::AttachMemory { session })
+        .map_err(|e| e.to_string())?;
+    Ok((control, mem))
+}
+
+/// Migrates one workload to the destination behind `connector`.
+pub fn migrate(
+    registry: &Registry,
+    opts: &SourceOptions,
+    connector: &Connector,
+    progress: Arc<dyn Progress>,
+    abort: &Abort,
+) -> Result<Report, MigrationError> {
+    let started = Instant::now();
+    let session: u64 = rand_session();
+    let span = tracing::info_span!("migrate", session = %format!("{session:016x}"));
+    let _g = span.enter();
+
+    // --- Pre-flight: nothing is touched if any of this fails. -----------
+    let mut driver = registry.instantiate(&opts.htype).map_err(refused)?;
+    let work = WorkDir::create(&opts.work_root, "src", session).map_err(refused)?;
+    let (ps_criu, ps_ours) = socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(|e| refused(format!("socketpair: {e}")))?;
+    let mut criu = Worker::spawn(&opts.criu, "source", &work.criu(), &[ps_criu.as_raw_fd()])
+        .map_err(refused)?;
+    let ps_fd = ps_criu.as_raw_fd();
+    let criu_version = criu.version().map_err(refused)?;
+    let host = EngineHost::new(
+        &opts.htype,
+        &opts.criu.display().to_string(),
+        &criu_version.to_string(),
+        feature_checker(opts.criu.clone(), work.criu()),
+    );
+    driver
+        .init(InitContext {
+            side: Side::Source,
+            mode: Mode::Live,
+            id: opts.id.as_str().into(),
+            options: opts
+                .options
+                .iter()
+                .map(|(k, v)| KeyValue::new(k, v))
+                .collect(),
+            work_dir: work.path().display().to_string().into(),
+            host: host.into_box(),
+        })
+        .map_err(refused)?;
+    let info = driver.info().map_err(refused)?;
+    let pid = driver.root_task_pid().map_err(refused)?;
+    if !proc::alive(pid) {
+        return Err(refused(format!(
+            "the workload's root task {pid} does not exist"
+        )));
+    }
+    let fs = driver.fs_sync().map_err(refused)?;
+    if fs.kind == FsSyncKind::Paths {
+        return Err(refused(
+            "this driver asks for directories to be synced, which this phaul cannot do yet",
+        ));
+    }
+    if opts.tcp_established
+        && !info
+            .capabilities
+            .contains(phaul_plugin_api::Capabilities::TCP_ESTABLISHED)
+    {
+        return Err(refused(format!(
+            "--tcp-established: the {} driver cannot migrate established TCP connections",
+            opts.htype
+        )));
+    }
+    let mem_track = criu.mem_track().map_err(refused)?;
+    let can_pre_dump = info
+        .capabilities
+        .contains(phaul_plugin_api::Capabilities::PRE_DUMP);
+    let use_pre_dump = match (opts.pre_dump, mem_track, can_pre_dump) {
+        (PreDump::Never, ..) => Err("disabled by --no-pre-dump".to_string()),
+        (PreDump::Force, false, _) => return Err(refused(
+            "--pre-dump: this kernel cannot track dirty memory (CRIU's mem_track feature check \
+                 failed: no soft-dirty bits), so pre-dumps are impossible; run without --pre-dump",
+        )),
+        (PreDump::Force, true, false) | (PreDump::Auto, true, false) => {
+            Err(format!("the {} driver cannot pre-dump", opts.htype))
+        }
+        (_, true, true) => Ok(()),
+        (PreDump::Auto, false, _) => Err(
+            "this kernel cannot track dirty memory (no soft-dirty); memory moves in one final dump"
+                .to_string(),
+        ),
+    };
+    match &use_pre_dump {
+        Ok(()) => tracing::info!("pre-dumps: enabled (CRIU can track dirty memory)"),
+        Err(why) => tracing::info!("pre-dumps: off, {why}"),
+    }
+    let cpu_dir = work.path().join("cpuinfo");
+    std::fs::create_dir_all(&cpu_dir).map_err(refused)?;
+    criu.cpuinfo_dump(&cpu_dir).map_err(refused)?;
+    let cpuinfo = std::fs::read(cpu_dir.join("cpuinfo.img")).map_err(refused)?;
+    let need_bytes = proc::tree_rss(pid);
+
+    let (control, mem) = connect(connector, session).map_err(refused)?;
+    abort.watch(&control);
+    abort.watch(&mem);
+    let mut control = open_control(control);
+    let hello = Hello {
+        session,
+        phaul_version: PHAUL_VERSION.into(),
+        abi_version: ABI_VERSION.into(),
+        criu_version,
+        htype: opts.htype.clone(),
+        id: opts.id.clone(),
+        mode: MigrationMode::Live,
+        options: opts.options.clone(),
+        cpuinfo,
+        need_bytes,
+        force: opts.force,
+        tcp_established: opts.tcp_established,
+        keep_images: opts.keep_images,
+    };
+    control
+        .1
+        .write(&Msg::Hello(Box::new(hello)))
+        .map_err(|e| refused(format!("sending the handshake: {e}")))?;
+    match control.0.read::<Msg>() {
+        Ok(Msg::Welcome(w)) => tracing::info!(
+            destination_phaul = %w.phaul_version,
+            destination_criu = %w.criu_version,
+            free_mib = w.free_bytes >> 20,
+            "destination accepted the migration"
+        ),
+        Ok(Msg::Refused { kind, reason }) => {
+            return Err(MigrationError::Refused(format!(
+                "the destination refused ({}): {reason}",
+                refusal_name(kind)
+            )))
+        }
+        Ok(other) => {
+            return Err(refused(format!(
+                "the destination answered the handshake with {}",
+                other.name()
+            )))
+        }
+        Err(e) => {
+            return Err(refused(format!(
+                "no handshake answer from the destination: {e}"
+            )))
+        }
+    }
+    if let Some(r) = abort.reason() {
+        return Err(refused(r));
+    }
+
+    let relay = Relay::start(ps_ours, mem.into_fd());
+    let mut src = Source {
+        opts,
+        connector,
+        progress,
+        abort,
+        session,
+        driver,
+        work,
+        criu: Some(criu),
+        ps_fd,
+        control,
+        relay,
+        pid,
+        passes: Vec::new(),
+        image_bytes: 0,
+        frozen_at: None,
+    };
+    // Only CRIU may hold its end from now on: EOF on the relay then means
+    // CRIU closed the page-server session.
+    drop(ps_criu);
+
+    let result = src.run(use_pre_dump);
+    src.finish(result, started)
+}
+
+fn refusal_name(k: Refusal) -> &'static str {
+    match k {
+        Refusal::Version => "version mismatch",
+        Refusal::Criu => "CRIU version",
+        Refusal::Htype => "htype",
+        Refusal::Cpu => "CPU",
+        Refusal::Space => "disk space",
+        Refusal::Busy => "busy",
+        Refusal::Driver => "driver",
+        Refusal::Other => "error",
+    }
+}
+
+fn rand_session() -> u64 {
+    let mut b = [0u8; 8];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .is_err()
+    {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        return t.as_nanos() as u64 ^ u64::from(std::process::id()) << 32;
+    }
+    u64::from_le_bytes(b)
+}
+
+/// `criu_feature` for drivers: a short-lived worker per question.
+fn feature_checker(binary: PathBuf, dir: PathBuf) -> crate::plugins::FeatureCheck {
+    Arc::new(move |name: &str| {
+        let mut w = Worker::spawn(&binary, "feature", &dir, &[]).map_err(|e| e.to_string())?;
+        let q = match name {
+            "mem_track" => rpc::Features {
+                mem_track: Some(true),
+                ..Default::default()
+            },
+            "lazy_pages" => rpc::Features {
+                lazy_pages: Some(true),
+                ..Default::default()
+            },
+            "pidfd_store" => rpc::Features {
+                pidfd_store: Some(true),
+                ..Default::default()
+            },
+            other => return Err(format!("unknown CRIU feature `{other}`")),
+        };
+        let f = w.feature(q).map_err(|e| e.to_string())?;
+        Ok(f.mem_track
+            .or(f.lazy_pages)
+            .or(f.pidfd_store)
+            .unwrap_or(false))
+    })
+}
+
+/// How the final dump ended.
+enum DumpEnd {
+    /// The destination runs the workload; the source copy is gone.
+    Migrated {
+        dest_pid: i32,
+        restore: Option<stats::RestoreStats>,
+        restore_us: u64,
+        /// When the destination's `Resumed` arrived.
+        resumed_at: Instant,
+    },
+}
+
+impl Source<'_> {
+    fn criu(&mut self) -> &mut Worker {
+        self.criu
+            .as_mut()
+            .expect("CRIU worker present until the final dump ends")
+    }
+
+    fn send(&mut self, msg: &Msg) -> Result<(), String> {
+        self.control
+            .1
+            .write(msg)
+            .map_err(|e| format!("sending {} to the destination: {e}", msg.name()))
+    }
+
+    fn recv(&mut self, waiting_for: &str) -> Result<Msg, String> {
+        match self.control.0.read::<Msg>() {
+            Ok(Msg::Abort { reason }) => Err(format!("the destination aborted: {reason}")),
+            Ok(m) => Ok(m),
+            Err(e) => Err(match self.abort.reason() {
+                Some(r) => r,
+                None => format!("waiting for {waiting_for} from the destination: {e}"),
+            }),
+        }
+    }
+
+    fn start_pass(&mut self, iter: u32, parent: Option<u32>) -> Result<(), String> {
+        self.send(&Msg::StartIter { iter, parent })?;
+        match self.recv("IterReady")? {
+            Msg::IterReady { iter: i } if i == iter => Ok(()),
+            other => Err(format!(
+                "expected IterReady for pass {iter}, got {}",
+                other.name()
+            )),
+        }
+    }
+
+    /// Pre-dump passes (workload running) until a stop rule fires.
+    fn pre_dump_passes(&mut self) -> Result<(u32, StopReason), String> {
+        let mut history: Vec<PassStats> = Vec::new();
+        let mut iter = 0;
+        loop {
+            iter += 1;
+            let parent = (iter > 1).then(|| iter - 1);
+            self.start_pass(iter, parent)?;
+            let dir = self.work.images(iter);
+            std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+            let mut o = self
+                .criu
+                .as_ref()
+                .expect("worker")
+                .opts(&dir, &format!("pre-dump-{iter}.log"));
+            o.pid = Some(self.pid);
+            o.track_mem = Some(true);
+            o.ps = Some(rpc::PageServerInfo {
+                fd: Some(self.ps_fd),
+                ..Default::default()
+            });
+            if let Some(p) = parent {
+                o.parent_img = Some(format!("../{p}"));
+            }
+            let mut copts = CriuOpts::default();
+            self.driver
+                .adjust_dump_opts(&mut copts)
+                .map_err(|e| e.to_string())?;
+            criu_opts_to_rpc(&copts, &mut o);
+            self.progress
+                .pass_started(iter, "pre-dump", self.opts_expected(&history));
+            let before = self.relay.counters().sent.load(Ordering::Relaxed);
+            let t = Instant::now();
+            self.criu()
+                .start(ReqType::PreDump, o)
+                .map_err(|e| e.to_string())?;
+            loop {
+                match self
+                    .criu()
+                    .next_event(ReqType::PreDump)
+                    .map_err(|e| e.to_string())?
+                {
+                    Event::Notify { .. } => {
+                        self.criu().answer_notify(true).map_err(|e| e.to_string())?
+                    }
+                    Event::Done(resp) => {
+                        let log = format!("pre-dump-{iter}.log");
+                        self.criu
+                            .as_ref()
+                            .expect("worker")
+                            .check_done(ReqType::PreDump, &resp, &log)
+                            .map_err(|e| e.to_string())?;
+                        break;
+                    }
+                }
+            }
+            let pass = PassStats {
+                pages_written: 0,
+                bytes: self.relay.counters().sent.load(Ordering::Relaxed) - before,
+                duration: t.elapsed(),
+            };
+            let criu_stats = stats::read_dump(&self.work.criu()).ok();
+            let pass = PassStats {
+                pages_written: criu_stats
+                    .as_ref()
+                    .map_or(pass.bytes / 4096, |s| s.pages_written),
+                ..pass
+            };
+            self.progress.pass_finished(&pass);
+            self.passes.push(PassReport::new(
+                iter,
+                "pre-dump",
+                &pass,
+                criu_stats.as_ref(),
+            ));
+            history.push(pass);
+            match decide(&self.opts.rules, &history, self.opts.restore_estimate) {
+                Decision::Continue { predicted_ms } => tracing::info!(
+                    pass = iter,
+                    pages = pass.pages_written,
+                    rate_mib_s = pass.rate() / 1048576.0,
+                    predicted_ms,
+                    "pre-dump pass done; iterating again (predicted frozen time above target)"
+                ),
+                Decision::Stop(reason) => {
+                    tracing::info!(pass = iter, "stopping pre-dumps: {reason}");
+                    return Ok((iter, reason));
+                }
+            }
+        }
+    }
+
+    fn opts_expected(&self, history: &[PassStats]) -> u64 {
+        history
+            .last()
+            .map_or_else(|| proc::tree_rss(self.pid), |p| p.bytes)
+    }
+
+    fn run(
+        &mut self,
+        use_pre_dump: Result<(), String>,
+    ) -> Result<(DumpEnd, StopReason, bool), String> {
+        let (last_pre, reason) = match use_pre_dump {
+            Ok(()) => {
+                let (n, r) = self.pre_dump_passes()?;
+                (Some(n), r)
+            }
+            Err(why) => (None, StopReason::NoPreDump { why }),
+        };
+        let iter = last_pre.map_or(1, |n| n + 1);
+        let end = self.final_dump(iter, last_pre)?;
+        Ok((end, reason, last_pre.is_some()))
+    }
+
+    /// The final dump. CRIU freezes the tree, sends the pages, writes the
+    /// other images and stops at `post-dump`; we hold it there while the
+    /// images go across and the destination restores, then answer.
+    fn final_dump(&mut self, iter: u32, parent: Option<u32>) -> Result<DumpEnd, String> {
+        self.start_pass(iter, parent)?;
+        let dir = self.work.images(iter);
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let mut copts = CriuOpts {
+            tcp_established: self.opts.tcp_established,
+            ..CriuOpts::default()
+        };
+        self.driver
+            .adjust_dump_opts(&mut copts)
+            .map_err(|e| e.to_string())?;
+        let outcome = self
+            .driver
+            .dump(&DumpContext {
+                images_dir: dir.display().to_string().into(),
+                parent_images_dir: parent
+                    .map(|p| self.work.images(p).display().to_string().into())
+                    .into(),
+                pid: self.pid,
+                opts: copts.clone(),
+            })
+            .map_err(|e| e.to_string())?;
+        if outcome.handled {
+            return Err(
+                "drivers that dump through their own tooling are not supported by this engine yet"
+                    .into(),
+            );
+        }
+        let mut o = self.criu.as_ref().expect("worker").opts(&dir, "dump.log");
+        o.pid = Some(self.pid);
+        o.notify_scripts = Some(true);
+        o.ps = Some(rpc::PageServerInfo {
+            fd: Some(self.ps_fd),
+            ..Default::default()
+        });
+        if let Some(p) = parent {
+            o.parent_img = Some(format!("../{p}"));
+            o.track_mem = Some(true);
+        }
+        criu_opts_to_rpc(&copts, &mut o);
+
+        let expected = proc::tree_rss(self.pid);
+        self.progress.pass_started(iter, "dump", expected);
+        let before = self.relay.counters().sent.load(Ordering::Relaxed);
+        let t = Instant::now();
+        let ticker = Ticker::start(self.relay.counters(), before, self.progress.clone());
+        self.criu()
+            .start(ReqType::Dump, o)
+            .map_err(|e| e.to_string())?;
+
+        let mut failure: Option<String> = None;
+        let mut migrated: Option<DumpEnd> = None;
+        let mut pass_done = false;
+        loop {
+            let ev = match self.criu().next_event(ReqType::Dump) {
+                Ok(ev) => ev,
+                Err(e) => {
+                    // CRIU died: if we had committed, the destination runs
+                    // the workload; make sure the source copy is gone.
+                    if migrated.is_some() {
+                        proc::signal_tree(self.pid, nix::sys::signal::Signal::SIGKILL);
+                        break;
+                    }
+                    return Err(failure.unwrap_or_else(|| e.to_string()));
+                }
+            };
+            match ev {
+                Event::Notify { script, .. } => {
+                    tracing::debug!(%script, "CRIU notification");
+                    let ok = match script.as_str() {
+                        // CRIU seizes the tree right after `pre-dump`.
+                        "pre-dump" => {
+                            self.frozen_at = Some(Instant::now());
+                            self.progress.phase("frozen");
+                            true
+                        }
+                        "network-lock" => self
+                            .driver
+                            .net_lock()
+                            .map_err(|e| failure.get_or_insert(e.to_string()).clone())
+                            .is_ok(),
+                        "network-unlock" => {
+                            if let Err(e) = self.driver.net_unlock() {
+                                tracing::warn!("{e}");
+                            }
+                            true
+                        }
+                        "post-dump" => {
+                            let pass = PassStats {
+                                pages_written: 0,
+                                bytes: self.relay.counters().sent.load(Ordering::Relaxed) - before,
+                                duration: t.elapsed(),
+                            };
+                            ticker.stop();
+                            self.progress.pass_finished(&pass);
+                            self.passes.push(PassReport::new(iter, "dump", &pass, None));
+                            pass_done = true;
+                            match self.hand_over(iter) {
+                                Ok(end) => {
+                                    migrated = Some(end);
+                                    true
+                                }
+                                Err(e) => {
+                                    tracing::warn!("rolling back: {e}");
+                                    failure.get_or_insert(e);
+                                    false
+                                }
+                            }
+                        }
+                        _ => true,
+                    };
+                    if let Err(e) = self.criu().answer_notify(ok) {
+                        if migrated.is_some() {
+                            proc::signal_tree(self.pid, nix::sys::signal::Signal::SIGKILL);
+                            break;
+                        }
+                        return Err(failure.unwrap_or_else(|| e.to_string()));
+                    }
+                }
+                Event::Done(resp) => {
+                    if !pass_done {
+                        ticker.stop();
+                    }
+                    if migrated.is_some() {
+                        if !resp.success {
+                            tracing::warn!("CRIU reported a failure after the commit; making sure the source copy is gone");
+                            proc::signal_tree(self.pid, nix::sys::signal::Signal::SIGKILL);
+                        }
+                        break;
+                    }
+                    let err = self
+                        .criu
+                        .as_ref()
+                        .expect("worker")
+                        .check_done(ReqType::Dump, &resp, "dump.log")
+                        .err()
+                        .map(|e| e.to_string());
+                    return Err(failure
+                        .or(err)
+                        .unwrap_or_else(|| "the dump ended without a commit".into()));
+                }
+            }
+        }
+        // The final dump was the worker's last request.
+        if let Some(mut w) = self.criu.take() {
+            w.wait_exit(Duration::from_secs(5));
+        }
+        let criu_dump = stats::read_dump(&self.work.criu()).ok();
+        if let (Some(last), Some(s)) = (self.passes.last_mut(), criu_dump.as_ref()) {
+            last.pages_written = s.pages_written;
+            last.pages_skipped_parent = s.pages_skipped_parent;
+            last.pages_scanned = s.pages_scanned;
+        }
+        migrated.ok_or_else(|| "the dump ended without a commit".into())
+    }
+
+    /// Inside the `post-dump` hold (tree frozen, pages already at the
+    /// destination): send the images, let the destination restore, commit.
+    /// An `Err` before the commit means "resume the source".
+    fn hand_over(&mut self, iter: u32) -> Result<DumpEnd, String> {
+        if let Some(r) = self.abort.reason() {
+            return Err(r);
+        }
+        if let Some(e) = self.relay.error() {
+            return Err(e);
+        }
+        let meta_dir = self.work.meta();
+        let meta = self
+            .driver
+            .meta_files_out(&meta_dir.display().to_string())
+            .map_err(|e| e.to_string())?;
+        let images = self.work.images(iter);
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&images)
+            .map_err(|e| e.to_string())?
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+            .map(|e| e.path())
+            .collect();
+        files.sort();
+        files.extend(meta.iter().map(|m| meta_dir.join(m)));
+        self.progress.phase("sending images");
+        for f in &files {
+            self.send_file(f)?;
+        }
+        self.send(&Msg::Restore {
+            iter,
+            meta_files: meta,
+        })?;
+        self.progress.phase("restoring on the destination");
+        match self.recv("Restored")? {
+            Msg::Restored => {}
+            other => return Err(format!("expected Restored, got {}", other.name())),
+        }
+        // The commit: from here on the source never resumes on its own.
+        if !self.abort.commit() {
+            return Err(self.abort.reason().unwrap_or_else(|| "aborted".into()));
+        }
+        if let Err(e) = self.send(&Msg::Commit) {
+            return self.resolve(e);
+        }
+        match self.control.0.read::<Msg>() {
+            Ok(Msg::Resumed {
+                pid,
+                stats,
+                restore_us,
+            }) => Ok(DumpEnd::Migrated {
+                dest_pid: pid,
+                restore: stats,
+                restore_us,
+                resumed_at: Instant::now(),
+            }),
+            // The destination could not resume its copy and discarded it:
+            // the source copy is still intact, so it resumes.
+            Ok(Msg::Abort { reason }) => Err(format!(
+                "the destination failed to resume the workload: {reason}"
+            )),
+            Ok(other) => self.resolve(format!("expected Resumed, got {}", other.name())),
+            Err(e) => self.resolve(format!("lost the destination after the commit: {e}")),
+        }
+    }
+
+    /// After the commit the connection broke: ask the destination, on a new
+    /// connection, whether its copy runs. Resumed -> kill ours; rolled
+    /// back -> resume ours; no answer -> leave ours stopped for an operator.
+    fn resolve(&mut self, why: String) -> Result<DumpEnd, String> {
+        tracing::warn!("{why}; asking the destination what became of the migration");
+        let deadline = Instant::now() + self.opts.resolve_timeout;
+        let Connector::Tcp(addr) = self.connector else {
+            return self.undecided(why);
+        };
+        while Instant::now() < deadline {
+            match query(addr, self.session) {
+                Ok(Outcome::Resumed) => {
+                    tracing::info!("the destination runs the workload: completing the migration");
+                    return Ok(DumpEnd::Migrated {
+                        dest_pid: 0,
+                        restore: None,
+                        restore_us: 0,
+                        resumed_at: Instant::now(),
+                    });
+                }
+                Ok(Outcome::RolledBack) | Ok(Outcome::Unknown) => {
+                    return Err(format!("{why}; the destination discarded its copy"));
+                }
+                Ok(Outcome::InProgress) | Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            }
+        }
+        self.undecided(why)
+    }
+
+    /// Neither side can tell: stop the source tree (SIGSTOP) so it cannot
+    /// run twice, and let CRIU detach from it.
+    fn undecided(&mut self, why: String) -> Result<DumpEnd, String> {
+        proc::signal_tree(self.pid, nix::sys::signal::Signal::SIGSTOP);
+        Err(format!(
+            "{why}. The destination could not be asked whether it runs the workload, so the source \
+             tree (pid {}) is left STOPPED: if the destination runs it, kill the source copy \
+             (kill -KILL {}); otherwise resume it (kill -CONT {})",
+            self.pid, self.pid, self.pid
+        ))
+    }
+
+    fn send_file(&mut self, path: &std::path::Path) -> Result<(), String> {
+        use std::os::unix::fs::PermissionsExt;
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| format!("bad image file name {}", path.display()))?
+            .to_string();
+        let mut f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let meta = f.metadata().map_err(|e| e.to_string())?;
+        self.send(&Msg::File {
+            name,
+            mode: meta.permissions().mode() & 0o7777,
+            size: meta.len(),
+        })?;
+        let mut buf = vec![0u8; CHUNK];
+        let mut sent = 0u64;
+        loop {
+            let n = f.read(&mut buf).map_err(|e| e.to_string())?;
+            if n == 0 {
+                break;
+            }
+            sent += n as u64;
+            self.send(&Msg::Chunk(buf[..n].to_vec()))?;
+        }
+        if sent != meta.len() {
+            return Err(format!("{} changed size while being sent", path.display()));
+        }
+        self.image_bytes += sent;
+        Ok(())
+    }
+
+    /// Turns the outcome into a report or a classified error, running the
+    /// driver's completion or rollback hooks.
+    fn finish(
+        mut self,
+        result: Result<(DumpEnd, StopReason, bool), String>,
+        started: Instant,
+    ) -> Result<Report, MigrationError> {
+        self.work.keep(self.opts.keep_images);
+        let committed = self.abort.committed();
+        match result {
+            Ok((
+                DumpEnd::Migrated {
+                    dest_pid,
+                    restore,
+                    restore_us,
+                    resumed_at,
+                },
+                stop_reason,
+                pre_dump,
+            )) => {
+                let frozen = self.frozen_at.map_or(0, |t| {
+                    resumed_at.saturating_duration_since(t).as_micros() as u64
+                });
+                if let Err(e) = self.driver.umount() {
+                    tracing::warn!("{e}");
+                }
+                if let Err(e) = self.driver.migration_complete() {
+                    tracing::warn!("{e}");
+                }
+                self.relay.shutdown();
+                let memory_bytes = self.relay.counters().sent.load(Ordering::Relaxed);
+                let criu_dump = stats::read_dump(&self.work.criu()).ok();
+                Ok(Report {
+                    session: format!("{:016x}", self.session),
+                    htype: self.opts.htype.clone(),
+                    id: self.opts.id.clone(),
+                    mode: "live",
+                    destination: self.connector.describe(),
+                    destination_pid: dest_pid,
+                    total_time_us: started.elapsed().as_micros() as u64,
+                    frozen_time_us: frozen,
+                    restore_time_us: restore_us,
+                    pre_dump,
+                    stop_reason,
+                    iterations: self.passes,
+                    memory_bytes,
+                    image_bytes: self.image_bytes,
+                    bytes_on_wire: memory_bytes + self.image_bytes,
+                    criu_dump,
+                    criu_restore: restore,
+                })
+            }
+            Err(e) if committed => Err(MigrationError::AfterCommit(e)),
+            Err(e) => {
+                // CRIU resumed the tree (it answers a failed dump that way);
+                // tell the destination, undo the driver's work.
+                let _ = self.control.1.write(&Msg::Abort { reason: e.clone() });
+                self.relay.shutdown();
+                drop(self.criu.take());
+                if let Err(e) = self.driver.migration_fail() {
+                    tracing::warn!("{e}");
+                }
+                if !proc::alive(self.pid) {
+                    return Err(MigrationError::AfterCommit(format!(
+                        "{e}; and the source workload (pid {}) is no longer running",
+                        self.pid
+                    )));
+                }
+                Err(MigrationError::RolledBack(e))
+            }
+        }
+    }
+}
+
+/// Asks the destination at `addr` what became of `session`.
+fn query(addr: &std::net::SocketAddr, session: u64) -> Result<Outcome, String> {
+    let c = std::net::TcpStream::connect_timeout(addr, Duration::from_secs(2))
+        .map_err(|e| e.to_string())?;
+    let c = Conn::from(c);
+    c.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    crate::proto::write_preamble(&mut &c).map_err(|e| e.to_string())?;
+    let (mut r, mut w) = open_control(c);
+    w.write(&Msg::Query { session })
+        .map_err(|e| e.to_string())?;
+    match r.read::<Msg>().map_err(|e| e.to_string())? {
+        Msg::Status { outcome, .. } => Ok(outcome),
+        other => Err(format!("unexpected {}", other.name())),
+    }
+}
+
+/// Reports relay progress every 100 ms while a pass runs.
+struct Ticker {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Ticker {
+    fn start(
+        counters: Arc<crate::relay::Counters>,
+        base: u64,
+        progress: Arc<dyn Progress>,
+    ) -> Ticker {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                progress.pass_progress(counters.sent.load(Ordering::Relaxed) - base);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        Ticker { stop }
+    }
+
+    fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

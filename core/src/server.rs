@@ -1,0 +1,281 @@
+//! The destination service: accepts connections, routes each to a new
+//! migration, to the memory channel of a running one, or to a status query,
+//! and runs one migration at a time.
+//!
+//! Until the transport is authenticated, plain TCP is only offered on
+//! loopback addresses: the service restores whatever it is sent, as root.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::conn::Conn;
+use crate::engine::dest::{serve_session, Control, DestOptions, DestSummary};
+use crate::plugins::Registry;
+use crate::proto::{read_preamble, FrameReader, Msg, Outcome, Refusal};
+
+/// Why the service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// A non-loopback address without authentication.
+    #[error(
+        "refusing to listen on {0}: phaul serve restores whatever it is sent, as root, and this \
+         version has no peer authentication; listen on a loopback address (127.0.0.1, ::1) or \
+         tunnel the connection"
+    )]
+    NotLoopback(SocketAddr),
+    /// Binding failed.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Outcomes of recent sessions, for sources that lost their connection.
+#[derive(Debug, Default, Clone)]
+pub struct Outcomes(Arc<Mutex<HashMap<u64, Outcome>>>);
+
+impl Outcomes {
+    /// Records a session's outcome.
+    pub fn set(&self, session: u64, o: Outcome) {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if m.len() > 1024 {
+            m.clear();
+        }
+        m.insert(session, o);
+    }
+
+    /// A session's outcome.
+    pub fn get(&self, session: u64) -> Outcome {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&session)
+            .copied()
+            .unwrap_or(Outcome::Unknown)
+    }
+}
+
+/// Memory connections waiting for their session's control connection
+/// (the two arrive in either order).
+#[derive(Debug, Default)]
+struct Pending {
+    conns: Mutex<HashMap<u64, (Instant, Conn)>>,
+    arrived: Condvar,
+}
+
+impl Pending {
+    fn put(&self, session: u64, conn: Conn) {
+        let mut m = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        // Forget memory connections nobody claimed for a minute.
+        m.retain(|_, (t, _)| t.elapsed() < Duration::from_secs(60));
+        m.insert(session, (Instant::now(), conn));
+        self.arrived.notify_all();
+    }
+
+    fn take(&self, session: u64, timeout: Duration) -> Option<Conn> {
+        let deadline = Instant::now() + timeout;
+        let mut m = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some((_, c)) = m.remove(&session) {
+                return Some(c);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            m = self
+                .arrived
+                .wait_timeout(m, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
+/// A listening destination service.
+pub struct Server {
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    opts: DestOptions,
+    outcomes: Outcomes,
+    pending: Arc<Pending>,
+    busy: Arc<Mutex<Option<u64>>>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("addr", &self.listener.local_addr().ok())
+            .finish()
+    }
+}
+
+impl Server {
+    /// Binds `addr` (loopback only).
+    pub fn bind(
+        addr: SocketAddr,
+        registry: Arc<Registry>,
+        opts: DestOptions,
+    ) -> Result<Server, ServeError> {
+        if !addr.ip().is_loopback() {
+            return Err(ServeError::NotLoopback(addr));
+        }
+        let listener =
+            TcpListener::bind(addr).map_err(|source| ServeError::Bind { addr, source })?;
+        Ok(Server {
+            listener,
+            registry,
+            opts,
+            outcomes: Outcomes::default(),
+            pending: Arc::default(),
+            busy: Arc::default(),
+        })
+    }
+
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("bound listener")
+    }
+
+    /// Serves forever; `on_done` hears about every finished migration.
+    pub fn run(&self, on_done: impl Fn(u64, &Result<DestSummary, String>) + Send + Sync + 'static) {
+        let on_done = Arc::new(on_done);
+        for stream in self.listener.incoming() {
+            let stream = match stream {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!("accept: {e}");
+                    continue;
+                }
+            };
+            let peer = stream.peer_addr().ok();
+            let conn = Conn::from(stream);
+            conn.set_nodelay();
+            let registry = self.registry.clone();
+            let opts = self.opts.clone();
+            let outcomes = self.outcomes.clone();
+            let pending = self.pending.clone();
+            let busy = self.busy.clone();
+            let on_done = on_done.clone();
+            std::thread::spawn(move || {
+                if let Err(e) = route(
+                    conn, &registry, &opts, &outcomes, &pending, &busy, &*on_done,
+                ) {
+                    tracing::warn!(?peer, "{e}");
+                }
+            });
+        }
+    }
+}
+
+fn route(
+    conn: Conn,
+    registry: &Registry,
+    opts: &DestOptions,
+    outcomes: &Outcomes,
+    pending: &Pending,
+    busy: &Mutex<Option<u64>>,
+    on_done: &(dyn Fn(u64, &Result<DestSummary, String>) + Send + Sync),
+) -> Result<(), String> {
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(|e| e.to_string())?;
+    read_preamble(&mut &conn).map_err(|e| e.to_string())?;
+    let first: Msg = FrameReader::new(&conn).read().map_err(|e| e.to_string())?;
+    conn.set_read_timeout(None).map_err(|e| e.to_string())?;
+    match first {
+        Msg::AttachMemory { session } => {
+            pending.put(session, conn);
+            Ok(())
+        }
+        Msg::Query { session } => {
+            let mut control = Control::new(conn).map_err(|e| e.to_string())?;
+            control
+                .write(&Msg::Status {
+                    session,
+                    outcome: outcomes.get(session),
+                })
+                .map_err(|e| e.to_string())
+        }
+        Msg::Hello(hello) => {
+            let session = hello.session;
+            let mut control = Control::new(conn).map_err(|e| e.to_string())?;
+            {
+                let mut b = busy.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(other) = *b {
+                    let reason = format!(
+                        "another migration (session {other:016x}) is in progress; this service runs one at a time"
+                    );
+                    let _ = control.write(&Msg::Refused {
+                        kind: Refusal::Busy,
+                        reason: reason.clone(),
+                    });
+                    return Err(format!("refused session {session:016x}: {reason}"));
+                }
+                *b = Some(session);
+            }
+            let _busy = BusyGuard(busy);
+            let mem = pending
+                .take(session, Duration::from_secs(30))
+                .ok_or_else(|| {
+                    let reason = "the memory connection did not arrive within 30 s".to_string();
+                    let _ = control.write(&Msg::Refused {
+                        kind: Refusal::Other,
+                        reason: reason.clone(),
+                    });
+                    reason
+                })?;
+            let span = tracing::info_span!("serve", session = %format!("{session:016x}"));
+            let _g = span.enter();
+            tracing::info!(htype = %hello.htype, id = %hello.id, "migration starting");
+            let r = serve_session(registry, opts, &hello, control, mem, &|o| {
+                outcomes.set(session, o)
+            });
+            on_done(session, &r);
+            r.map(drop)
+        }
+        other => Err(format!("unexpected first message {}", other.name())),
+    }
+}
+
+struct BusyGuard<'a>(&'a Mutex<Option<u64>>);
+
+impl Drop for BusyGuard<'_> {
+    fn drop(&mut self) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+}
+
+/// Embedded mode (`phaul serve --fd-rpc N --fd-mem N`): one migration over
+/// connections the caller already has.
+pub fn serve_connections(
+    registry: &Registry,
+    opts: &DestOptions,
+    control: Conn,
+    mem: Conn,
+) -> Result<DestSummary, String> {
+    read_preamble(&mut &control).map_err(|e| e.to_string())?;
+    read_preamble(&mut &mem).map_err(|e| e.to_string())?;
+    match FrameReader::new(&mem)
+        .read::<Msg>()
+        .map_err(|e| e.to_string())?
+    {
+        Msg::AttachMemory { .. } => {}
+        other => {
+            return Err(format!(
+                "expected AttachMemory on the memory channel, got {}",
+                other.name()
+            ))
+        }
+    }
+    let mut control = Control::new(control).map_err(|e| e.to_string())?;
+    let hello = match control.read().map_err(|e| e.to_string())? {
+        Msg::Hello(h) => h,
+        other => return Err(format!("expected Hello, got {}", other.name())),
+    };
+    serve_session(registry, opts, &hello, control, mem, &|_| {})
+}

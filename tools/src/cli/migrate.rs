@@ -1,0 +1,264 @@
+//! `phaul migrate`: move a workload to a destination service.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+use phaul_core::engine::abort::Abort;
+use phaul_core::engine::iter::StopRules;
+use phaul_core::engine::report::{NoProgress, Progress, Report};
+use phaul_core::engine::source::{migrate, SourceOptions};
+use phaul_core::engine::{Connector, MigrationError, PreDump};
+
+use super::progress::Bars;
+use super::{exit, load_registry};
+
+/// Migration modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ModeArg {
+    /// Checkpoint with CRIU and restore: the processes keep their state.
+    Live,
+}
+
+/// Arguments of `phaul migrate`.
+#[derive(Debug, Args)]
+#[command(after_help = concat!("\
+Examples:
+  phaul migrate pid 4242 --to 127.0.0.1:7070
+  phaul migrate pid 4242 --to 127.0.0.1:7070 --tcp-established --json
+  phaul migrate pid 4242 --to 127.0.0.1:7070 -o shell-job --downtime-target 100
+
+", "Exit status:
+  0  migrated
+  1  error before starting (bad arguments, no plugins, no CRIU)
+  2  usage error
+  3  refused by pre-flight checks: nothing was frozen, nothing changed
+  4  failed and rolled back: the source workload runs as before
+  5  failed after the point of no return (see the message)"))]
+pub struct MigrateArgs {
+    /// The kind of workload (see `phaul htypes`).
+    pub htype: String,
+    /// The workload: a pid for the pid htype, a container name for others.
+    pub id: String,
+    /// The destination `phaul serve` address.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub to: SocketAddr,
+    /// How to move it.
+    #[arg(long, value_enum, default_value = "live")]
+    pub mode: ModeArg,
+    /// A driver option, key=value or key (repeatable).
+    #[arg(short = 'o', long = "option", value_name = "KEY[=VALUE]")]
+    pub options: Vec<String>,
+    /// Dump and restore established TCP connections (peers see a pause,
+    /// not a reset).
+    #[arg(long)]
+    pub tcp_established: bool,
+    /// Require pre-dump passes (refused if the kernel cannot track memory).
+    #[arg(long, conflicts_with = "no_pre_dump")]
+    pub pre_dump: bool,
+    /// Never pre-dump: move all memory in the final dump.
+    #[arg(long)]
+    pub no_pre_dump: bool,
+    /// Stop pre-dumping after this many passes.
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pub max_iterations: u32,
+    /// Stop pre-dumping when a pass writes at most this many pages.
+    #[arg(long, value_name = "PAGES", default_value_t = 64)]
+    pub min_pages: u64,
+    /// Stop pre-dumping when a pass grows by more than this percentage.
+    #[arg(long, value_name = "PCT", default_value_t = 10)]
+    pub max_growth: u32,
+    /// Stop pre-dumping when the predicted frozen time is below this.
+    #[arg(long, value_name = "MS", default_value_t = 300)]
+    pub downtime_target: u64,
+    /// Skip the CPU and version compatibility checks.
+    #[arg(long)]
+    pub force: bool,
+    /// Keep the images on both sides.
+    #[arg(long)]
+    pub keep_images: bool,
+    /// Root of the work directories (tmpfs keeps images off disk).
+    #[arg(long, value_name = "DIR", default_value = phaul_core::workdir::DEFAULT_ROOT)]
+    pub work_dir: PathBuf,
+    /// After a broken connection past the commit, how long to keep asking
+    /// the destination whether it runs the workload, seconds.
+    #[arg(long, value_name = "S", default_value_t = 60)]
+    pub resolve_timeout: u64,
+    /// Print the summary as one JSON object on standard output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_options(raw: &[String]) -> Vec<(String, String)> {
+    raw.iter()
+        .map(|o| match o.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            None => (o.clone(), String::new()),
+        })
+        .collect()
+}
+
+/// Runs `phaul migrate`.
+pub fn run(dirs: &[PathBuf], quiet: bool, args: MigrateArgs) -> anyhow::Result<ExitCode> {
+    let registry = load_registry(dirs);
+    registry.warn_skipped();
+    if registry.get(&args.htype).is_none() {
+        bail!(
+            "no driver for htype `{}` (see `phaul htypes`; pass --plugin-dir DIR)",
+            args.htype
+        );
+    }
+    let opts = SourceOptions {
+        htype: args.htype.clone(),
+        id: args.id.clone(),
+        options: parse_options(&args.options),
+        pre_dump: if args.pre_dump {
+            PreDump::Force
+        } else if args.no_pre_dump {
+            PreDump::Never
+        } else {
+            PreDump::Auto
+        },
+        rules: StopRules {
+            max_iterations: args.max_iterations,
+            min_pages: args.min_pages,
+            max_growth_pct: args.max_growth,
+            downtime_target: Duration::from_millis(args.downtime_target),
+        },
+        tcp_established: args.tcp_established,
+        force: args.force,
+        keep_images: args.keep_images,
+        work_root: args.work_dir,
+        criu: phaul_core::criu::locate(),
+        resolve_timeout: Duration::from_secs(args.resolve_timeout),
+        restore_estimate: Duration::from_millis(150),
+    };
+    let abort = Arc::new(Abort::new());
+    watch_signals(abort.clone()).context("installing signal handlers")?;
+    let progress: Arc<dyn Progress> = if quiet || args.json {
+        Arc::new(NoProgress)
+    } else {
+        Arc::new(Bars::new())
+    };
+    let result = migrate(
+        &registry,
+        &opts,
+        &Connector::Tcp(args.to),
+        progress.clone(),
+        &abort,
+    );
+    drop(progress);
+    match result {
+        Ok(report) => {
+            if args.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else if !quiet {
+                print_summary(&report);
+            }
+            Ok(ExitCode::from(exit::SUCCESS))
+        }
+        Err(e) => {
+            let code = match &e {
+                MigrationError::Refused(_) => exit::REFUSED,
+                MigrationError::RolledBack(_) => exit::ROLLED_BACK,
+                MigrationError::AfterCommit(_) => exit::AFTER_COMMIT,
+            };
+            if args.json {
+                let kind = match &e {
+                    MigrationError::Refused(_) => "refused",
+                    MigrationError::RolledBack(_) => "rolled-back",
+                    MigrationError::AfterCommit(_) => "failed-after-commit",
+                };
+                println!(
+                    "{}",
+                    serde_json::json!({ "error": kind, "message": e.to_string() })
+                );
+            }
+            eprintln!("phaul: migration {e}");
+            Ok(ExitCode::from(code))
+        }
+    }
+}
+
+/// Ctrl-C / SIGTERM abort the migration (rolled back unless it already
+/// committed).
+fn watch_signals(abort: Arc<Abort>) -> std::io::Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
+    std::thread::spawn(move || {
+        for sig in signals.forever() {
+            let name = if sig == SIGINT { "SIGINT" } else { "SIGTERM" };
+            if abort.trigger(&format!("interrupted by {name}")) {
+                tracing::warn!(
+                    "{name}: aborting the migration; the source workload will be resumed"
+                );
+            } else {
+                tracing::warn!("{name}: the migration has committed and can no longer be aborted");
+            }
+        }
+    });
+    Ok(())
+}
+
+fn ms(us: u64) -> String {
+    format!("{:.1} ms", us as f64 / 1000.0)
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
+}
+
+fn print_summary(r: &Report) {
+    println!(
+        "migrated {} {} to {} (pid {} there) in {}",
+        r.htype,
+        r.id,
+        r.destination,
+        r.destination_pid,
+        ms(r.total_time_us)
+    );
+    println!(
+        "  frozen for {} (restore on the destination: {})",
+        ms(r.frozen_time_us),
+        ms(r.restore_time_us)
+    );
+    if let Some(d) = &r.criu_dump {
+        println!(
+            "  CRIU dump: freezing {}, frozen {}, memdump {}, memwrite {}",
+            ms(d.freezing_time),
+            ms(d.frozen_time),
+            ms(d.memdump_time),
+            ms(d.memwrite_time)
+        );
+    }
+    if let Some(s) = &r.criu_restore {
+        println!(
+            "  CRIU restore: forking {}, restore {}",
+            ms(s.forking_time),
+            ms(s.restore_time)
+        );
+    }
+    for p in &r.iterations {
+        println!(
+            "  pass {} ({}): {} pages written, {} skipped, {} in {} ({:.0} MiB/s)",
+            p.iteration,
+            p.kind,
+            p.pages_written,
+            p.pages_skipped_parent,
+            mib(p.bytes),
+            ms(p.duration_us),
+            p.rate_mib_s
+        );
+    }
+    println!("  iterations stopped: {}", r.stop_reason);
+    println!(
+        "  on the wire: {} ({} memory, {} images)",
+        mib(r.bytes_on_wire),
+        mib(r.memory_bytes),
+        mib(r.image_bytes)
+    );
+}

@@ -1,0 +1,113 @@
+//! `phaul serve`: the destination service.
+
+use std::net::SocketAddr;
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use phaul_core::conn::Conn;
+use phaul_core::engine::dest::DestOptions;
+use phaul_core::server::{serve_connections, Server};
+
+use super::{exit, load_registry};
+
+/// Arguments of `phaul serve`.
+#[derive(Debug, Args)]
+#[command(after_help = "\
+Examples:
+  phaul serve --listen 127.0.0.1:7070
+  phaul serve --listen 127.0.0.1:0 --once      # one migration, print the port first
+  phaul serve --fd-rpc 3 --fd-mem 4            # connections handed in by the caller
+
+Plain TCP is only offered on loopback addresses: the service restores whatever
+it is sent, as root, and this version does not authenticate peers.")]
+pub struct ServeArgs {
+    /// Address to listen on (loopback only).
+    #[arg(long, value_name = "ADDR:PORT", required_unless_present = "fd_rpc")]
+    pub listen: Option<SocketAddr>,
+    /// Serve one migration over an already-connected control socket (fd N).
+    #[arg(long, value_name = "N", requires = "fd_mem", conflicts_with = "listen")]
+    pub fd_rpc: Option<RawFd>,
+    /// The already-connected memory socket (fd N).
+    #[arg(long, value_name = "N", requires = "fd_rpc")]
+    pub fd_mem: Option<RawFd>,
+    /// Exit after the first migration (success or not).
+    #[arg(long)]
+    pub once: bool,
+    /// Root of the per-migration work directories (tmpfs keeps images off disk).
+    #[arg(long, value_name = "DIR", default_value = phaul_core::workdir::DEFAULT_ROOT)]
+    pub work_dir: PathBuf,
+    /// Keep the images after each migration.
+    #[arg(long)]
+    pub keep_images: bool,
+    /// How long a restored workload waits for the source's commit, seconds.
+    #[arg(long, value_name = "S", default_value_t = 30)]
+    pub commit_timeout: u64,
+}
+
+/// Runs `phaul serve`.
+pub fn run(dirs: &[PathBuf], args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let registry = load_registry(dirs);
+    registry.warn_skipped();
+    if registry.plugins().next().is_none() {
+        bail!("no htype driver could be loaded; pass --plugin-dir DIR");
+    }
+    let opts = DestOptions {
+        work_root: args.work_dir,
+        criu: phaul_core::criu::locate(),
+        keep_images: args.keep_images,
+        commit_timeout: Duration::from_secs(args.commit_timeout),
+    };
+    if let (Some(rpc), Some(mem)) = (args.fd_rpc, args.fd_mem) {
+        // SAFETY: the caller handed these descriptors to us.
+        let control = unsafe { Conn::from_raw(rpc) }.with_context(|| format!("--fd-rpc {rpc}"))?;
+        // SAFETY: as above.
+        let mem = unsafe { Conn::from_raw(mem) }.with_context(|| format!("--fd-mem {mem}"))?;
+        return Ok(match serve_connections(&registry, &opts, control, mem) {
+            Ok(s) => {
+                tracing::info!(
+                    pid = s.pid,
+                    restore_ms = s.restore_time.as_millis() as u64,
+                    "migration complete"
+                );
+                ExitCode::from(exit::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("phaul: migration failed: {e}");
+                ExitCode::from(exit::ROLLED_BACK)
+            }
+        });
+    }
+    let addr = args
+        .listen
+        .expect("clap requires --listen without --fd-rpc");
+    let server = Server::bind(addr, Arc::new(registry), opts)?;
+    let local = server.local_addr();
+    // The first line of standard output is the address, for scripts.
+    println!("listening on {local}");
+    tracing::info!(%local, "phaul serve ready");
+    let once = args.once;
+    server.run(move |session, r| {
+        match r {
+            Ok(s) => tracing::info!(
+                session = %format!("{session:016x}"),
+                pid = s.pid,
+                restore_ms = s.restore_time.as_millis() as u64,
+                "migration complete: the workload runs here"
+            ),
+            Err(e) => tracing::warn!(session = %format!("{session:016x}"), "migration failed: {e}"),
+        }
+        if once {
+            std::process::exit(if r.is_ok() {
+                0
+            } else {
+                exit::ROLLED_BACK as i32
+            });
+        }
+    });
+    Ok(ExitCode::from(exit::SUCCESS))
+}
