@@ -4,7 +4,7 @@
 //! [module documentation](super) for the phases.
 
 use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -23,6 +23,7 @@ use crate::workdir::{free_bytes, WorkDir};
 use crate::{ABI_VERSION, PHAUL_VERSION};
 
 use super::criu_opts_to_rpc;
+use super::pages::PageServers;
 
 /// How the destination service runs migrations.
 #[derive(Debug, Clone)]
@@ -103,33 +104,11 @@ struct Session<'a> {
     driver: Driver,
     mounted: bool,
     work: WorkDir,
-    pages: Option<Worker>,
+    pages: Option<PageServers>,
     restorer: Option<Worker>,
-    ps_fd: i32,
+    criu_version: crate::criu::CriuVersion,
     relay: Option<Relay>,
     ps_ours: Option<OwnedFd>,
-    page_server: Option<(i32, OwnedFd)>,
-    iter: u32,
-}
-
-fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
-    // SAFETY: plain syscall; the result is a new descriptor we own.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: pidfd_open returned a fresh descriptor.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
-fn wait_pidfd(fd: &OwnedFd, timeout: Duration) -> bool {
-    let mut p = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd.
-    unsafe { libc::poll(&mut p, 1, timeout.as_millis() as i32) > 0 }
 }
 
 /// A file name the source may create: a plain name, no path.
@@ -256,69 +235,24 @@ impl<'a> Session<'a> {
                 host: host.into_box(),
             })
             .map_err(drv_err)?;
+        let images_root = work.path().join("images");
         let mut s = Session {
             hello,
             opts,
             driver,
             mounted: false,
             work,
-            pages: Some(pages),
+            pages: Some(PageServers::new(pages, ps_fd, images_root)),
             restorer: Some(restorer),
-            ps_fd,
+            criu_version: version,
             relay: None,
             ps_ours: Some(ps_ours),
-            page_server: None,
-            iter: 0,
         };
         s.driver.mount().map_err(drv_err)?;
         s.mounted = true;
         // CRIU's end now lives only in the page-server worker.
         drop(ps_criu);
         Ok(s)
-    }
-
-    fn wait_page_server(&mut self) -> Result<(), String> {
-        if let Some((pid, fd)) = self.page_server.take() {
-            if !wait_pidfd(&fd, Duration::from_secs(60)) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-                return Err(format!(
-                    "the page server (pid {pid}) did not finish receiving memory"
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    fn start_pass(&mut self, iter: u32, parent: Option<u32>) -> Result<(), String> {
-        self.wait_page_server()?;
-        if iter != self.iter + 1 || parent.is_some_and(|p| p != self.iter) {
-            return Err(format!(
-                "the source started pass {iter} after pass {}",
-                self.iter
-            ));
-        }
-        let dir = self.work.images(iter);
-        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-        if let Some(p) = parent {
-            std::os::unix::fs::symlink(format!("../{p}"), dir.join("parent"))
-                .map_err(|e| e.to_string())?;
-        }
-        let ps_fd = self.ps_fd;
-        let pages = self
-            .pages
-            .as_mut()
-            .ok_or("the page-server worker is gone")?;
-        let pid = pages
-            .page_server(&dir, ps_fd, &format!("page-server-{iter}.log"))
-            .map_err(|e| e.to_string())?;
-        let fd = pidfd_open(pid).map_err(|e| format!("pidfd_open({pid}): {e}"))?;
-        self.page_server = Some((pid, fd));
-        self.iter = iter;
-        tracing::debug!(iter, page_server = pid, "page server started");
-        Ok(())
     }
 
     fn receive_file(
@@ -330,10 +264,14 @@ impl<'a> Session<'a> {
     ) -> Result<(), String> {
         use std::os::unix::fs::OpenOptionsExt;
         let name = safe_name(name)?;
-        if self.iter == 0 {
+        let pages = self
+            .pages
+            .as_ref()
+            .ok_or("the source sent an image after the restore began")?;
+        if pages.last() == 0 {
             return Err("the source sent an image before any memory pass".into());
         }
-        let path = self.work.images(self.iter).join(name);
+        let path = pages.dir(pages.last()).join(name);
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -369,15 +307,19 @@ impl<'a> Session<'a> {
         iter: u32,
         meta: &[String],
     ) -> Result<(i32, Duration), String> {
-        if iter != self.iter {
+        let mut pages = self
+            .pages
+            .take()
+            .ok_or("the source asked to restore twice")?;
+        if iter != pages.last() {
             return Err(format!(
                 "the source asked to restore pass {iter}, the last pass was {}",
-                self.iter
+                pages.last()
             ));
         }
-        self.wait_page_server()?;
+        pages.wait(Duration::from_secs(60))?;
         // Memory is complete: the page-server worker and relay are done.
-        drop(self.pages.take());
+        drop(pages);
         if let Some(r) = self.relay.take() {
             r.shutdown();
         }
@@ -487,11 +429,8 @@ impl<'a> Session<'a> {
     }
 
     fn rollback(&mut self) {
-        if let Some((pid, _)) = self.page_server.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+        if let Some(mut p) = self.pages.take() {
+            p.kill();
         }
         if let Some(r) = self.relay.take() {
             r.shutdown();
@@ -536,11 +475,7 @@ pub fn serve_session(
     };
     let welcome = Welcome {
         phaul_version: PHAUL_VERSION.into(),
-        criu_version: s
-            .pages
-            .as_mut()
-            .and_then(|p| p.version().ok())
-            .unwrap_or(hello.criu_version),
+        criu_version: s.criu_version,
         free_bytes: free_bytes(&opts.work_root),
     };
     let ps_ours = s.ps_ours.take().expect("page-server socket");
@@ -556,7 +491,10 @@ pub fn serve_session(
             })?;
             match msg {
                 Msg::StartIter { iter, parent } => {
-                    s.start_pass(iter, parent)?;
+                    s.pages
+                        .as_mut()
+                        .ok_or("a memory pass after the restore began")?
+                        .start(iter, parent)?;
                     control
                         .write(&Msg::IterReady { iter })
                         .map_err(|e| e.to_string())?;

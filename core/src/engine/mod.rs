@@ -43,6 +43,8 @@
 pub mod abort;
 pub mod dest;
 pub mod iter;
+pub mod pages;
+pub mod predump;
 pub mod report;
 pub mod source;
 

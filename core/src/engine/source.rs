@@ -14,7 +14,8 @@ use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use phaul_plugin_api::{CriuOpts, DumpContext, FsSyncKind, InitContext, KeyValue, Mode, Side};
 
 use super::abort::Abort;
-use super::iter::{decide, Decision, PassStats, StopReason, StopRules};
+use super::iter::{PassStats, StopReason, StopRules};
+use super::predump::{PreDumpLoop, Remote};
 use super::report::{PassReport, Progress, Report};
 use super::{criu_opts_to_rpc, Connector, MigrationError, PreDump};
 use crate::conn::Conn;
@@ -372,123 +373,7 @@ impl Source<'_> {
     }
 
     fn recv(&mut self, waiting_for: &str) -> Result<Msg, String> {
-        match self.control.0.read::<Msg>() {
-            Ok(Msg::Abort { reason }) => Err(format!("the destination aborted: {reason}")),
-            Ok(m) => Ok(m),
-            Err(e) => Err(match self.abort.reason() {
-                Some(r) => r,
-                None => format!("waiting for {waiting_for} from the destination: {e}"),
-            }),
-        }
-    }
-
-    fn start_pass(&mut self, iter: u32, parent: Option<u32>) -> Result<(), String> {
-        self.send(&Msg::StartIter { iter, parent })?;
-        match self.recv("IterReady")? {
-            Msg::IterReady { iter: i } if i == iter => Ok(()),
-            other => Err(format!(
-                "expected IterReady for pass {iter}, got {}",
-                other.name()
-            )),
-        }
-    }
-
-    /// Pre-dump passes (workload running) until a stop rule fires.
-    fn pre_dump_passes(&mut self) -> Result<(u32, StopReason), String> {
-        let mut history: Vec<PassStats> = Vec::new();
-        let mut iter = 0;
-        loop {
-            iter += 1;
-            let parent = (iter > 1).then(|| iter - 1);
-            self.start_pass(iter, parent)?;
-            let dir = self.work.images(iter);
-            std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-            let mut o = self
-                .criu
-                .as_ref()
-                .expect("worker")
-                .opts(&dir, &format!("pre-dump-{iter}.log"));
-            o.pid = Some(self.pid);
-            o.track_mem = Some(true);
-            o.ps = Some(rpc::PageServerInfo {
-                fd: Some(self.ps_fd),
-                ..Default::default()
-            });
-            if let Some(p) = parent {
-                o.parent_img = Some(format!("../{p}"));
-            }
-            let mut copts = CriuOpts::default();
-            self.driver
-                .adjust_dump_opts(&mut copts)
-                .map_err(|e| e.to_string())?;
-            criu_opts_to_rpc(&copts, &mut o);
-            self.progress
-                .pass_started(iter, "pre-dump", self.opts_expected(&history));
-            let before = self.relay.counters().sent.load(Ordering::Relaxed);
-            let t = Instant::now();
-            self.criu()
-                .start(ReqType::PreDump, o)
-                .map_err(|e| e.to_string())?;
-            loop {
-                match self
-                    .criu()
-                    .next_event(ReqType::PreDump)
-                    .map_err(|e| e.to_string())?
-                {
-                    Event::Notify { .. } => {
-                        self.criu().answer_notify(true).map_err(|e| e.to_string())?
-                    }
-                    Event::Done(resp) => {
-                        let log = format!("pre-dump-{iter}.log");
-                        self.criu
-                            .as_ref()
-                            .expect("worker")
-                            .check_done(ReqType::PreDump, &resp, &log)
-                            .map_err(|e| e.to_string())?;
-                        break;
-                    }
-                }
-            }
-            let pass = PassStats {
-                pages_written: 0,
-                bytes: self.relay.counters().sent.load(Ordering::Relaxed) - before,
-                duration: t.elapsed(),
-            };
-            let criu_stats = stats::read_dump(&self.work.criu()).ok();
-            let pass = PassStats {
-                pages_written: criu_stats
-                    .as_ref()
-                    .map_or(pass.bytes / 4096, |s| s.pages_written),
-                ..pass
-            };
-            self.progress.pass_finished(&pass);
-            self.passes.push(PassReport::new(
-                iter,
-                "pre-dump",
-                &pass,
-                criu_stats.as_ref(),
-            ));
-            history.push(pass);
-            match decide(&self.opts.rules, &history, self.opts.restore_estimate) {
-                Decision::Continue { predicted_ms } => tracing::info!(
-                    pass = iter,
-                    pages = pass.pages_written,
-                    rate_mib_s = pass.rate() / 1048576.0,
-                    predicted_ms,
-                    "pre-dump pass done; iterating again (predicted frozen time above target)"
-                ),
-                Decision::Stop(reason) => {
-                    tracing::info!(pass = iter, "stopping pre-dumps: {reason}");
-                    return Ok((iter, reason));
-                }
-            }
-        }
-    }
-
-    fn opts_expected(&self, history: &[PassStats]) -> u64 {
-        history
-            .last()
-            .map_or_else(|| proc::tree_rss(self.pid), |p| p.bytes)
+        recv(&mut self.control, self.abort, waiting_for)
     }
 
     fn run(
@@ -497,7 +382,28 @@ impl Source<'_> {
     ) -> Result<(DumpEnd, StopReason, bool), String> {
         let (last_pre, reason) = match use_pre_dump {
             Ok(()) => {
-                let (n, r) = self.pre_dump_passes()?;
+                let work = &self.work;
+                let images = |n: u32| work.images(n);
+                let driver = &mut self.driver;
+                let mut adjust =
+                    |o: &mut CriuOpts| driver.adjust_dump_opts(o).map_err(|e| e.to_string());
+                let mut lp = PreDumpLoop {
+                    criu: self.criu.as_mut().expect("worker"),
+                    pid: self.pid,
+                    ps_fd: self.ps_fd,
+                    images: &images,
+                    adjust: &mut adjust,
+                    rules: self.opts.rules,
+                    restore_estimate: self.opts.restore_estimate,
+                    counters: Some(self.relay.counters()),
+                    progress: &*self.progress,
+                };
+                let mut remote = ControlRemote {
+                    control: &mut self.control,
+                    abort: self.abort,
+                };
+                let (reports, n, r) = lp.run(&mut remote)?;
+                self.passes.extend(reports);
                 (Some(n), r)
             }
             Err(why) => (None, StopReason::NoPreDump { why }),
@@ -511,7 +417,11 @@ impl Source<'_> {
     /// other images and stops at `post-dump`; we hold it there while the
     /// images go across and the destination restores, then answer.
     fn final_dump(&mut self, iter: u32, parent: Option<u32>) -> Result<DumpEnd, String> {
-        self.start_pass(iter, parent)?;
+        ControlRemote {
+            control: &mut self.control,
+            abort: self.abort,
+        }
+        .start_iter(iter, parent)?;
         let dir = self.work.images(iter);
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
         let mut copts = CriuOpts {
@@ -874,6 +784,47 @@ impl Source<'_> {
                 Err(MigrationError::RolledBack(e))
             }
         }
+    }
+}
+
+fn recv(control: &mut Control, abort: &Abort, waiting_for: &str) -> Result<Msg, String> {
+    match control.0.read::<Msg>() {
+        Ok(Msg::Abort { reason }) => Err(format!("the destination aborted: {reason}")),
+        Ok(m) => Ok(m),
+        Err(e) => Err(match abort.reason() {
+            Some(r) => r,
+            None => format!("waiting for {waiting_for} from the destination: {e}"),
+        }),
+    }
+}
+
+/// Iterations over the phaul protocol: the destination starts a page
+/// server per pass and says when it listens.
+struct ControlRemote<'c> {
+    control: &'c mut Control,
+    abort: &'c Abort,
+}
+
+impl Remote for ControlRemote<'_> {
+    fn start_iter(&mut self, iter: u32, parent: Option<u32>) -> Result<(), String> {
+        let m = Msg::StartIter { iter, parent };
+        self.control
+            .1
+            .write(&m)
+            .map_err(|e| format!("sending StartIter to the destination: {e}"))?;
+        match recv(self.control, self.abort, "IterReady")? {
+            Msg::IterReady { iter: i } if i == iter => Ok(()),
+            other => Err(format!(
+                "expected IterReady for pass {iter}, got {}",
+                other.name()
+            )),
+        }
+    }
+
+    fn stop_iter(&mut self, _iter: u32) -> Result<(), String> {
+        // The destination waits for the pass's page server to finish
+        // before it starts the next one or restores.
+        Ok(())
     }
 }
 
