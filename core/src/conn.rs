@@ -59,8 +59,10 @@ impl Conn {
         })
     }
 
-    /// Disables Nagle's algorithm on TCP sockets (no-op for others).
+    /// Disables Nagle's algorithm on TCP sockets (no-op for others) and
+    /// turns on keepalive probing ([`Conn::set_keepalive`]).
     pub fn set_nodelay(&self) {
+        self.set_keepalive();
         let one: libc::c_int = 1;
         // SAFETY: valid option pointer; failure (not TCP) is ignored.
         unsafe {
@@ -72,6 +74,29 @@ impl Conn {
                 std::mem::size_of::<libc::c_int>() as libc::socklen_t,
             )
         };
+    }
+
+    /// Turns on TCP keepalive probing so that a peer host that vanished
+    /// (no FIN, no RST) is noticed within about 30 s, however long the
+    /// migration's own silences are. No-op for non-TCP sockets.
+    pub fn set_keepalive(&self) {
+        let fd = self.fd.as_raw_fd();
+        let set = |level: libc::c_int, opt: libc::c_int, v: libc::c_int| {
+            // SAFETY: valid option pointer; failure (not TCP) is ignored.
+            unsafe {
+                libc::setsockopt(
+                    fd,
+                    level,
+                    opt,
+                    (&v as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+        };
+        set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+        set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 10);
+        set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 5);
+        set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 4);
     }
 
     /// Another handle on the same socket.

@@ -35,6 +35,16 @@ pub enum ServeError {
     },
 }
 
+/// Whether the service may listen on `addr` (loopback only, until the
+/// transport is authenticated).
+pub fn check_listen_addr(addr: SocketAddr) -> Result<(), ServeError> {
+    if addr.ip().is_loopback() {
+        Ok(())
+    } else {
+        Err(ServeError::NotLoopback(addr))
+    }
+}
+
 /// Outcomes of recent sessions, for sources that lost their connection.
 #[derive(Debug, Default, Clone)]
 pub struct Outcomes(Arc<Mutex<HashMap<u64, Outcome>>>);
@@ -122,9 +132,7 @@ impl Server {
         registry: Arc<Registry>,
         opts: DestOptions,
     ) -> Result<Server, ServeError> {
-        if !addr.ip().is_loopback() {
-            return Err(ServeError::NotLoopback(addr));
-        }
+        check_listen_addr(addr)?;
         let listener =
             TcpListener::bind(addr).map_err(|source| ServeError::Bind { addr, source })?;
         Ok(Server {

@@ -6,6 +6,9 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod harness;
+pub mod proxy;
+
 /// The cargo profile directory the tests were built into
 /// (`target/debug` or `target/release`).
 pub fn profile_dir() -> PathBuf {

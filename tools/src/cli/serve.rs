@@ -51,6 +51,9 @@ pub struct ServeArgs {
 
 /// Runs `phaul serve`.
 pub fn run(dirs: &[PathBuf], args: ServeArgs) -> anyhow::Result<ExitCode> {
+    if let Some(addr) = args.listen {
+        phaul_core::server::check_listen_addr(addr)?;
+    }
     let registry = load_registry(dirs);
     registry.warn_skipped();
     if registry.plugins().next().is_none() {

@@ -3,6 +3,9 @@
 //!
 //! - `-o panic=HOOK`: the hook panics (caught by the export guard).
 //! - `-o fail=HOOK`: the hook returns an error.
+//! - `-o break-restore`: the destination truncates the restored tree's
+//!   `core` image before CRIU reads it, so the real CRIU restore fails (as
+//!   it would on a corrupted image).
 //! - `PHAUL_TEST_FAULTY_INFO=panic` in the environment: `info` panics, so
 //!   the plugin fails to initialise and the loader must skip it.
 //!
@@ -22,6 +25,7 @@ pub struct FaultyDriver {
     inner: PidDriver,
     panic_in: Vec<String>,
     fail_in: Vec<String>,
+    break_restore: bool,
 }
 
 impl FaultyDriver {
@@ -53,6 +57,7 @@ impl Driver for FaultyDriver {
             match kv.key.as_str() {
                 "panic" => self.panic_in.push(kv.value.to_string()),
                 "fail" => self.fail_in.push(kv.value.to_string()),
+                "break-restore" => self.break_restore = true,
                 _ => rest.push(kv.clone()),
             }
         }
@@ -79,6 +84,21 @@ impl Driver for FaultyDriver {
     }
     fn restore(&mut self, ctx: &RestoreContext) -> DriverResult<HookOutcome> {
         self.inject("restore")?;
+        if self.break_restore {
+            let dir = std::path::Path::new(ctx.images_dir.as_str());
+            for e in std::fs::read_dir(dir).map_err(|e| DriverError::failed(e.to_string()))? {
+                let p = e.map_err(|e| DriverError::failed(e.to_string()))?.path();
+                let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+                if name.starts_with("core-") {
+                    let f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(&p)
+                        .map_err(|e| DriverError::failed(e.to_string()))?;
+                    f.set_len(12)
+                        .map_err(|e| DriverError::failed(e.to_string()))?;
+                }
+            }
+        }
         self.inner.restore(ctx)
     }
     fn fs_sync(&mut self) -> DriverResult<FsSyncSpec> {

@@ -1,0 +1,202 @@
+//! A fault-injecting TCP proxy between `phaul migrate` and `phaul serve`:
+//! it forwards both connections of a migration and, at a chosen moment,
+//! kills the destination or cuts the connections. Control frames are decoded
+//! with phaul's own frame reader, so faults hit exact protocol points.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use phaul_core::proto::{FrameReader, FrameWriter, Msg};
+
+/// What to break, and when.
+#[derive(Debug, Clone)]
+pub enum Fault {
+    /// Kill `pid` (SIGKILL) and cut everything once this many page bytes
+    /// went from the source to the destination.
+    KillAfterMemoryBytes {
+        /// Bytes of memory traffic before the fault.
+        bytes: u64,
+        /// The process to kill (the destination service).
+        pid: i32,
+    },
+    /// Cut every connection instead of forwarding the first control frame
+    /// with this name (e.g. `File`: right after the final dump).
+    CutBefore(&'static str),
+    /// Forward the first control frame with this name, then cut everything.
+    CutAfter(&'static str),
+    /// Stop forwarding (but keep the connections open) at the first control
+    /// frame with this name.
+    StallAt(&'static str),
+}
+
+struct State {
+    fault: Fault,
+    triggered: AtomicBool,
+    mem_bytes: AtomicU64,
+    sockets: Mutex<Vec<TcpStream>>,
+}
+
+impl State {
+    fn cut(&self) {
+        self.triggered.store(true, Ordering::SeqCst);
+        for s in self.sockets.lock().unwrap().iter() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+/// A running proxy.
+pub struct Proxy {
+    /// Where the source should connect.
+    pub addr: String,
+    state: Arc<State>,
+}
+
+impl Proxy {
+    /// Proxies to `target` with `fault`.
+    pub fn start(target: &str, fault: Fault) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let addr = listener.local_addr().unwrap().to_string();
+        let state = Arc::new(State {
+            fault,
+            triggered: AtomicBool::new(false),
+            mem_bytes: AtomicU64::new(0),
+            sockets: Mutex::new(Vec::new()),
+        });
+        let target = target.to_string();
+        let st = state.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = TcpStream::connect(&target) else {
+                    continue;
+                };
+                {
+                    let mut socks = st.sockets.lock().unwrap();
+                    socks.push(client.try_clone().unwrap());
+                    socks.push(server.try_clone().unwrap());
+                }
+                if st.triggered.load(Ordering::SeqCst) {
+                    st.cut();
+                }
+                let st = st.clone();
+                std::thread::spawn(move || handle(client, server, st));
+            }
+        });
+        Proxy { addr, state }
+    }
+
+    /// Whether the fault happened.
+    pub fn triggered(&self) -> bool {
+        self.state.triggered.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Proxy {
+    /// Closes every proxied connection, as if the network came back and
+    /// the peers saw each other's closes.
+    fn drop(&mut self) {
+        self.state.cut();
+    }
+}
+
+fn handle(mut client: TcpStream, mut server: TcpStream, st: Arc<State>) {
+    let mut preamble = [0u8; 8];
+    if client.read_exact(&mut preamble).is_err() || server.write_all(&preamble).is_err() {
+        return;
+    }
+    let mut reader = FrameReader::new(client.try_clone().unwrap());
+    let Ok(first) = reader.read::<Msg>() else {
+        return;
+    };
+    if FrameWriter::new(&mut server).write(&first).is_err() {
+        return;
+    }
+    let mut back_preamble_client = client.try_clone().unwrap();
+    let back_server = server.try_clone().unwrap();
+    if let Msg::AttachMemory { .. } = first {
+        // Memory: raw bytes, counted, in both directions.
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut &back_server, &mut back_preamble_client);
+        });
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = match client.read(&mut buf) {
+                Ok(0) | Err(_) => {
+                    let _ = server.shutdown(Shutdown::Write);
+                    return;
+                }
+                Ok(n) => n,
+            };
+            let total = st.mem_bytes.fetch_add(n as u64, Ordering::SeqCst) + n as u64;
+            if let Fault::KillAfterMemoryBytes { bytes, pid } = st.fault {
+                if total >= bytes && !st.triggered.load(Ordering::SeqCst) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                    st.cut();
+                    return;
+                }
+            }
+            if server.write_all(&buf[..n]).is_err() {
+                return;
+            }
+        }
+    }
+    // Control: frame by frame in both directions.
+    let st2 = st.clone();
+    let back_client = client.try_clone().unwrap();
+    std::thread::spawn(move || pump_frames(back_server, back_client, &st2));
+    let first_name = first.name();
+    if !check(&st, first_name, &mut server, None) {
+        return;
+    }
+    pump_frames_from(reader, server, &st);
+}
+
+/// Applies the fault for a frame named `name`; `false` means stop.
+fn check(st: &State, name: &str, to: &mut TcpStream, msg: Option<&Msg>) -> bool {
+    if st.triggered.load(Ordering::SeqCst) {
+        return !matches!(st.fault, Fault::StallAt(_))
+            && !matches!(st.fault, Fault::CutBefore(_) | Fault::CutAfter(_));
+    }
+    match st.fault {
+        Fault::CutBefore(n) if n == name => {
+            st.cut();
+            false
+        }
+        Fault::CutAfter(n) if n == name => {
+            if let Some(m) = msg {
+                let _ = FrameWriter::new(&mut *to).write(m);
+            }
+            st.cut();
+            false
+        }
+        Fault::StallAt(n) if n == name => {
+            st.triggered.store(true, Ordering::SeqCst);
+            false
+        }
+        _ => true,
+    }
+}
+
+fn pump_frames(from: TcpStream, to: TcpStream, st: &State) {
+    pump_frames_from(FrameReader::new(from), to, st)
+}
+
+fn pump_frames_from(mut reader: FrameReader<TcpStream>, mut to: TcpStream, st: &State) {
+    loop {
+        let Ok(msg) = reader.read::<Msg>() else {
+            let _ = to.shutdown(Shutdown::Write);
+            return;
+        };
+        if !check(st, msg.name(), &mut to, Some(&msg)) {
+            return;
+        }
+        if FrameWriter::new(&mut to).write(&msg).is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,347 @@
+//! Live migrations with real CRIU between a `phaul serve` and a
+//! `phaul migrate` on this machine (loopback), of a real test workload in
+//! its own PID namespace: memory verified page by page, counters continued,
+//! the source gone; and the failure paths, each of which must leave the
+//! source workload running and verifying, and nothing on the destination.
+
+use std::process::Command;
+use std::time::Duration;
+
+use phaul_tests::harness::{
+    alive, migrate, processes_with_cwd_under, reap, setup, wait_for, Serve, Workload,
+};
+use phaul_tests::plugin_dir;
+use phaul_tests::proxy::{Fault, Proxy};
+
+const PID: &[(&str, &str)] = &[("phaul_pid", "libphaul_pid.so")];
+const FAULTY: &[(&str, &str)] = &[
+    ("phaul_pid", "libphaul_pid.so"),
+    ("phaul_test_faulty", "libfaulty.so"),
+];
+
+/// After a failed migration: the source runs and verifies, its counter
+/// moves on, and nothing of the migration runs on the destination.
+fn assert_rolled_back(w: &Workload, before: &serde_json::Value, serve: &Serve) {
+    assert!(alive(w.pid), "the source workload must still run");
+    let after = w.report();
+    w.assert_intact(&after);
+    assert!(
+        after["counter"].as_u64() > before["counter"].as_u64(),
+        "the source counter must go on: {before} -> {after}"
+    );
+    assert_eq!(after["pid"], 1, "still the same (namespace init) process");
+    assert!(
+        wait_for(Duration::from_secs(10), || serve
+            .criu_processes()
+            .is_empty()),
+        "CRIU processes left on the destination: {:?}",
+        serve.criu_processes()
+    );
+    assert!(
+        wait_for(Duration::from_secs(10), || restored_copies(w).is_empty()),
+        "a restored copy runs on the destination: {:?}",
+        restored_copies(w)
+    );
+}
+
+/// Processes running the same workload (same state directory) other than
+/// the source's root.
+fn restored_copies(w: &Workload) -> Vec<i32> {
+    let needle = w.state.path().to_string_lossy().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
+        .filter(|&p| p != w.pid && alive(p))
+        .filter(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .map(|c| {
+                    let c = String::from_utf8_lossy(&c).replace('\0', " ");
+                    c.contains("phaul-workload") && c.contains(" run ") && c.contains(&needle)
+                })
+                .unwrap_or(false)
+        })
+        .filter(|p| {
+            // The source's own tree (its extras child) does not count.
+            !phaul_core::proc::tree(w.pid).contains(p)
+        })
+        .collect()
+}
+
+#[test]
+fn live_migration_moves_the_workload_with_its_memory_intact() {
+    if !setup() {
+        return;
+    }
+    let serve = Serve::start(PID, &[]);
+    let mut w = Workload::spawn(&["--mem-mib", "64", "--dirty-pct", "5"]);
+    let before = w.report();
+    w.assert_intact(&before);
+    let src = plugin_dir(PID);
+    let old = w.pid;
+    let (out, json) = migrate(src.path(), "pid", old, &serve.addr, &[]);
+    assert_eq!(out.status.code(), Some(0), "migration failed");
+    let r = json.expect("--json summary");
+    let new = r["destination_pid"].as_i64().unwrap() as i32;
+    assert_ne!(new, old);
+    assert!(wait_for(Duration::from_secs(5), || {
+        reap(old);
+        !alive(old)
+    }));
+    w.moved_to(new);
+    assert!(alive(new), "the workload runs on the destination");
+    let after = w.report();
+    w.assert_intact(&after);
+    assert_eq!(after["pid"], 1);
+    assert!(
+        after["counter"].as_u64() > before["counter"].as_u64(),
+        "{before} -> {after}"
+    );
+    assert!(after["dirtied_total"].as_u64() > before["dirtied_total"].as_u64());
+    // The summary carries the numbers a user needs.
+    assert!(r["frozen_time_us"].as_u64().unwrap() > 0);
+    assert!(r["criu_dump"]["pages_written"].as_u64().unwrap() >= 64 * 256);
+    assert!(r["criu_restore"]["restore_time"].as_u64().is_some());
+    assert!(r["memory_bytes"].as_u64().unwrap() >= 64 << 20);
+    assert_eq!(r["stop_reason"]["reason"], "no-pre-dump");
+    // Nothing is left behind on either side.
+    assert!(wait_for(Duration::from_secs(5), || serve
+        .criu_processes()
+        .is_empty()));
+    assert!(
+        std::fs::read_dir(serve.work.path())
+            .unwrap()
+            .next()
+            .is_none(),
+        "destination work dir cleaned"
+    );
+}
+
+#[test]
+fn open_file_pipe_and_child_process_migrate_intact() {
+    if !setup() {
+        return;
+    }
+    let serve = Serve::start(PID, &[]);
+    let mut w = Workload::spawn(&["--mem-mib", "16", "--extras"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let before = w.report();
+    assert!(before["child_alive"].as_bool().unwrap());
+    assert!(before["pipe_msgs"].as_u64().unwrap() > 0);
+    let src = plugin_dir(PID);
+    let (out, json) = migrate(src.path(), "pid", w.pid, &serve.addr, &[]);
+    assert_eq!(out.status.code(), Some(0));
+    w.moved_to(json.unwrap()["destination_pid"].as_i64().unwrap() as i32);
+    std::thread::sleep(Duration::from_millis(300));
+    let after = w.report();
+    w.assert_intact(&after);
+    assert!(
+        after["child_alive"].as_bool().unwrap(),
+        "the child process came along: {after}"
+    );
+    assert!(
+        after["pipe_msgs"].as_u64() > before["pipe_msgs"].as_u64(),
+        "the pipe still flows"
+    );
+    assert_eq!(
+        after["pipe_seq_errors"], 0,
+        "no pipe message lost or duplicated"
+    );
+    assert!(after["extras_log_lines"].as_u64() > before["extras_log_lines"].as_u64());
+    // The open file kept its offset: one consecutive sequence, no gap, no
+    // rewrite.
+    let log = std::fs::read_to_string(w.state.path().join("extras.log")).unwrap();
+    let numbers: Vec<u64> = log.lines().map(|l| l.parse().unwrap()).collect();
+    assert!(numbers.len() as u64 >= after["extras_log_lines"].as_u64().unwrap());
+    for (i, n) in numbers.iter().enumerate() {
+        assert_eq!(
+            *n,
+            i as u64 + 1,
+            "extras.log is not one consecutive sequence at line {}",
+            i + 1
+        );
+    }
+}
+
+#[test]
+fn killing_the_destination_during_the_transfer_rolls_back() {
+    if !setup() {
+        return;
+    }
+    let serve = Serve::start(PID, &[]);
+    let w = Workload::spawn(&["--mem-mib", "128", "--dirty-pct", "2"]);
+    let before = w.report();
+    let proxy = Proxy::start(
+        &serve.addr,
+        Fault::KillAfterMemoryBytes {
+            bytes: 16 << 20,
+            pid: serve.pid(),
+        },
+    );
+    let src = plugin_dir(PID);
+    let (out, json) = migrate(src.path(), "pid", w.pid, &proxy.addr, &[]);
+    assert!(proxy.triggered(), "the destination was killed mid-transfer");
+    assert_eq!(out.status.code(), Some(4), "rolled back");
+    assert_eq!(json.unwrap()["error"], "rolled-back");
+    assert_rolled_back(&w, &before, &serve);
+}
+
+#[test]
+fn a_failing_restore_on_the_destination_rolls_back() {
+    if !setup() {
+        return;
+    }
+    let serve = Serve::start(FAULTY, &[]);
+    let w = Workload::spawn(&["--mem-mib", "32"]);
+    let before = w.report();
+    let src = plugin_dir(FAULTY);
+    let (out, _) = migrate(
+        src.path(),
+        "faulty",
+        w.pid,
+        &serve.addr,
+        &["-o", "break-restore"],
+    );
+    assert_eq!(out.status.code(), Some(4));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("restore failed"),
+        "the message names the failed restore: {stderr}"
+    );
+    assert_rolled_back(&w, &before, &serve);
+}
+
+#[test]
+fn a_failing_driver_hook_on_the_destination_rolls_back() {
+    if !setup() {
+        return;
+    }
+    let serve = Serve::start(FAULTY, &[]);
+    let w = Workload::spawn(&["--mem-mib", "16"]);
+    let before = w.report();
+    let src = plugin_dir(FAULTY);
+    let (out, _) = migrate(
+        src.path(),
+        "faulty",
+        w.pid,
+        &serve.addr,
+        &["-o", "panic=meta_files_in"],
+    );
+    assert_eq!(out.status.code(), Some(4));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("driver panicked in meta_files_in"),
+        "{stderr}"
+    );
+    assert_rolled_back(&w, &before, &serve);
+}
+
+#[test]
+fn dropping_the_connection_after_the_final_dump_rolls_back() {
+    if !setup() {
+        return;
+    }
+    let serve = Serve::start(PID, &[]);
+    let w = Workload::spawn(&["--mem-mib", "32"]);
+    let before = w.report();
+    // The first image file travels right after CRIU's final dump, while
+    // the workload is frozen.
+    let proxy = Proxy::start(&serve.addr, Fault::CutBefore("File"));
+    let src = plugin_dir(PID);
+    let (out, _) = migrate(src.path(), "pid", w.pid, &proxy.addr, &[]);
+    assert!(proxy.triggered());
+    assert_eq!(out.status.code(), Some(4));
+    assert_rolled_back(&w, &before, &serve);
+}
+
+#[test]
+fn ctrl_c_on_the_source_while_frozen_rolls_back() {
+    if !setup() {
+        return;
+    }
+    let serve = Serve::start(PID, &[]);
+    let w = Workload::spawn(&["--mem-mib", "16"]);
+    let before = w.report();
+    // Hold the migration at the restore request: the workload is frozen
+    // and waiting when the user presses Ctrl-C.
+    let proxy = Proxy::start(&serve.addr, Fault::StallAt("Restore"));
+    let src = plugin_dir(PID);
+    let work = phaul_tests::harness::shm_dir("src");
+    let mut child = Command::new(phaul_tests::bin("phaul"))
+        .arg("--plugin-dir")
+        .arg(src.path())
+        .args([
+            "migrate",
+            "pid",
+            &w.pid.to_string(),
+            "--to",
+            &proxy.addr,
+            "--work-dir",
+        ])
+        .arg(work.path())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(30), || proxy.triggered()),
+        "reached the restore request"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(4));
+    drop(proxy);
+    assert_rolled_back(&w, &before, &serve);
+}
+
+#[test]
+fn preflight_refusals_touch_nothing() {
+    if !setup() {
+        return;
+    }
+    let serve = Serve::start(PID, &[]);
+    let w = Workload::spawn(&["--mem-mib", "16"]);
+    let before = w.report();
+    // Pre-dumps cannot work on a kernel without soft-dirty tracking.
+    let src = plugin_dir(FAULTY);
+    let (out, json) = migrate(src.path(), "pid", w.pid, &serve.addr, &["--pre-dump"]);
+    let probe = Command::new("/usr/local/sbin/criu")
+        .args(["check", "--feature", "mem_dirty_track"])
+        .output();
+    let soft_dirty = probe.map(|o| o.status.success()).unwrap_or(false);
+    if !soft_dirty {
+        assert_eq!(out.status.code(), Some(3), "refused");
+        assert_eq!(json.unwrap()["error"], "refused");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("cannot track dirty memory"));
+    }
+    // The destination lacks the htype.
+    let (out, _) = migrate(src.path(), "faulty", w.pid, &serve.addr, &[]);
+    assert_eq!(out.status.code(), Some(3));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no driver for htype `faulty`"), "{stderr}");
+    // A destination that does not exist.
+    let (out, _) = migrate(src.path(), "pid", w.pid, "127.0.0.1:1", &[]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect to 127.0.0.1:1"));
+    // A workload that does not exist.
+    let (out, _) = migrate(src.path(), "pid", 999_999_999, &serve.addr, &[]);
+    assert_eq!(out.status.code(), Some(3));
+    assert_rolled_back(&w, &before, &serve);
+    assert!(processes_with_cwd_under(serve.work.path()).is_empty());
+}
+
+#[test]
+fn serve_refuses_non_loopback_addresses() {
+    let out = Command::new(phaul_tests::bin("phaul"))
+        .args(["serve", "--listen", "0.0.0.0:7070"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("refusing to listen on 0.0.0.0:7070"),
+        "{stderr}"
+    );
+}

@@ -1,0 +1,196 @@
+//! `phaul-workload`: the test workload for real CRIU live-migration tests and
+//! benchmarks.
+//!
+//! CRIU checkpoints the workload (freeze, dump memory) and restores it
+//! elsewhere, possibly as PID 1 of a new PID namespace; afterwards it must
+//! keep running seamlessly. Tests talk to it only through signals and files,
+//! because those survive checkpoint/restore.
+//!
+//! # Subcommands
+//!
+//! * `run --state-dir DIR [--mem-mib N] [--dirty-pct P] [--seed S] [--extras]
+//!   [--tcp-listen ADDR:PORT]`: the workload itself, in the foreground. It maps
+//!   N MiB of anonymous memory, fills every 4096-byte page with a
+//!   deterministic pattern derived from (seed, page index, page generation),
+//!   then ticks about once per millisecond, rewriting P% of all pages per
+//!   second (round robin, each rewrite bumps the page's generation).
+//! * `spawn [--pidns] -- <run options...>`: starts `run` fully detached
+//!   (double fork + setsid, optionally as PID 1 of a new PID namespace),
+//!   prints its host PID and waits until it is ready.
+//! * `tcp-client --connect ADDR:PORT --duration-ms D --out FILE
+//!   [--interval-us U]`: request/response client for `run --tcp-listen`.
+//! * `report --state-dir DIR --pid PID [--timeout-ms T]`: sends SIGUSR1 and
+//!   prints the fresh status.
+//!
+//! # Signals understood by `run`
+//!
+//! * SIGUSR1: verify every page, write `status.json` (with `report_seq`
+//!   incremented), reset the window maximum gap.
+//! * SIGTERM / SIGINT: write a final `status.json` with `"exiting": true` and
+//!   exit 0.
+//!
+//! # The `status.json` contract
+//!
+//! Written atomically (`status.json.tmp`, then rename) into the state
+//! directory: once with `report_seq` 0 when the workload is ready, once per
+//! SIGUSR1 (`report_seq` 1, 2, ...), and once on exit. All fields are always
+//! present:
+//!
+//! | field | meaning |
+//! |---|---|
+//! | `report_seq` | 0 = ready, n = n-th SIGUSR1 report (final status keeps the last n) |
+//! | `pid` | `getpid()` (1 when the workload is a PID namespace init) |
+//! | `counter` | ticks so far |
+//! | `ticks_per_sec_estimate` | tick rate over the last ~1 s of running |
+//! | `mem_mib`, `pages` | size of the memory area (pages of 4096 bytes) |
+//! | `pages_verified`, `pages_bad`, `first_bad_page` | result of the verification done for this status (0, 0, -1 when none was done: ready and final statuses) |
+//! | `dirtied_total`, `generation_sum` | page rewrites so far; sum of all page generations (equal unless a generation wrapped) |
+//! | `max_gap_us` | largest time between two ticks since start (CLOCK_REALTIME) |
+//! | `window_max_gap_us` | largest gap since the previous report |
+//! | `gaps_over_10ms` | number of gaps longer than 10 ms |
+//! | `uptime_ms`, `realtime_us` | realtime since start; realtime now (µs since the epoch) |
+//! | `exiting` | true only in the final status |
+//! | `seed`, `dirty_pct`, `extras_enabled`, `tcp_enabled` | the options in use |
+//! | `extras_log_lines`, `pipe_msgs`, `pipe_seq_errors`, `child_pid`, `child_alive` | `--extras` state (0 / false when disabled) |
+//! | `tcp_requests`, `tcp_clients` | `--tcp-listen` state (0 when disabled) |
+//!
+//! Time spent verifying and writing a report is not counted as a tick gap,
+//! and a long pause (e.g. frozen by CRIU) is not caught up afterwards: the
+//! dirtying credit of one tick is capped at 10 ms worth of pages.
+
+mod arena;
+mod extras;
+mod pattern;
+mod report;
+mod run;
+mod signals;
+mod spawn;
+mod status;
+mod sys;
+mod tcp_client;
+mod tcp_server;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Test workload for CRIU live-migration tests and benchmarks.
+#[derive(Debug, Parser)]
+#[command(name = "phaul-workload", about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the workload in the foreground.
+    Run(RunArgs),
+    /// Start a detached workload, print its host PID, wait until it is ready.
+    Spawn(SpawnArgs),
+    /// Request/response client for `run --tcp-listen`.
+    TcpClient(TcpClientArgs),
+    /// Ask a running workload for a verified status report (SIGUSR1).
+    Report(ReportArgs),
+}
+
+/// Options of `phaul-workload run`.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Directory for status.json (and extras.log); created if missing.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: PathBuf,
+
+    /// Anonymous memory to allocate and fill, in MiB.
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    pub mem_mib: u64,
+
+    /// Percentage of all pages rewritten per second.
+    #[arg(long, value_name = "P", default_value_t = 0.0)]
+    pub dirty_pct: f64,
+
+    /// Seed of the memory pattern.
+    #[arg(long, value_name = "S", default_value_t = 1)]
+    pub seed: u64,
+
+    /// Also exercise an open file, a pipe and a child process.
+    #[arg(long)]
+    pub extras: bool,
+
+    /// Also serve the line protocol "<u64>\n" -> "<u64+1>\n" on this address.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub tcp_listen: Option<SocketAddr>,
+}
+
+/// Options of `phaul-workload spawn`.
+#[derive(Debug, Args)]
+struct SpawnArgs {
+    /// Make the workload PID 1 of a new PID namespace.
+    #[arg(long)]
+    pidns: bool,
+
+    /// Options passed to `phaul-workload run` (after `--`).
+    #[arg(last = true, required = true, value_name = "RUN OPTIONS")]
+    run_args: Vec<String>,
+}
+
+/// Options of `phaul-workload tcp-client`.
+#[derive(Debug, Args)]
+struct TcpClientArgs {
+    /// Server address.
+    #[arg(long, value_name = "ADDR:PORT")]
+    connect: String,
+
+    /// How long to send requests, in milliseconds.
+    #[arg(long, value_name = "D")]
+    duration_ms: u64,
+
+    /// Where to write the JSON result.
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+
+    /// Interval between requests, in microseconds.
+    #[arg(long, value_name = "U", default_value_t = 2000)]
+    interval_us: u64,
+}
+
+/// Options of `phaul-workload report`.
+#[derive(Debug, Args)]
+struct ReportArgs {
+    /// State directory of the workload.
+    #[arg(long, value_name = "DIR")]
+    state_dir: PathBuf,
+
+    /// PID of the workload, as seen from here.
+    #[arg(long)]
+    pid: i32,
+
+    /// How long to wait for the new status.
+    #[arg(long, value_name = "T", default_value_t = 30_000)]
+    timeout_ms: u64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(a) => run::run(&a).map(|()| ExitCode::SUCCESS),
+        Command::Spawn(a) => spawn::spawn(a.pidns, &a.run_args).map(|()| ExitCode::SUCCESS),
+        Command::TcpClient(a) => tcp_client::run(&a.connect, a.duration_ms, a.interval_us, &a.out)
+            .map(|ok| {
+                if ok {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            }),
+        Command::Report(a) => {
+            report::report(&a.state_dir, a.pid, a.timeout_ms).map(|()| ExitCode::SUCCESS)
+        }
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("phaul-workload: error: {e:#}");
+        ExitCode::FAILURE
+    })
+}
