@@ -77,7 +77,9 @@ impl Proxy {
                     socks.push(client.try_clone().unwrap());
                     socks.push(server.try_clone().unwrap());
                 }
-                if st.triggered.load(Ordering::SeqCst) {
+                // After a cut the "network" works again for new
+                // connections; a stall keeps holding everything.
+                if st.triggered.load(Ordering::SeqCst) && matches!(st.fault, Fault::StallAt(_)) {
                     st.cut();
                 }
                 let st = st.clone();
@@ -159,8 +161,7 @@ fn handle(mut client: TcpStream, mut server: TcpStream, st: Arc<State>) {
 /// Applies the fault for a frame named `name`; `false` means stop.
 fn check(st: &State, name: &str, to: &mut TcpStream, msg: Option<&Msg>) -> bool {
     if st.triggered.load(Ordering::SeqCst) {
-        return !matches!(st.fault, Fault::StallAt(_))
-            && !matches!(st.fault, Fault::CutBefore(_) | Fault::CutAfter(_));
+        return !matches!(st.fault, Fault::StallAt(_));
     }
     match st.fault {
         Fault::CutBefore(n) if n == name => {

@@ -255,6 +255,42 @@ fn dropping_the_connection_after_the_final_dump_rolls_back() {
 }
 
 #[test]
+fn losing_the_connection_after_the_commit_is_resolved_by_asking_the_destination() {
+    if !setup() {
+        return;
+    }
+    let serve = Serve::start(PID, &[]);
+    let mut w = Workload::spawn(&["--mem-mib", "16"]);
+    let before = w.report();
+    // The destination gets the commit and resumes its copy, but its answer
+    // never arrives: the source must find out on a new connection, then
+    // drop its own copy. Exactly one copy may run afterwards.
+    let proxy = Proxy::start(&serve.addr, Fault::CutAfter("Commit"));
+    let src = plugin_dir(PID);
+    let old = w.pid;
+    let (out, _) = migrate(
+        src.path(),
+        "pid",
+        old,
+        &proxy.addr,
+        &["--resolve-timeout", "20"],
+    );
+    assert!(proxy.triggered());
+    assert_eq!(out.status.code(), Some(0), "resolved as migrated");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("asking the destination"));
+    assert!(wait_for(Duration::from_secs(5), || {
+        reap(old);
+        !alive(old)
+    }));
+    let copies = restored_copies(&w);
+    assert_eq!(copies.len(), 1, "exactly one copy runs: {copies:?}");
+    w.moved_to(copies[0]);
+    let after = w.report();
+    w.assert_intact(&after);
+    assert!(after["counter"].as_u64() > before["counter"].as_u64());
+}
+
+#[test]
 fn ctrl_c_on_the_source_while_frozen_rolls_back() {
     if !setup() {
         return;
