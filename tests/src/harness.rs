@@ -164,9 +164,16 @@ pub struct Workload {
 impl Workload {
     /// Starts one with `phaul-workload spawn --pidns -- run <args>`.
     pub fn spawn(args: &[&str]) -> Workload {
+        Self::spawn_with(&["--pidns"], args)
+    }
+
+    /// Starts one with `phaul-workload spawn <spawn_flags> -- run <args>`.
+    pub fn spawn_with(spawn_flags: &[&str], args: &[&str]) -> Workload {
         let state = shm_dir("wl");
         let out = Command::new(bin("phaul-workload"))
-            .args(["spawn", "--pidns", "--", "--state-dir"])
+            .arg("spawn")
+            .args(spawn_flags)
+            .args(["--", "--state-dir"])
             .arg(state.path())
             .args(args)
             .output()

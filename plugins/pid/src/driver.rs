@@ -9,6 +9,9 @@
 //! - `ext-unix-sk`: allow unix sockets connected to the outside
 //! - `file-locks`: dump and restore file locks
 //! - `external=SPEC`: a CRIU `--external` resource (repeatable)
+//! - `veth=IN=OUT[@BRIDGE]`: on restore, recreate the tree's veth `IN` with
+//!   host-side end `OUT`, attached to `BRIDGE` (the tree has its own network
+//!   namespace; repeatable)
 //! - `sync=DIR`: a directory subtree to copy to the destination (repeatable)
 //! - `shared-storage`: the tree's files are on storage both hosts see
 
@@ -23,6 +26,7 @@ const KNOWN_OPTIONS: &[&str] = &[
     "ext-unix-sk",
     "file-locks",
     "external",
+    "veth",
     "sync",
     "shared-storage",
 ];
@@ -38,6 +42,8 @@ pub struct PidOptions {
     pub file_locks: bool,
     /// CRIU `--external` entries.
     pub external: Vec<String>,
+    /// Restore-side veth pairs: (inside name, outside name[@bridge]).
+    pub veth: Vec<(String, String)>,
     /// Directories to sync.
     pub sync: Vec<String>,
     /// Files are on shared storage.
@@ -66,6 +72,16 @@ impl PidOptions {
                 "file-locks" => o.file_locks = flag(value, key)?,
                 "shared-storage" => o.shared_storage = flag(value, key)?,
                 "external" if !value.is_empty() => o.external.push(value.to_string()),
+                "veth" => match value.split_once('=') {
+                    Some((inside, outside)) if !inside.is_empty() && !outside.is_empty() => {
+                        o.veth.push((inside.to_string(), outside.to_string()))
+                    }
+                    _ => {
+                        return Err(DriverError::invalid(format!(
+                            "option veth={value}: expected IN=OUT or IN=OUT@BRIDGE"
+                        )))
+                    }
+                },
                 "sync" => {
                     if !value.starts_with('/') {
                         return Err(DriverError::invalid(format!(
@@ -171,6 +187,10 @@ impl Driver for PidDriver {
 
     fn adjust_restore_opts(&mut self, opts: &mut CriuOpts) -> DriverResult<()> {
         self.apply(opts);
+        for (inside, outside) in &self.options.veth {
+            opts.external
+                .push(RString::from(format!("veth[{inside}]:{outside}")));
+        }
         Ok(())
     }
 
@@ -207,8 +227,11 @@ mod tests {
             ("shell-job", ""),
             ("sync", "/srv/data/"),
             ("external", "mnt[/x]:x"),
+            ("veth", "eth0=vt1@br0"),
         ])
         .unwrap();
+        assert_eq!(o.veth, vec![("eth0".to_string(), "vt1@br0".to_string())]);
+        assert!(PidOptions::parse([("veth", "eth0")]).is_err());
         assert!(o.shell_job);
         assert_eq!(o.sync, vec!["/srv/data".to_string()]);
         assert_eq!(o.external, vec!["mnt[/x]:x".to_string()]);

@@ -14,7 +14,7 @@
 //!   deterministic pattern derived from (seed, page index, page generation),
 //!   then ticks about once per millisecond, rewriting P% of all pages per
 //!   second (round robin, each rewrite bumps the page's generation).
-//! * `spawn [--pidns] -- <run options...>`: starts `run` fully detached
+//! * `spawn [--pidns] [--netns] -- <run options...>`: starts `run` fully detached
 //!   (double fork + setsid, optionally as PID 1 of a new PID namespace),
 //!   prints its host PID and waits until it is ready.
 //! * `tcp-client --connect ADDR:PORT --duration-ms D --out FILE
@@ -131,6 +131,11 @@ struct SpawnArgs {
     #[arg(long)]
     pidns: bool,
 
+    /// Also give the workload a new, empty network namespace (only `lo`);
+    /// the caller plugs a veth into it (see the TCP migration test).
+    #[arg(long)]
+    netns: bool,
+
     /// Options passed to `phaul-workload run` (after `--`).
     #[arg(last = true, required = true, value_name = "RUN OPTIONS")]
     run_args: Vec<String>,
@@ -176,7 +181,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(a) => run::run(&a).map(|()| ExitCode::SUCCESS),
-        Command::Spawn(a) => spawn::spawn(a.pidns, &a.run_args).map(|()| ExitCode::SUCCESS),
+        Command::Spawn(a) => {
+            spawn::spawn(a.pidns, a.netns, &a.run_args).map(|()| ExitCode::SUCCESS)
+        }
         Command::TcpClient(a) => tcp_client::run(&a.connect, a.duration_ms, a.interval_us, &a.out)
             .map(|ok| {
                 if ok {

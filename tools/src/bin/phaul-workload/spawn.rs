@@ -41,7 +41,7 @@ struct ExecPlan {
 }
 
 /// Starts the detached workload, prints its host PID, waits for readiness.
-pub fn spawn(pidns: bool, run_args: &[String]) -> Result<()> {
+pub fn spawn(pidns: bool, netns: bool, run_args: &[String]) -> Result<()> {
     let parsed = RunOnly::try_parse_from(run_args)
         .map_err(|e| anyhow!("invalid run options after `--`:\n{e}"))?;
     let state_dir = parsed.args.state_dir;
@@ -61,7 +61,7 @@ pub fn spawn(pidns: bool, run_args: &[String]) -> Result<()> {
     let intermediate = match unsafe { fork() }.context("fork")? {
         ForkResult::Child => {
             drop(rd);
-            intermediate_main(pidns, File::from(wr), &plan)
+            intermediate_main(pidns, netns, File::from(wr), &plan)
         }
         ForkResult::Parent { child } => child,
     };
@@ -106,10 +106,17 @@ fn exec_plan(run_args: &[String], stderr_path: &Path) -> Result<ExecPlan> {
 
 /// The intermediate child: optionally enters a new PID namespace (for its
 /// children), forks the workload, reports its PID and exits.
-fn intermediate_main(pidns: bool, mut pipe: File, plan: &ExecPlan) -> ! {
+fn intermediate_main(pidns: bool, netns: bool, mut pipe: File, plan: &ExecPlan) -> ! {
+    let mut flags = CloneFlags::empty();
     if pidns {
-        if let Err(e) = unshare(CloneFlags::CLONE_NEWPID) {
-            let _ = writeln!(pipe, "err unshare(CLONE_NEWPID): {e} (root needed)");
+        flags |= CloneFlags::CLONE_NEWPID;
+    }
+    if netns {
+        flags |= CloneFlags::CLONE_NEWNET;
+    }
+    if !flags.is_empty() {
+        if let Err(e) = unshare(flags) {
+            let _ = writeln!(pipe, "err unshare({flags:?}): {e} (root needed)");
             exit_now(1);
         }
     }
