@@ -36,6 +36,13 @@ impl WorkDir {
         mk(&path.join("criu"))?;
         mk(&path.join("images"))?;
         mk(&path.join("meta"))?;
+        std::fs::write(path.join(OWNER), std::process::id().to_string()).map_err(|source| {
+            Error::Path {
+                what: "cannot write to the work directory",
+                path: path.clone(),
+                source,
+            }
+        })?;
         if !is_tmpfs(root) {
             tracing::warn!(
                 root = %root.display(),
@@ -81,6 +88,39 @@ impl Drop for WorkDir {
     }
 }
 
+/// The file naming the process that owns a work directory.
+const OWNER: &str = "owner";
+
+/// Removes `<side>-*` work directories under `root` whose owning process
+/// is gone (a phaul that was killed cannot clean up after itself).
+/// Directories of running phauls, and kept ones without an owner file, are
+/// left alone. Returns the directories removed.
+pub fn sweep_stale(root: &Path, side: &str) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return removed;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        let is_ours = e
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(&format!("{side}-")));
+        let Ok(owner) = std::fs::read_to_string(path.join(OWNER)) else {
+            continue;
+        };
+        let dead = owner
+            .trim()
+            .parse::<i32>()
+            .is_ok_and(|pid| pid != std::process::id() as i32 && !crate::proc::alive(pid));
+        if is_ours && dead && std::fs::remove_dir_all(&path).is_ok() {
+            tracing::info!(path = %path.display(), "removed the work directory of an interrupted migration");
+            removed.push(path);
+        }
+    }
+    removed
+}
+
 /// Whether `path` (or its nearest existing ancestor) is on tmpfs.
 pub fn is_tmpfs(path: &Path) -> bool {
     let mut p = path;
@@ -107,5 +147,26 @@ pub fn free_bytes(path: &Path) -> u64 {
             Some(parent) => p = parent,
             None => return 0,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_work_directories_of_dead_owners_are_swept() {
+        let root = tempfile::tempdir().unwrap();
+        let live = WorkDir::create(root.path(), "dst", 1).unwrap();
+        let dead = root.path().join("dst-dead");
+        std::fs::create_dir_all(dead.join("images")).unwrap();
+        // A pid that cannot exist.
+        std::fs::write(dead.join(OWNER), "2147483646").unwrap();
+        let other_side = root.path().join("src-dead");
+        std::fs::create_dir_all(&other_side).unwrap();
+        std::fs::write(other_side.join(OWNER), "2147483646").unwrap();
+        let removed = sweep_stale(root.path(), "dst");
+        assert_eq!(removed, vec![dead.clone()]);
+        assert!(live.path().exists() && other_side.exists() && !dead.exists());
     }
 }

@@ -184,6 +184,29 @@ fn killing_the_destination_during_the_transfer_rolls_back() {
     assert_eq!(out.status.code(), Some(4), "rolled back");
     assert_eq!(json.unwrap()["error"], "rolled-back");
     assert_rolled_back(&w, &before, &serve);
+    // The killed service could not clean up; the next one does.
+    let leftovers = || std::fs::read_dir(serve.work.path()).unwrap().count();
+    assert_eq!(leftovers(), 1, "the killed service left its work directory");
+    // (Started on a port that is taken, so it sweeps and then exits.)
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let out = Command::new(phaul_tests::bin("phaul"))
+        .arg("--plugin-dir")
+        .arg(serve.plugins.path())
+        .args([
+            "serve",
+            "--listen",
+            &taken.local_addr().unwrap().to_string(),
+            "--work-dir",
+        ])
+        .arg(serve.work.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the port is taken");
+    assert_eq!(
+        leftovers(),
+        0,
+        "a new service removes an interrupted migration's work directory"
+    );
 }
 
 #[test]

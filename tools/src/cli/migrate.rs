@@ -112,6 +112,7 @@ pub fn run(dirs: &[PathBuf], quiet: bool, args: MigrateArgs) -> anyhow::Result<E
             args.htype
         );
     }
+    phaul_core::workdir::sweep_stale(&args.work_dir, "src");
     let opts = SourceOptions {
         htype: args.htype.clone(),
         id: args.id.clone(),

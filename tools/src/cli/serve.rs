@@ -59,6 +59,7 @@ pub fn run(dirs: &[PathBuf], args: ServeArgs) -> anyhow::Result<ExitCode> {
     if registry.plugins().next().is_none() {
         bail!("no htype driver could be loaded; pass --plugin-dir DIR");
     }
+    phaul_core::workdir::sweep_stale(&args.work_dir, "dst");
     let opts = DestOptions {
         work_root: args.work_dir,
         criu: phaul_core::criu::locate(),

@@ -78,7 +78,7 @@ use clap::{Args, Parser, Subcommand};
 
 /// Test workload for CRIU live-migration tests and benchmarks.
 #[derive(Debug, Parser)]
-#[command(name = "phaul-workload", about, long_about = None)]
+#[command(name = "phaul-workload")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -131,7 +131,7 @@ struct SpawnArgs {
     #[arg(long)]
     pidns: bool,
 
-    /// Also give the workload a new, empty network namespace (only `lo`);
+    /// Also give the workload a new, empty network namespace (`lo` is down);
     /// the caller plugs a veth into it (see the TCP migration test).
     #[arg(long)]
     netns: bool,
