@@ -66,7 +66,7 @@ pub struct Serve {
     pub addr: String,
     /// Its plugin directory.
     pub plugins: tempfile::TempDir,
-    /// Its work-directory root.
+    /// Its work-directory root (unless the extra arguments name another).
     pub work: tempfile::TempDir,
 }
 
@@ -91,9 +91,11 @@ impl Serve {
         };
         cmd.arg("--plugin-dir")
             .arg(plugins.path())
-            .args(["serve", "--listen", "127.0.0.1:0", "--work-dir"])
-            .arg(work.path())
-            .args(extra)
+            .args(["serve", "--listen", "127.0.0.1:0"]);
+        if !extra.contains(&"--work-dir") {
+            cmd.arg("--work-dir").arg(work.path());
+        }
+        cmd.args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         let mut child = cmd.spawn().expect("start phaul serve");

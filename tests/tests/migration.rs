@@ -404,3 +404,106 @@ fn serve_refuses_non_loopback_addresses() {
         "{stderr}"
     );
 }
+
+#[test]
+fn the_service_runs_one_migration_at_a_time_and_survives_garbage() {
+    if !setup() {
+        return;
+    }
+    let serve = Serve::start(PID, &[]);
+    // Garbage: not a phaul peer, then a phaul peer with an oversized frame.
+    {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&serve.addr).unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+        let mut s = std::net::TcpStream::connect(&serve.addr).unwrap();
+        let mut bad = b"phaul\0".to_vec();
+        bad.extend_from_slice(&phaul_core::proto::PROTOCOL_VERSION.to_le_bytes());
+        bad.extend_from_slice(&u32::MAX.to_le_bytes());
+        s.write_all(&bad).unwrap();
+        let _ = s.read_to_end(&mut buf);
+    }
+    // Hold one migration at its restore request (workload frozen) ...
+    let first = Workload::spawn(&["--mem-mib", "8"]);
+    let first_before = first.report();
+    let proxy = Proxy::start(&serve.addr, Fault::StallAt("Restore"));
+    let src = plugin_dir(PID);
+    let work = phaul_tests::harness::shm_dir("src");
+    let mut held = Command::new(phaul_tests::bin("phaul"))
+        .arg("--plugin-dir")
+        .arg(src.path())
+        .args([
+            "migrate",
+            "pid",
+            &first.pid.to_string(),
+            "--to",
+            &proxy.addr,
+            "--work-dir",
+        ])
+        .arg(work.path())
+        .spawn()
+        .unwrap();
+    assert!(wait_for(Duration::from_secs(30), || proxy.triggered()));
+    // ... and a second one is refused, touching nothing.
+    let second = Workload::spawn(&["--mem-mib", "8"]);
+    let (out, _) = migrate(src.path(), "pid", second.pid, &serve.addr, &[]);
+    assert_eq!(out.status.code(), Some(3));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("another migration") && stderr.contains("in progress"),
+        "{stderr}"
+    );
+    assert!(alive(second.pid));
+    // Abort the held one; both workloads still run, and the service takes
+    // the next migration.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(held.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    assert_eq!(held.wait().unwrap().code(), Some(4));
+    drop(proxy);
+    assert_rolled_back(&first, &first_before, &serve);
+    let mut second = second;
+    let (out, json) = migrate(src.path(), "pid", second.pid, &serve.addr, &[]);
+    assert_eq!(out.status.code(), Some(0), "the service is usable again");
+    second.moved_to(json.unwrap()["destination_pid"].as_i64().unwrap() as i32);
+    second.assert_intact(&second.report());
+}
+
+#[test]
+fn a_destination_without_room_for_the_images_refuses() {
+    if !setup() {
+        return;
+    }
+    // A 4 MiB tmpfs as the destination's work root; the workload has 32 MiB.
+    let small = phaul_tests::harness::shm_dir("small");
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .arg(small.path())
+        .status()
+        .unwrap();
+    assert!(mounted.success());
+    struct Umount(std::path::PathBuf);
+    impl Drop for Umount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _u = Umount(small.path().to_path_buf());
+    let work = small.path().to_str().unwrap().to_string();
+    let serve = Serve::start(PID, &["--work-dir", &work]);
+    let w = Workload::spawn(&["--mem-mib", "32"]);
+    let before = w.report();
+    let src = plugin_dir(PID);
+    let (out, _) = migrate(src.path(), "pid", w.pid, &serve.addr, &[]);
+    assert_eq!(out.status.code(), Some(3));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("disk space") && stderr.contains("MiB free"),
+        "{stderr}"
+    );
+    assert_rolled_back(&w, &before, &serve);
+}
