@@ -76,9 +76,10 @@ impl Conn {
         };
     }
 
-    /// Turns on TCP keepalive probing so that a peer host that vanished
-    /// (no FIN, no RST) is noticed within about 30 s, however long the
-    /// migration's own silences are. No-op for non-TCP sockets.
+    /// Turns on TCP keepalive probing and a 30 s user timeout, so that a
+    /// peer host that vanished (no FIN, no RST) is noticed within about
+    /// 30 s, however long the migration's own silences are. No-op for
+    /// non-TCP sockets.
     pub fn set_keepalive(&self) {
         let fd = self.fd.as_raw_fd();
         let set = |level: libc::c_int, opt: libc::c_int, v: libc::c_int| {
@@ -97,6 +98,9 @@ impl Conn {
         set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 10);
         set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 5);
         set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 4);
+        // Data left unacknowledged (or a window left closed) for 30 s means
+        // the peer is gone, even if it never closed the connection.
+        set(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, 30_000);
     }
 
     /// Another handle on the same socket.

@@ -65,14 +65,14 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     }
 }
 
-/// Copies `from` to `to` until EOF, then half-closes `to`.
-fn pump(from: RawFd, to: RawFd, count: &AtomicU64) -> io::Result<()> {
+/// Copies `from` to `to` until EOF, then shuts `to` down with `how`.
+fn pump(from: RawFd, to: RawFd, count: &AtomicU64, how: libc::c_int) -> io::Result<()> {
     let (pr, pw) = pipe_pair()?;
     loop {
         let n = splice(from, pw.as_raw_fd(), CHUNK)?;
         if n == 0 {
             // SAFETY: shutdown on a descriptor kept open by the caller.
-            unsafe { libc::shutdown(to, libc::SHUT_WR) };
+            unsafe { libc::shutdown(to, how) };
             return Ok(());
         }
         let mut left = n;
@@ -112,7 +112,16 @@ impl Relay {
                         } else {
                             &counters.received
                         };
-                        let r = pump(from, to, count);
+                        // CRIU ending its session is a half-close passed on to
+                        // the peer. The peer closing means it is done or gone:
+                        // CRIU's side is shut completely, so a CRIU blocked on
+                        // a write fails at once instead of waiting forever.
+                        let how = if outbound {
+                            libc::SHUT_WR
+                        } else {
+                            libc::SHUT_RDWR
+                        };
+                        let r = pump(from, to, count, how);
                         if let Err(e) = &r {
                             let dir = if outbound {
                                 "to the peer"

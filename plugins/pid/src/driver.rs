@@ -14,12 +14,23 @@
 //!   namespace; repeatable)
 //! - `sync=DIR`: a directory subtree to copy to the destination (repeatable)
 //! - `shared-storage`: the tree's files are on storage both hosts see
+//! - `stop-timeout=SECONDS`: restart mode, how long the tree gets to exit
+//!   after SIGTERM before SIGKILL (default 10)
+//!
+//! In restart mode (`--mode restart`) the driver records the root process's
+//! program, arguments, working directory and environment on the source,
+//! stops the tree (`stop`), and starts the same command on the destination
+//! (`start`): a restart, not a live move.
+
+use std::time::Duration;
 
 use phaul_plugin_api::abi_stable::std_types::RString;
 use phaul_plugin_api::{
     Capabilities, CriuOpts, Driver, DriverError, DriverInfo, DriverResult, FsSyncSpec, HostBox,
-    HostExt, InitContext, LogLevel, Side,
+    HostExt, InitContext, LogLevel, Mode, Side,
 };
+
+use crate::restart::{self, Launch, META_FILE};
 
 const KNOWN_OPTIONS: &[&str] = &[
     "shell-job",
@@ -29,6 +40,7 @@ const KNOWN_OPTIONS: &[&str] = &[
     "veth",
     "sync",
     "shared-storage",
+    "stop-timeout",
 ];
 
 /// Settings parsed from the driver options.
@@ -48,6 +60,8 @@ pub struct PidOptions {
     pub sync: Vec<String>,
     /// Files are on shared storage.
     pub shared_storage: bool,
+    /// Restart mode: seconds between SIGTERM and SIGKILL.
+    pub stop_timeout: Option<u64>,
 }
 
 fn flag(value: &str, key: &str) -> DriverResult<bool> {
@@ -71,6 +85,13 @@ impl PidOptions {
                 "ext-unix-sk" => o.ext_unix_sk = flag(value, key)?,
                 "file-locks" => o.file_locks = flag(value, key)?,
                 "shared-storage" => o.shared_storage = flag(value, key)?,
+                "stop-timeout" => {
+                    o.stop_timeout = Some(value.parse().map_err(|_| {
+                        DriverError::invalid(format!(
+                            "option stop-timeout={value}: expected seconds"
+                        ))
+                    })?)
+                }
                 "external" if !value.is_empty() => o.external.push(value.to_string()),
                 "veth" => match value.split_once('=') {
                     Some((inside, outside)) if !inside.is_empty() && !outside.is_empty() => {
@@ -117,6 +138,7 @@ pub struct PidDriver {
     pid: i32,
     options: PidOptions,
     host: Option<HostBox>,
+    launch: Option<Launch>,
 }
 
 impl PidDriver {
@@ -147,6 +169,7 @@ impl Driver for PidDriver {
                 | Capabilities::TCP_ESTABLISHED
                 | Capabilities::PAGE_SERVER
                 | Capabilities::LIVE
+                | Capabilities::RESTART
                 | Capabilities::SHARED_STORAGE,
         }
     }
@@ -166,6 +189,9 @@ impl Driver for PidDriver {
                     self.pid
                 )));
             }
+        }
+        if ctx.side == Side::Source && ctx.mode == Mode::Restart {
+            self.launch = Some(Launch::record(self.pid)?);
         }
         self.side = Some(ctx.side);
         self.host = Some(ctx.host);
@@ -190,6 +216,41 @@ impl Driver for PidDriver {
         for (inside, outside) in &self.options.veth {
             opts.external
                 .push(RString::from(format!("veth[{inside}]:{outside}")));
+        }
+        Ok(())
+    }
+
+    fn stop(&mut self) -> DriverResult<()> {
+        let grace = Duration::from_secs(self.options.stop_timeout.unwrap_or(10));
+        restart::stop(self.pid, grace)
+    }
+
+    fn start(&mut self) -> DriverResult<i32> {
+        let launch = self.launch.as_ref().ok_or_else(|| {
+            DriverError::failed("nothing to start: no command line was recorded or received")
+        })?;
+        let pid = launch.start()?;
+        self.log(
+            LogLevel::Info,
+            &format!("started {} as pid {pid}", launch.exe),
+        );
+        self.pid = pid;
+        Ok(pid)
+    }
+
+    fn meta_files_out(&mut self, dir: &str) -> DriverResult<Vec<String>> {
+        match &self.launch {
+            Some(l) => {
+                l.save(dir)?;
+                Ok(vec![META_FILE.to_string()])
+            }
+            None => Ok(Vec::new()),
+        }
+    }
+
+    fn meta_files_in(&mut self, dir: &str, names: &[String]) -> DriverResult<()> {
+        if names.iter().any(|n| n == META_FILE) {
+            self.launch = Some(Launch::load(dir)?);
         }
         Ok(())
     }

@@ -15,6 +15,8 @@
 // linked as a library, and its entry points would clash with ours).
 #[path = "../../../../plugins/pid/src/driver.rs"]
 mod pid_driver;
+#[path = "../../../../plugins/pid/src/restart.rs"]
+mod restart;
 
 use phaul_plugin_api::abi_stable::std_types::RVec;
 use phaul_plugin_api::*;
@@ -116,6 +118,14 @@ impl Driver for FaultyDriver {
     fn mount(&mut self) -> DriverResult<()> {
         self.inject("mount")?;
         self.inner.mount()
+    }
+    fn stop(&mut self) -> DriverResult<()> {
+        self.inject("stop")?;
+        self.inner.stop()
+    }
+    fn start(&mut self) -> DriverResult<i32> {
+        self.inject("start")?;
+        self.inner.start()
     }
     fn meta_files_out(&mut self, dir: &str) -> DriverResult<Vec<String>> {
         self.inject("meta_files_out")?;
