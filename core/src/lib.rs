@@ -11,6 +11,7 @@
 //!   the destination ([`engine::dest`]), with rollback on failure; its
 //!   documentation lists the phases and what a failure does in each;
 //! - [`server`] is the destination service;
+//! - [`fsync`] synchronises directory trees between the hosts, live (phaul's rsync);
 //! - [`api`] is the library API for embedders (a config, a server, a client
 //!   and `migrate()`, in the shape of the Go phaul library).
 
@@ -21,6 +22,7 @@ pub mod conn;
 pub mod criu;
 pub mod engine;
 pub mod error;
+pub mod fsync;
 pub mod plugins;
 pub mod proc;
 pub mod proto;

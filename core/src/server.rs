@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use crate::conn::Conn;
 use crate::engine::dest::{serve_session, Control, DestOptions, DestSummary};
 use crate::plugins::Registry;
-use crate::proto::{read_preamble, FrameReader, Msg, Outcome, Refusal};
+use crate::proto::{read_preamble, FrameReader, MigrationMode, Msg, Outcome, Refusal};
 
 /// Why the service could not start.
 #[derive(Debug, thiserror::Error)]
@@ -74,12 +74,19 @@ impl Outcomes {
 /// (the two arrive in either order).
 #[derive(Debug, Default)]
 struct Pending {
-    conns: Mutex<HashMap<u64, (Instant, Conn)>>,
+    conns: Mutex<HashMap<(u64, Channel), (Instant, Conn)>>,
     arrived: Condvar,
 }
 
+/// The extra connections of a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Channel {
+    Memory,
+    Files,
+}
+
 impl Pending {
-    fn put(&self, session: u64, conn: Conn) {
+    fn put(&self, session: (u64, Channel), conn: Conn) {
         let mut m = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         // Forget memory connections nobody claimed for a minute.
         m.retain(|_, (t, _)| t.elapsed() < Duration::from_secs(60));
@@ -87,7 +94,7 @@ impl Pending {
         self.arrived.notify_all();
     }
 
-    fn take(&self, session: u64, timeout: Duration) -> Option<Conn> {
+    fn take(&self, session: (u64, Channel), timeout: Duration) -> Option<Conn> {
         let deadline = Instant::now() + timeout;
         let mut m = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         loop {
@@ -197,7 +204,11 @@ fn route(
     conn.set_read_timeout(None).map_err(|e| e.to_string())?;
     match first {
         Msg::AttachMemory { session } => {
-            pending.put(session, conn);
+            pending.put((session, Channel::Memory), conn);
+            Ok(())
+        }
+        Msg::AttachFs { session } => {
+            pending.put((session, Channel::Files), conn);
             Ok(())
         }
         Msg::Query { session } => {
@@ -227,20 +238,32 @@ fn route(
                 *b = Some(session);
             }
             let _busy = BusyGuard(busy);
-            let mem = pending
-                .take(session, Duration::from_secs(30))
-                .ok_or_else(|| {
-                    let reason = "the memory connection did not arrive within 30 s".to_string();
-                    let _ = control.write(&Msg::Refused {
-                        kind: Refusal::Other,
-                        reason: reason.clone(),
-                    });
-                    reason
-                })?;
+            let wait = |ch: Channel, what: &str| -> Result<Conn, String> {
+                pending
+                    .take((session, ch), Duration::from_secs(30))
+                    .ok_or_else(|| format!("the {what} connection did not arrive within 30 s"))
+            };
+            let extra = (|| -> Result<(Option<Conn>, Option<Conn>), String> {
+                let mem = match hello.mode {
+                    MigrationMode::Live => Some(wait(Channel::Memory, "memory")?),
+                    MigrationMode::Restart => None,
+                };
+                let fs = match hello.fs_roots.is_empty() {
+                    true => None,
+                    false => Some(wait(Channel::Files, "file")?),
+                };
+                Ok((mem, fs))
+            })();
+            let (mem, fs) = extra.inspect_err(|reason| {
+                let _ = control.write(&Msg::Refused {
+                    kind: Refusal::Other,
+                    reason: reason.clone(),
+                });
+            })?;
             let span = tracing::info_span!("serve", session = %format!("{session:016x}"));
             let _g = span.enter();
             tracing::info!(htype = %hello.htype, id = %hello.id, "migration starting");
-            let r = serve_session(registry, opts, &hello, control, mem, &|o| {
+            let r = serve_session(registry, opts, &hello, control, mem, fs, &|o| {
                 outcomes.set(session, o)
             });
             on_done(session, &r);
@@ -264,20 +287,24 @@ pub fn serve_connections(
     registry: &Registry,
     opts: &DestOptions,
     control: Conn,
-    mem: Conn,
+    mem: Option<Conn>,
+    fs: Option<Conn>,
 ) -> Result<DestSummary, String> {
     read_preamble(&mut &control).map_err(|e| e.to_string())?;
-    read_preamble(&mut &mem).map_err(|e| e.to_string())?;
-    match FrameReader::new(&mem)
-        .read::<Msg>()
-        .map_err(|e| e.to_string())?
-    {
-        Msg::AttachMemory { .. } => {}
-        other => {
+    let extra = mem
+        .iter()
+        .map(|c| (c, "AttachMemory"))
+        .chain(fs.iter().map(|c| (c, "AttachFs")));
+    for (c, want) in extra {
+        read_preamble(&mut &*c).map_err(|e| e.to_string())?;
+        let m = FrameReader::new(c)
+            .read::<Msg>()
+            .map_err(|e| e.to_string())?;
+        if m.name() != want {
             return Err(format!(
-                "expected AttachMemory on the memory channel, got {}",
-                other.name()
-            ))
+                "expected {want} first on its connection, got {}",
+                m.name()
+            ));
         }
     }
     let mut control = Control::new(control).map_err(|e| e.to_string())?;
@@ -285,5 +312,5 @@ pub fn serve_connections(
         Msg::Hello(h) => h,
         other => return Err(format!("expected Hello, got {}", other.name())),
     };
-    serve_session(registry, opts, &hello, control, mem, &|_| {})
+    serve_session(registry, opts, &hello, control, mem, fs, &|_| {})
 }

@@ -3,7 +3,7 @@
 //! bookkeeping (subreaper, reaping, cleanup) that keeps runs independent.
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -158,8 +158,12 @@ pub fn processes_with_cwd_under(root: &Path) -> Vec<i32> {
 pub struct Workload {
     /// The host pid of its root (changes when it migrates).
     pub pid: i32,
-    /// Its state directory (status.json).
-    pub state: tempfile::TempDir,
+    /// Its state directory (status.json) as the workload names it.
+    pub state: PathBuf,
+    /// Where this test reads the status from (the state directory, or the
+    /// destination's copy of it after a migration with `--sync`).
+    pub status_dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
     pids_seen: Vec<i32>,
 }
 
@@ -171,12 +175,20 @@ impl Workload {
 
     /// Starts one with `phaul-workload spawn <spawn_flags> -- run <args>`.
     pub fn spawn_with(spawn_flags: &[&str], args: &[&str]) -> Workload {
-        let state = shm_dir("wl");
+        let tmp = shm_dir("wl");
+        let mut w = Self::spawn_in(tmp.path(), spawn_flags, args);
+        w._tmp = Some(tmp);
+        w
+    }
+
+    /// Starts one whose state directory is `state` (e.g. inside a synced
+    /// directory).
+    pub fn spawn_in(state: &Path, spawn_flags: &[&str], args: &[&str]) -> Workload {
         let out = Command::new(bin("phaul-workload"))
             .arg("spawn")
             .args(spawn_flags)
             .args(["--", "--state-dir"])
-            .arg(state.path())
+            .arg(state)
             .args(args)
             .output()
             .expect("run phaul-workload spawn");
@@ -191,7 +203,9 @@ impl Workload {
             .expect("spawn prints the workload's pid");
         Workload {
             pid,
-            state,
+            state: state.to_path_buf(),
+            status_dir: state.to_path_buf(),
+            _tmp: None,
             pids_seen: vec![pid],
         }
     }
@@ -206,7 +220,7 @@ impl Workload {
     pub fn report(&self) -> Value {
         let out = Command::new(bin("phaul-workload"))
             .args(["report", "--state-dir"])
-            .arg(self.state.path())
+            .arg(&self.status_dir)
             .args(["--pid", &self.pid.to_string(), "--timeout-ms", "60000"])
             .output()
             .expect("run phaul-workload report");

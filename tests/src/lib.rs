@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 pub mod harness;
 pub mod proxy;
+pub mod trees;
 
 /// The cargo profile directory the tests were built into
 /// (`target/debug` or `target/release`).

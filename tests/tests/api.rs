@@ -132,7 +132,7 @@ fn library_api_migrates_over_a_socketpair_in_one_process_tree() {
             let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
             if pid != old
                 && alive(pid)
-                && cmd.contains(&*w.state.path().to_string_lossy())
+                && cmd.contains(&*w.state.to_string_lossy())
                 && cmd.contains(" run ")
             {
                 found = Some(pid);
@@ -193,10 +193,14 @@ fn serve_in_embedded_mode_takes_connections_from_its_caller() {
         criu: phaul_core::criu::locate(),
         resolve_timeout: Duration::from_secs(5),
         restore_estimate: Duration::from_millis(150),
+        mode: phaul_core::proto::MigrationMode::Live,
+        no_start: false,
+        fs_rules: Default::default(),
     };
     let connector = Connector::Given {
         control: ctl_src.into(),
         mem: mem_src.into(),
+        fs: None,
     };
     let report = migrate(
         &registry,

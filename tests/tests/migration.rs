@@ -47,7 +47,7 @@ fn assert_rolled_back(w: &Workload, before: &serde_json::Value, serve: &Serve) {
 /// Processes running the same workload (same state directory) other than
 /// the source's root.
 fn restored_copies(w: &Workload) -> Vec<i32> {
-    let needle = w.state.path().to_string_lossy().to_string();
+    let needle = w.state.to_string_lossy().to_string();
     std::fs::read_dir("/proc")
         .unwrap()
         .flatten()
@@ -150,7 +150,7 @@ fn open_file_pipe_and_child_process_migrate_intact() {
     assert!(after["extras_log_lines"].as_u64() > before["extras_log_lines"].as_u64());
     // The open file kept its offset: one consecutive sequence, no gap, no
     // rewrite.
-    let log = std::fs::read_to_string(w.state.path().join("extras.log")).unwrap();
+    let log = std::fs::read_to_string(w.state.join("extras.log")).unwrap();
     let numbers: Vec<u64> = log.lines().map(|l| l.parse().unwrap()).collect();
     assert!(numbers.len() as u64 >= after["extras_log_lines"].as_u64().unwrap());
     for (i, n) in numbers.iter().enumerate() {

@@ -81,7 +81,7 @@ fn established_tcp_connection_survives_the_migration() {
     );
 
     let serve = phaul_tests::harness::Serve::start(&[("phaul_pid", "libphaul_pid.so")], &[]);
-    let report_file = w.state.path().join("tcp-client.json");
+    let report_file = w.state.join("tcp-client.json");
     let mut client = Command::new(bin("phaul-workload"))
         .args([
             "tcp-client",

@@ -23,7 +23,9 @@ use crate::workdir::{free_bytes, WorkDir};
 use crate::{ABI_VERSION, PHAUL_VERSION};
 
 use super::criu_opts_to_rpc;
+use super::fs::DestSync;
 use super::pages::PageServers;
+use super::source::fs_roots;
 
 /// How the destination service runs migrations.
 #[derive(Debug, Clone)]
@@ -106,9 +108,10 @@ struct Session<'a> {
     work: WorkDir,
     pages: Option<PageServers>,
     restorer: Option<Worker>,
-    criu_version: crate::criu::CriuVersion,
+    criu_version: Option<crate::criu::CriuVersion>,
     relay: Option<Relay>,
     ps_ours: Option<OwnedFd>,
+    fs: Option<DestSync>,
 }
 
 /// A file name the source may create: a plain name, no path.
@@ -133,12 +136,7 @@ impl<'a> Session<'a> {
         opts: &'a DestOptions,
         hello: &'a Hello,
     ) -> Result<Session<'a>, Refuse> {
-        if hello.mode != MigrationMode::Live {
-            return Err(Refuse(
-                Refusal::Other,
-                "only live migrations are supported by this phaul".into(),
-            ));
-        }
+        let live = hello.mode == MigrationMode::Live;
         if !hello.force && !compatible(&hello.phaul_version, PHAUL_VERSION) {
             return Err(Refuse(
                 Refusal::Version,
@@ -176,46 +174,60 @@ impl<'a> Session<'a> {
         let mut work = WorkDir::create(&opts.work_root, "dst", hello.session)
             .map_err(|e| Refuse(Refusal::Other, e.to_string()))?;
         work.keep(opts.keep_images || hello.keep_images);
-        let (ps_criu, ps_ours) = socketpair(
-            AddressFamily::Unix,
-            SockType::Stream,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )
-        .map_err(|e| Refuse(Refusal::Other, format!("socketpair: {e}")))?;
         let other = |e: crate::criu::CriuError| Refuse(Refusal::Other, e.to_string());
-        let mut pages = Worker::spawn(&opts.criu, "pages", &work.criu(), &[ps_criu.as_raw_fd()])
-            .map_err(other)?;
-        let ps_fd = ps_criu.as_raw_fd();
-        let restorer = Worker::spawn(&opts.criu, "restore", &work.criu(), &[]).map_err(other)?;
-        let version = pages.version().map_err(other)?;
-        if !hello.force && version < hello.criu_version {
-            return Err(Refuse(
-                Refusal::Criu,
-                format!(
-                    "destination CRIU {version} is older than source CRIU {} (upgrade it, or --force)",
-                    hello.criu_version
-                ),
+        // CRIU only in live mode: its workers start now, before anything
+        // is frozen, so their start-up is not part of the downtime.
+        let mut criu = None;
+        if live {
+            let (ps_criu, ps_ours) = socketpair(
+                AddressFamily::Unix,
+                SockType::Stream,
+                None,
+                SockFlag::SOCK_CLOEXEC,
+            )
+            .map_err(|e| Refuse(Refusal::Other, format!("socketpair: {e}")))?;
+            let mut pages =
+                Worker::spawn(&opts.criu, "pages", &work.criu(), &[ps_criu.as_raw_fd()])
+                    .map_err(other)?;
+            let ps_fd = ps_criu.as_raw_fd();
+            let restorer =
+                Worker::spawn(&opts.criu, "restore", &work.criu(), &[]).map_err(other)?;
+            let version = pages.version().map_err(other)?;
+            if let Some(src) = hello.criu_version.filter(|v| !hello.force && version < *v) {
+                return Err(Refuse(
+                    Refusal::Criu,
+                    format!("destination CRIU {version} is older than source CRIU {src} (upgrade it, or --force)"),
+                ));
+            }
+            if !hello.force {
+                let cpu_dir = work.path().join("cpuinfo");
+                std::fs::create_dir_all(&cpu_dir)
+                    .map_err(|e| Refuse(Refusal::Other, e.to_string()))?;
+                std::fs::write(cpu_dir.join("cpuinfo.img"), &hello.cpuinfo)
+                    .map_err(|e| Refuse(Refusal::Other, e.to_string()))?;
+                pages.cpuinfo_check(&cpu_dir).map_err(|e| {
+                    Refuse(
+                        Refusal::Cpu,
+                        format!("this CPU cannot run the source's processes ({e}); --force skips the check"),
+                    )
+                })?;
+            }
+            // CRIU's end of the page-server socket lives on in the worker.
+            drop(ps_criu);
+            let images_root = work.path().join("images");
+            criu = Some((
+                PageServers::new(pages, ps_fd, images_root),
+                restorer,
+                version,
+                ps_ours,
             ));
-        }
-        if !hello.force {
-            let cpu_dir = work.path().join("cpuinfo");
-            std::fs::create_dir_all(&cpu_dir).map_err(|e| Refuse(Refusal::Other, e.to_string()))?;
-            std::fs::write(cpu_dir.join("cpuinfo.img"), &hello.cpuinfo)
-                .map_err(|e| Refuse(Refusal::Other, e.to_string()))?;
-            pages.cpuinfo_check(&cpu_dir).map_err(|e| {
-                Refuse(
-                    Refusal::Cpu,
-                    format!(
-                        "this CPU cannot run the source's processes ({e}); --force skips the check"
-                    ),
-                )
-            })?;
         }
         let host = EngineHost::new(
             &hello.htype,
             &opts.criu.display().to_string(),
-            &version.to_string(),
+            &criu
+                .as_ref()
+                .map_or("none".to_string(), |c| c.2.to_string()),
             std::sync::Arc::new(|_| {
                 Err("feature checks are only available on the source".to_string())
             }),
@@ -224,7 +236,7 @@ impl<'a> Session<'a> {
         driver
             .init(InitContext {
                 side: Side::Destination,
-                mode: Mode::Live,
+                mode: if live { Mode::Live } else { Mode::Restart },
                 id: hello.id.as_str().into(),
                 options: hello
                     .options
@@ -235,23 +247,35 @@ impl<'a> Session<'a> {
                 host: host.into_box(),
             })
             .map_err(drv_err)?;
-        let images_root = work.path().join("images");
+        let ours = fs_roots(&driver.fs_sync().map_err(drv_err)?);
+        if ours != hello.fs_roots {
+            return Err(Refuse(
+                Refusal::Driver,
+                format!(
+                    "the source syncs {:?} but this side's {} driver expects {:?}",
+                    hello.fs_roots, hello.htype, ours
+                ),
+            ));
+        }
+        let (pages, restorer, criu_version, ps_ours) = match criu {
+            Some((p, r, v, s)) => (Some(p), Some(r), Some(v), Some(s)),
+            None => (None, None, None, None),
+        };
         let mut s = Session {
             hello,
             opts,
             driver,
             mounted: false,
             work,
-            pages: Some(PageServers::new(pages, ps_fd, images_root)),
-            restorer: Some(restorer),
-            criu_version: version,
+            pages,
+            restorer,
+            criu_version,
             relay: None,
-            ps_ours: Some(ps_ours),
+            ps_ours,
+            fs: None,
         };
         s.driver.mount().map_err(drv_err)?;
         s.mounted = true;
-        // CRIU's end now lives only in the page-server worker.
-        drop(ps_criu);
         Ok(s)
     }
 
@@ -264,14 +288,21 @@ impl<'a> Session<'a> {
     ) -> Result<(), String> {
         use std::os::unix::fs::OpenOptionsExt;
         let name = safe_name(name)?;
-        let pages = self
-            .pages
-            .as_ref()
-            .ok_or("the source sent an image after the restore began")?;
-        if pages.last() == 0 {
-            return Err("the source sent an image before any memory pass".into());
-        }
-        let path = pages.dir(pages.last()).join(name);
+        // Live: images (and meta files) join the last pass's pages.
+        // Restart: only meta files travel.
+        let dir = if self.hello.mode == MigrationMode::Live {
+            let pages = self
+                .pages
+                .as_ref()
+                .ok_or("the source sent an image after the restore began")?;
+            if pages.last() == 0 {
+                return Err("the source sent an image before any memory pass".into());
+            }
+            pages.dir(pages.last())
+        } else {
+            self.work.meta()
+        };
+        let path = dir.join(name);
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -301,6 +332,8 @@ impl<'a> Session<'a> {
     }
 
     /// Restores, holding at `post-restore` until the source commits.
+    /// Returns the restored root's pid and the time CRIU worked (the
+    /// restore request's wall time less the wait for the commit).
     fn restore(
         &mut self,
         control: &mut Control,
@@ -320,6 +353,7 @@ impl<'a> Session<'a> {
         pages.wait(Duration::from_secs(60))?;
         // Memory is complete: the page-server worker and relay are done.
         drop(pages);
+        self.files_complete()?;
         if let Some(r) = self.relay.take() {
             r.shutdown();
         }
@@ -355,6 +389,8 @@ impl<'a> Session<'a> {
         o.notify_scripts = Some(true);
         criu_opts_to_rpc(&copts, &mut o);
         let started = Instant::now();
+        // Time spent waiting for the source's commit is not CRIU's.
+        let mut held = Duration::ZERO;
         w.start(ReqType::Restore, o).map_err(|e| e.to_string())?;
         let mut committed = false;
         let mut failure: Option<String> = None;
@@ -364,16 +400,21 @@ impl<'a> Session<'a> {
                 Event::Notify { script, .. } => {
                     tracing::debug!(%script, "CRIU notification");
                     let ok = match script.as_str() {
-                        "post-restore" => match self.await_commit(control) {
-                            Ok(()) => {
-                                committed = true;
-                                true
+                        "post-restore" => {
+                            let t = Instant::now();
+                            let verdict = self.await_commit(control);
+                            held = t.elapsed();
+                            match verdict {
+                                Ok(()) => {
+                                    committed = true;
+                                    true
+                                }
+                                Err(e) => {
+                                    failure = Some(e);
+                                    false
+                                }
                             }
-                            Err(e) => {
-                                failure = Some(e);
-                                false
-                            }
-                        },
+                        }
                         "network-unlock" => {
                             if let Err(e) = self.driver.net_unlock() {
                                 tracing::warn!("{e}");
@@ -404,10 +445,35 @@ impl<'a> Session<'a> {
                     if let Some(mut w) = self.restorer.take() {
                         w.wait_exit(Duration::from_secs(5));
                     }
-                    return Ok((pid, started.elapsed()));
+                    return Ok((pid, started.elapsed().saturating_sub(held)));
                 }
             }
         }
+    }
+
+    /// Waits until the file sync (if any) finished its final pass.
+    fn files_complete(&mut self) -> Result<(), String> {
+        if let Some(fs) = self.fs.take() {
+            let passes = fs.finished(Duration::from_secs(60))?;
+            tracing::info!(passes = passes.len(), "file sync complete");
+        }
+        Ok(())
+    }
+
+    /// Restart mode: installs the meta files and starts the workload.
+    fn start(&mut self, meta: &[String]) -> Result<i32, String> {
+        self.files_complete()?;
+        for m in meta {
+            safe_name(m)?;
+        }
+        self.driver
+            .meta_files_in(&self.work.meta().display().to_string(), meta)
+            .map_err(|e| e.to_string())?;
+        if self.hello.no_start {
+            tracing::info!("--no-start: the workload stays stopped here");
+            return Ok(0);
+        }
+        self.driver.start().map_err(|e| e.to_string())
     }
 
     /// Tells the source the copy is ready and waits for its verdict.
@@ -425,6 +491,17 @@ impl<'a> Session<'a> {
             Ok(Msg::Abort { reason }) => Err(format!("the source aborted: {reason}")),
             Ok(other) => Err(format!("expected Commit, got {}", other.name())),
             Err(e) => Err(format!("no commit from the source: {e}")),
+        }
+    }
+
+    fn complete(&mut self, pid: i32, took: Duration) -> DestSummary {
+        if let Err(e) = self.driver.migration_complete() {
+            tracing::warn!("{e}");
+        }
+        DestSummary {
+            session: self.hello.session,
+            pid,
+            restore_time: took,
         }
     }
 
@@ -456,12 +533,30 @@ pub fn serve_session(
     opts: &DestOptions,
     hello: &Hello,
     mut control: Control,
-    mem: Conn,
+    mem: Option<Conn>,
+    fs: Option<Conn>,
     record: &dyn Fn(Outcome),
 ) -> Result<DestSummary, String> {
-    let session = hello.session;
     record(Outcome::InProgress);
-    let mut s = match Session::preflight(registry, opts, hello) {
+    let prepared = Session::preflight(registry, opts, hello).and_then(|mut s| {
+        let missing = |what: &str| {
+            Refuse(
+                Refusal::Other,
+                format!("the source opened no {what} connection"),
+            )
+        };
+        if let Some(ps_ours) = s.ps_ours.take() {
+            let mem = mem.ok_or_else(|| missing("memory"))?;
+            s.relay = Some(Relay::start(ps_ours, mem.into_fd()));
+        }
+        if !hello.fs_roots.is_empty() {
+            let fs = fs.ok_or_else(|| missing("file"))?;
+            let roots = hello.fs_roots.iter().map(PathBuf::from).collect();
+            s.fs = Some(DestSync::start(fs, roots).map_err(|e| Refuse(Refusal::Other, e))?);
+        }
+        Ok(s)
+    });
+    let mut s = match prepared {
         Ok(s) => s,
         Err(Refuse(kind, reason)) => {
             tracing::warn!("refused: {reason}");
@@ -478,8 +573,6 @@ pub fn serve_session(
         criu_version: s.criu_version,
         free_bytes: free_bytes(&opts.work_root),
     };
-    let ps_ours = s.ps_ours.take().expect("page-server socket");
-    s.relay = Some(Relay::start(ps_ours, mem.into_fd()));
     let r = (|| -> Result<DestSummary, String> {
         control
             .write(&Msg::Welcome(welcome))
@@ -493,7 +586,7 @@ pub fn serve_session(
                 Msg::StartIter { iter, parent } => {
                     s.pages
                         .as_mut()
-                        .ok_or("a memory pass after the restore began")?
+                        .ok_or("a memory pass in restart mode, or after the restore began")?
                         .start(iter, parent)?;
                     control
                         .write(&Msg::IterReady { iter })
@@ -502,7 +595,7 @@ pub fn serve_session(
                 Msg::File { name, mode, size } => {
                     s.receive_file(&mut control, &name, mode, size)?
                 }
-                Msg::Restore { iter, meta_files } => {
+                Msg::Restore { iter, meta_files } if hello.mode == MigrationMode::Live => {
                     // On error the caller tells the source, which may still resume its copy.
                     let (pid, took) = s.restore(&mut control, iter, &meta_files)?;
                     record(Outcome::Resumed);
@@ -516,14 +609,18 @@ pub fn serve_session(
                             "the workload runs (pid {pid}) but the source did not hear it: {e}"
                         );
                     }
-                    if let Err(e) = s.driver.migration_complete() {
-                        tracing::warn!("{e}");
+                    return Ok(s.complete(pid, took));
+                }
+                Msg::Start { meta_files } if hello.mode == MigrationMode::Restart => {
+                    let started = Instant::now();
+                    let pid = s.start(&meta_files)?;
+                    record(Outcome::Resumed);
+                    if let Err(e) = control.write(&Msg::Started { pid }) {
+                        tracing::warn!(
+                            "the workload started (pid {pid}) but the source did not hear it: {e}"
+                        );
                     }
-                    return Ok(DestSummary {
-                        session,
-                        pid,
-                        restore_time: took,
-                    });
+                    return Ok(s.complete(pid, started.elapsed()));
                 }
                 Msg::Abort { reason } => return Err(format!("the source aborted: {reason}")),
                 other => return Err(format!("unexpected {} from the source", other.name())),

@@ -42,10 +42,12 @@
 
 pub mod abort;
 pub mod dest;
+pub mod fs;
 pub mod iter;
 pub mod pages;
 pub mod predump;
 pub mod report;
+pub mod restart;
 pub mod source;
 
 use std::net::SocketAddr;
@@ -77,6 +79,8 @@ pub enum Connector {
         control: Conn,
         /// The memory channel.
         mem: Conn,
+        /// The file-sync channel (needed when directories are synced).
+        fs: Option<Conn>,
     },
 }
 

@@ -68,8 +68,14 @@ pub struct Report {
     /// From the freeze (CRIU's network-lock) until the destination reported
     /// the workload running, microseconds: the downtime phaul caused.
     pub frozen_time_us: u64,
-    /// Wall time of the destination's restore request, microseconds.
+    /// How long the destination's CRIU worked on the restore (the restore
+    /// request's wall time, less the wait for the commit), microseconds.
     pub restore_time_us: u64,
+    /// How long the source's CRIU worked on the final dump (from the
+    /// request to the `post-dump` notification), microseconds. With
+    /// `restore_time_us`, what phaul itself adds is `total_time_us` minus
+    /// both.
+    pub criu_dump_time_us: u64,
     /// Whether pre-dump passes were used.
     pub pre_dump: bool,
     /// Why the iteration loop stopped.
@@ -86,6 +92,11 @@ pub struct Report {
     pub criu_dump: Option<DumpStats>,
     /// CRIU's restore statistics (CRIU's field names).
     pub criu_restore: Option<RestoreStats>,
+    /// The file-sync passes (empty when nothing is synced); the last one
+    /// ran while the workload was frozen (live) or stopped (restart).
+    pub fs_passes: Vec<crate::fsync::PassStats>,
+    /// Why the live file-sync passes stopped.
+    pub fs_stop_reason: Option<String>,
 }
 
 /// Progress callbacks; the CLI draws bars from them.

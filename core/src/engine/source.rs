@@ -14,6 +14,7 @@ use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use phaul_plugin_api::{CriuOpts, DumpContext, FsSyncKind, InitContext, KeyValue, Mode, Side};
 
 use super::abort::Abort;
+use super::fs::SourceSync;
 use super::iter::{PassStats, StopReason, StopRules};
 use super::predump::{PreDumpLoop, Remote};
 use super::report::{PassReport, Progress, Report};
@@ -22,7 +23,9 @@ use crate::conn::Conn;
 use crate::criu::rpc::{self, ReqType};
 use crate::criu::{stats, Event, Worker};
 use crate::plugins::{Driver, EngineHost, Registry};
-use crate::proto::{FrameReader, FrameWriter, Hello, MigrationMode, Msg, Outcome, Refusal};
+use crate::proto::{
+    FrameReader, FrameWriter, Hello, MigrationMode, Msg, Outcome, Refusal, Welcome,
+};
 use crate::relay::Relay;
 use crate::workdir::WorkDir;
 use crate::{proc, ABI_VERSION, PHAUL_VERSION};
@@ -55,12 +58,18 @@ pub struct SourceOptions {
     pub resolve_timeout: Duration,
     /// Restore cost assumed by the downtime rule before one is measured.
     pub restore_estimate: Duration,
+    /// Live or restart.
+    pub mode: MigrationMode,
+    /// Restart mode: leave the workload stopped on the destination.
+    pub no_start: bool,
+    /// Stop rules of the file-sync passes.
+    pub fs_rules: crate::fsync::FsStopRules,
 }
 
 /// Size of the chunks image files travel in.
 const CHUNK: usize = 1 << 20;
 
-type Control = (FrameReader<Conn>, FrameWriter<Conn>);
+pub(crate) type Control = (FrameReader<Conn>, FrameWriter<Conn>);
 
 struct Source<'a> {
     opts: &'a SourceOptions,
@@ -78,41 +87,201 @@ struct Source<'a> {
     passes: Vec<PassReport>,
     image_bytes: u64,
     frozen_at: Option<Instant>,
+    criu_dump_us: u64,
+    fs: Option<SourceSync>,
+    fs_report: Option<(Vec<crate::fsync::PassStats>, String)>,
+    /// Files were copied (inodes change): CRIU must resolve inotify
+    /// watches by path.
+    irmap: bool,
 }
 
-fn refused(e: impl std::fmt::Display) -> MigrationError {
+pub(crate) fn refused(e: impl std::fmt::Display) -> MigrationError {
     MigrationError::Refused(e.to_string())
 }
 
-fn open_control(conn: Conn) -> Control {
+pub(crate) fn open_control(conn: Conn) -> Control {
     let reader = FrameReader::new(conn.try_clone().expect("dup control socket"));
     (reader, FrameWriter::new(conn))
 }
 
-/// Connects (or takes the embedder's connections) and writes the preambles.
-fn connect(connector: &Connector, session: u64) -> Result<(Conn, Conn), String> {
-    let (control, mem) = match connector {
-        Connector::Tcp(addr) => {
-            let c = std::net::TcpStream::connect_timeout(addr, Duration::from_secs(10)).map_err(
-                |e| format!("cannot connect to {addr}: {e} (is `phaul serve` running there?)"),
-            )?;
-            let m = std::net::TcpStream::connect_timeout(addr, Duration::from_secs(10))
-                .map_err(|e| format!("cannot open the memory connection to {addr}: {e}"))?;
-            (Conn::from(c), Conn::from(m))
+/// The connections of one migration.
+pub(crate) struct Conns {
+    pub control: Conn,
+    pub mem: Option<Conn>,
+    pub fs: Option<Conn>,
+}
+
+/// Connects (or takes the embedder's connections) and writes the preambles
+/// and attach frames: always a control connection, a memory connection in
+/// live mode, a file connection when directories are synced.
+pub(crate) fn connect(
+    connector: &Connector,
+    session: u64,
+    mem: bool,
+    fs: bool,
+) -> Result<Conns, String> {
+    let dial = |what: &str| -> Result<Conn, String> {
+        match connector {
+            Connector::Tcp(addr) => {
+                std::net::TcpStream::connect_timeout(addr, Duration::from_secs(10))
+                    .map(Conn::from)
+                    .map_err(|e| match what {
+                        "control" => format!(
+                            "cannot connect to {addr}: {e} (is `phaul serve` running there?)"
+                        ),
+                        _ => format!("cannot open the {what} connection to {addr}: {e}"),
+                    })
+            }
+            Connector::Given { .. } => unreachable!("given connections are not dialled"),
         }
-        Connector::Given { control, mem } => (
-            control.try_clone().map_err(|e| e.to_string())?,
-            mem.try_clone().map_err(|e| e.to_string())?,
+    };
+    let given = |c: Option<&Conn>, what: &str| -> Result<Conn, String> {
+        c.ok_or_else(|| format!("no {what} connection was given"))?
+            .try_clone()
+            .map_err(|e| e.to_string())
+    };
+    let (control, mem, fs) = match connector {
+        Connector::Tcp(_) => (
+            dial("control")?,
+            if mem { Some(dial("memory")?) } else { None },
+            if fs { Some(dial("file")?) } else { None },
+        ),
+        Connector::Given {
+            control,
+            mem: m,
+            fs: f,
+        } => (
+            given(Some(control), "control")?,
+            if mem {
+                Some(given(Some(m), "memory")?)
+            } else {
+                None
+            },
+            if fs {
+                Some(given(f.as_ref(), "file")?)
+            } else {
+                None
+            },
         ),
     };
-    control.set_nodelay();
-    mem.set_nodelay();
-    crate::proto::write_preamble(&mut &control).map_err(|e| e.to_string())?;
-    crate::proto::write_preamble(&mut &mem).map_err(|e| e.to_string())?;
-    FrameWriter::new(&mem)
-        .write(&Msg::AttachMemory { session })
-        .map_err(|e| e.to_string())?;
-    Ok((control, mem))
+    for c in std::iter::once(&control).chain(mem.iter()).chain(fs.iter()) {
+        c.set_nodelay();
+        crate::proto::write_preamble(&mut &*c).map_err(|e| e.to_string())?;
+    }
+    if let Some(m) = &mem {
+        FrameWriter::new(m)
+            .write(&Msg::AttachMemory { session })
+            .map_err(|e| e.to_string())?;
+    }
+    if let Some(f) = &fs {
+        FrameWriter::new(f)
+            .write(&Msg::AttachFs { session })
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(Conns { control, mem, fs })
+}
+
+/// Sends the handshake and reads the answer.
+pub(crate) fn handshake(control: &mut Control, hello: Hello) -> Result<Welcome, MigrationError> {
+    control
+        .1
+        .write(&Msg::Hello(Box::new(hello)))
+        .map_err(|e| refused(format!("sending the handshake: {e}")))?;
+    match control.0.read::<Msg>() {
+        Ok(Msg::Welcome(w)) => {
+            tracing::info!(
+                destination_phaul = %w.phaul_version,
+                destination_criu = %w.criu_version.map_or("none".to_string(), |v| v.to_string()),
+                free_mib = w.free_bytes >> 20,
+                "destination accepted the migration"
+            );
+            Ok(w)
+        }
+        Ok(Msg::Refused { kind, reason }) => Err(MigrationError::Refused(format!(
+            "the destination refused ({}): {reason}",
+            refusal_name(kind)
+        ))),
+        Ok(other) => Err(refused(format!(
+            "the destination answered the handshake with {}",
+            other.name()
+        ))),
+        Err(e) => Err(refused(format!(
+            "no handshake answer from the destination: {e}"
+        ))),
+    }
+}
+
+/// The driver, initialised, with what the engine needs from it.
+pub(crate) struct Prepared {
+    pub driver: Driver,
+    pub info: phaul_plugin_api::DriverInfo,
+    pub pid: i32,
+    pub fs: phaul_plugin_api::FsSyncSpec,
+}
+
+/// Initialises the source driver and asks it about the workload.
+pub(crate) fn prepare(
+    mut driver: Driver,
+    opts: &SourceOptions,
+    work: &WorkDir,
+    criu_version: &str,
+) -> Result<Prepared, MigrationError> {
+    let host = EngineHost::new(
+        &opts.htype,
+        &opts.criu.display().to_string(),
+        criu_version,
+        feature_checker(opts.criu.clone(), work.criu()),
+    );
+    let mode = match opts.mode {
+        MigrationMode::Live => Mode::Live,
+        MigrationMode::Restart => Mode::Restart,
+    };
+    driver
+        .init(InitContext {
+            side: Side::Source,
+            mode,
+            id: opts.id.as_str().into(),
+            options: opts
+                .options
+                .iter()
+                .map(|(k, v)| KeyValue::new(k, v))
+                .collect(),
+            work_dir: work.path().display().to_string().into(),
+            host: host.into_box(),
+        })
+        .map_err(refused)?;
+    let info = driver.info().map_err(refused)?;
+    let needed = match opts.mode {
+        MigrationMode::Live => (phaul_plugin_api::Capabilities::LIVE, "live"),
+        MigrationMode::Restart => (phaul_plugin_api::Capabilities::RESTART, "restart"),
+    };
+    if !info.capabilities.contains(needed.0) {
+        return Err(refused(format!(
+            "the {} driver does not support {} mode",
+            opts.htype, needed.1
+        )));
+    }
+    let pid = driver.root_task_pid().map_err(refused)?;
+    if !proc::alive(pid) {
+        return Err(refused(format!(
+            "the workload's root task {pid} does not exist"
+        )));
+    }
+    let fs = driver.fs_sync().map_err(refused)?;
+    Ok(Prepared {
+        driver,
+        info,
+        pid,
+        fs,
+    })
+}
+
+/// The roots the driver wants synced (empty unless it names paths).
+pub(crate) fn fs_roots(fs: &phaul_plugin_api::FsSyncSpec) -> Vec<String> {
+    match fs.kind {
+        FsSyncKind::Paths => fs.paths.iter().map(|p| p.to_string()).collect(),
+        _ => Vec::new(),
+    }
 }
 
 /// Migrates one workload to the destination behind `connector`.
@@ -127,10 +296,15 @@ pub fn migrate(
     let session: u64 = rand_session();
     let span = tracing::info_span!("migrate", session = %format!("{session:016x}"));
     let _g = span.enter();
+    let driver = registry.instantiate(&opts.htype).map_err(refused)?;
+    let work = WorkDir::create(&opts.work_root, "src", session).map_err(refused)?;
+    if opts.mode == MigrationMode::Restart {
+        return super::restart::source(
+            opts, connector, progress, abort, session, driver, work, started,
+        );
+    }
 
     // --- Pre-flight: nothing is touched if any of this fails. -----------
-    let mut driver = registry.instantiate(&opts.htype).map_err(refused)?;
-    let work = WorkDir::create(&opts.work_root, "src", session).map_err(refused)?;
     let (ps_criu, ps_ours) = socketpair(
         AddressFamily::Unix,
         SockType::Stream,
@@ -142,39 +316,12 @@ pub fn migrate(
         .map_err(refused)?;
     let ps_fd = ps_criu.as_raw_fd();
     let criu_version = criu.version().map_err(refused)?;
-    let host = EngineHost::new(
-        &opts.htype,
-        &opts.criu.display().to_string(),
-        &criu_version.to_string(),
-        feature_checker(opts.criu.clone(), work.criu()),
-    );
-    driver
-        .init(InitContext {
-            side: Side::Source,
-            mode: Mode::Live,
-            id: opts.id.as_str().into(),
-            options: opts
-                .options
-                .iter()
-                .map(|(k, v)| KeyValue::new(k, v))
-                .collect(),
-            work_dir: work.path().display().to_string().into(),
-            host: host.into_box(),
-        })
-        .map_err(refused)?;
-    let info = driver.info().map_err(refused)?;
-    let pid = driver.root_task_pid().map_err(refused)?;
-    if !proc::alive(pid) {
-        return Err(refused(format!(
-            "the workload's root task {pid} does not exist"
-        )));
-    }
-    let fs = driver.fs_sync().map_err(refused)?;
-    if fs.kind == FsSyncKind::Paths {
-        return Err(refused(
-            "this driver asks for directories to be synced, which this phaul cannot do yet",
-        ));
-    }
+    let Prepared {
+        driver,
+        info,
+        pid,
+        fs,
+    } = prepare(driver, opts, &work, &criu_version.to_string())?;
     if opts.tcp_established
         && !info
             .capabilities
@@ -213,58 +360,43 @@ pub fn migrate(
     criu.cpuinfo_dump(&cpu_dir).map_err(refused)?;
     let cpuinfo = std::fs::read(cpu_dir.join("cpuinfo.img")).map_err(refused)?;
     let need_bytes = proc::tree_rss(pid);
+    let roots = fs_roots(&fs);
 
-    let (control, mem) = connect(connector, session).map_err(refused)?;
-    abort.watch(&control);
-    abort.watch(&mem);
-    let mut control = open_control(control);
-    let hello = Hello {
-        session,
-        phaul_version: PHAUL_VERSION.into(),
-        abi_version: ABI_VERSION.into(),
-        criu_version,
-        htype: opts.htype.clone(),
-        id: opts.id.clone(),
-        mode: MigrationMode::Live,
-        options: opts.options.clone(),
-        cpuinfo,
-        need_bytes,
-        force: opts.force,
-        tcp_established: opts.tcp_established,
-        keep_images: opts.keep_images,
-    };
-    control
-        .1
-        .write(&Msg::Hello(Box::new(hello)))
-        .map_err(|e| refused(format!("sending the handshake: {e}")))?;
-    match control.0.read::<Msg>() {
-        Ok(Msg::Welcome(w)) => tracing::info!(
-            destination_phaul = %w.phaul_version,
-            destination_criu = %w.criu_version,
-            free_mib = w.free_bytes >> 20,
-            "destination accepted the migration"
-        ),
-        Ok(Msg::Refused { kind, reason }) => {
-            return Err(MigrationError::Refused(format!(
-                "the destination refused ({}): {reason}",
-                refusal_name(kind)
-            )))
-        }
-        Ok(other) => {
-            return Err(refused(format!(
-                "the destination answered the handshake with {}",
-                other.name()
-            )))
-        }
-        Err(e) => {
-            return Err(refused(format!(
-                "no handshake answer from the destination: {e}"
-            )))
-        }
+    let conns = connect(connector, session, true, !roots.is_empty()).map_err(refused)?;
+    let mem = conns.mem.expect("memory connection in live mode");
+    for c in std::iter::once(&conns.control)
+        .chain(std::iter::once(&mem))
+        .chain(conns.fs.iter())
+    {
+        abort.watch(c);
     }
+    let mut control = open_control(conns.control);
+    handshake(
+        &mut control,
+        Hello {
+            session,
+            phaul_version: PHAUL_VERSION.into(),
+            abi_version: ABI_VERSION.into(),
+            criu_version: Some(criu_version),
+            htype: opts.htype.clone(),
+            id: opts.id.clone(),
+            mode: MigrationMode::Live,
+            options: opts.options.clone(),
+            cpuinfo,
+            need_bytes,
+            force: opts.force,
+            tcp_established: opts.tcp_established,
+            keep_images: opts.keep_images,
+            fs_roots: roots.clone(),
+            no_start: false,
+        },
+    )?;
     if let Some(r) = abort.reason() {
         return Err(refused(r));
     }
+    let fs_sync = conns
+        .fs
+        .map(|c| SourceSync::start(c, roots.iter().map(PathBuf::from).collect(), opts.fs_rules));
 
     let relay = Relay::start(ps_ours, mem.into_fd());
     let mut src = Source {
@@ -283,6 +415,10 @@ pub fn migrate(
         passes: Vec::new(),
         image_bytes: 0,
         frozen_at: None,
+        criu_dump_us: 0,
+        fs: fs_sync,
+        fs_report: None,
+        irmap: !roots.is_empty() && !fs.inodes_persistent,
     };
     // Only CRIU may hold its end from now on: EOF on the relay then means
     // CRIU closed the page-server session.
@@ -408,6 +544,10 @@ impl Source<'_> {
             }
             Err(why) => (None, StopReason::NoPreDump { why }),
         };
+        if let Some(fs) = self.fs.as_mut() {
+            self.progress.phase("syncing files");
+            fs.wait_converged()?;
+        }
         let iter = last_pre.map_or(1, |n| n + 1);
         let end = self.final_dump(iter, last_pre)?;
         Ok((end, reason, last_pre.is_some()))
@@ -426,6 +566,7 @@ impl Source<'_> {
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
         let mut copts = CriuOpts {
             tcp_established: self.opts.tcp_established,
+            force_irmap: self.irmap,
             ..CriuOpts::default()
         };
         self.driver
@@ -508,6 +649,7 @@ impl Source<'_> {
                             true
                         }
                         "post-dump" => {
+                            self.criu_dump_us = t.elapsed().as_micros() as u64;
                             let pass = PassStats {
                                 pages_written: 0,
                                 bytes: self.relay.counters().sent.load(Ordering::Relaxed) - before,
@@ -585,6 +727,10 @@ impl Source<'_> {
         }
         if let Some(e) = self.relay.error() {
             return Err(e);
+        }
+        if let Some(fs) = self.fs.take() {
+            self.progress.phase("final file sync");
+            self.fs_report = Some(fs.final_pass()?);
         }
         let meta_dir = self.work.meta();
         let meta = self
@@ -683,33 +829,7 @@ impl Source<'_> {
     }
 
     fn send_file(&mut self, path: &std::path::Path) -> Result<(), String> {
-        use std::os::unix::fs::PermissionsExt;
-        let name = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .ok_or_else(|| format!("bad image file name {}", path.display()))?
-            .to_string();
-        let mut f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let meta = f.metadata().map_err(|e| e.to_string())?;
-        self.send(&Msg::File {
-            name,
-            mode: meta.permissions().mode() & 0o7777,
-            size: meta.len(),
-        })?;
-        let mut buf = vec![0u8; CHUNK];
-        let mut sent = 0u64;
-        loop {
-            let n = f.read(&mut buf).map_err(|e| e.to_string())?;
-            if n == 0 {
-                break;
-            }
-            sent += n as u64;
-            self.send(&Msg::Chunk(buf[..n].to_vec()))?;
-        }
-        if sent != meta.len() {
-            return Err(format!("{} changed size while being sent", path.display()));
-        }
-        self.image_bytes += sent;
+        self.image_bytes += send_file(&mut self.control, path)?;
         Ok(())
     }
 
@@ -755,14 +875,21 @@ impl Source<'_> {
                     total_time_us: started.elapsed().as_micros() as u64,
                     frozen_time_us: frozen,
                     restore_time_us: restore_us,
+                    criu_dump_time_us: self.criu_dump_us,
                     pre_dump,
                     stop_reason,
                     iterations: self.passes,
                     memory_bytes,
                     image_bytes: self.image_bytes,
-                    bytes_on_wire: memory_bytes + self.image_bytes,
+                    bytes_on_wire: memory_bytes + self.image_bytes + fs_bytes(&self.fs_report),
                     criu_dump,
                     criu_restore: restore,
+                    fs_passes: self
+                        .fs_report
+                        .as_ref()
+                        .map(|r| r.0.clone())
+                        .unwrap_or_default(),
+                    fs_stop_reason: self.fs_report.map(|r| r.1),
                 })
             }
             Err(e) if committed => Err(MigrationError::AfterCommit(e)),
@@ -787,7 +914,7 @@ impl Source<'_> {
     }
 }
 
-fn recv(control: &mut Control, abort: &Abort, waiting_for: &str) -> Result<Msg, String> {
+pub(crate) fn recv(control: &mut Control, abort: &Abort, waiting_for: &str) -> Result<Msg, String> {
     match control.0.read::<Msg>() {
         Ok(Msg::Abort { reason }) => Err(format!("the destination aborted: {reason}")),
         Ok(m) => Ok(m),
@@ -828,8 +955,52 @@ impl Remote for ControlRemote<'_> {
     }
 }
 
+/// Sends one file (an image or a meta file) in chunks; returns its size.
+pub(crate) fn send_file(control: &mut Control, path: &std::path::Path) -> Result<u64, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| format!("bad file name {}", path.display()))?
+        .to_string();
+    let send = |c: &mut Control, m: &Msg| {
+        c.1.write(m)
+            .map_err(|e| format!("sending {} to the destination: {e}", m.name()))
+    };
+    let mut f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let meta = f.metadata().map_err(|e| e.to_string())?;
+    send(
+        control,
+        &Msg::File {
+            name,
+            mode: meta.permissions().mode() & 0o7777,
+            size: meta.len(),
+        },
+    )?;
+    let mut buf = vec![0u8; CHUNK];
+    let mut sent = 0u64;
+    loop {
+        let n = f.read(&mut buf).map_err(|e| e.to_string())?;
+        if n == 0 {
+            break;
+        }
+        sent += n as u64;
+        send(control, &Msg::Chunk(buf[..n].to_vec()))?;
+    }
+    if sent != meta.len() {
+        return Err(format!("{} changed size while being sent", path.display()));
+    }
+    Ok(sent)
+}
+
+/// File bytes sent by the sync passes.
+pub(crate) fn fs_bytes(r: &Option<(Vec<crate::fsync::PassStats>, String)>) -> u64 {
+    r.as_ref()
+        .map_or(0, |(p, _)| p.iter().map(|s| s.bytes_sent).sum())
+}
+
 /// Asks the destination at `addr` what became of `session`.
-fn query(addr: &std::net::SocketAddr, session: u64) -> Result<Outcome, String> {
+pub(crate) fn query(addr: &std::net::SocketAddr, session: u64) -> Result<Outcome, String> {
     let c = std::net::TcpStream::connect_timeout(addr, Duration::from_secs(2))
         .map_err(|e| e.to_string())?;
     let c = Conn::from(c);

@@ -24,8 +24,8 @@ pub struct Hello {
     pub phaul_version: String,
     /// The source's plugin ABI version.
     pub abi_version: String,
-    /// The source's CRIU version.
-    pub criu_version: CriuVersion,
+    /// The source's CRIU version (none in restart mode, which needs no CRIU).
+    pub criu_version: Option<CriuVersion>,
     /// The htype to migrate.
     pub htype: String,
     /// The workload id on the source.
@@ -44,6 +44,11 @@ pub struct Hello {
     pub tcp_established: bool,
     /// Keep the images on the destination after the migration.
     pub keep_images: bool,
+    /// Directories the source will sync (the driver's `fs_sync`); the
+    /// destination's driver must name the same ones.
+    pub fs_roots: Vec<String>,
+    /// Restart mode: leave the workload stopped on the destination.
+    pub no_start: bool,
 }
 
 /// The destination accepts the migration.
@@ -51,8 +56,8 @@ pub struct Hello {
 pub struct Welcome {
     /// The destination's phaul version.
     pub phaul_version: String,
-    /// The destination's CRIU version.
-    pub criu_version: CriuVersion,
+    /// The destination's CRIU version (none in restart mode).
+    pub criu_version: Option<CriuVersion>,
     /// Free bytes in the destination's work directory.
     pub free_bytes: u64,
 }
@@ -109,6 +114,23 @@ pub enum Msg {
     AttachMemory {
         /// The session it belongs to.
         session: u64,
+    },
+    /// Source -> destination, first frame of the file-sync connection.
+    AttachFs {
+        /// The session it belongs to.
+        session: u64,
+    },
+    /// Source -> destination, restart mode: the workload is stopped and
+    /// its files are final; start it there.
+    Start {
+        /// Files produced by the driver's `meta_files_out`.
+        meta_files: Vec<String>,
+    },
+    /// Destination -> source, restart mode: started (pid 0 with
+    /// `--no-start`).
+    Started {
+        /// The new root pid.
+        pid: i32,
     },
     /// Source -> destination: start a page server for memory pass `iter`
     /// (pass `parent` holds the pages it builds on).
@@ -186,6 +208,9 @@ impl Msg {
             Msg::Welcome(_) => "Welcome",
             Msg::Refused { .. } => "Refused",
             Msg::AttachMemory { .. } => "AttachMemory",
+            Msg::AttachFs { .. } => "AttachFs",
+            Msg::Start { .. } => "Start",
+            Msg::Started { .. } => "Started",
             Msg::StartIter { .. } => "StartIter",
             Msg::IterReady { .. } => "IterReady",
             Msg::File { .. } => "File",

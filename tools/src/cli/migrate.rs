@@ -13,6 +13,8 @@ use phaul_core::engine::iter::StopRules;
 use phaul_core::engine::report::{NoProgress, Progress, Report};
 use phaul_core::engine::source::{migrate, SourceOptions};
 use phaul_core::engine::{Connector, MigrationError, PreDump};
+use phaul_core::fsync::FsStopRules;
+use phaul_core::proto::MigrationMode;
 
 use super::progress::Bars;
 use super::{exit, load_registry};
@@ -22,6 +24,9 @@ use super::{exit, load_registry};
 pub enum ModeArg {
     /// Checkpoint with CRIU and restore: the processes keep their state.
     Live,
+    /// Sync the files, stop the workload here, start it there afresh (a
+    /// restart, not a live move; no CRIU involved).
+    Restart,
 }
 
 /// Arguments of `phaul migrate`.
@@ -31,6 +36,8 @@ Examples:
   phaul migrate pid 4242 --to 127.0.0.1:7070
   phaul migrate pid 4242 --to 127.0.0.1:7070 --tcp-established --json
   phaul migrate pid 4242 --to 127.0.0.1:7070 -o shell-job --downtime-target 100
+  phaul migrate pid 4242 --to 127.0.0.1:7070 --sync /srv/data     # with its files
+  phaul migrate pid 4242 --to 127.0.0.1:7070 --mode restart --sync /srv/app
 
 ", "Exit status:
   0  migrated
@@ -53,6 +60,29 @@ pub struct MigrateArgs {
     /// A driver option, key=value or key (repeatable).
     #[arg(short = 'o', long = "option", value_name = "KEY[=VALUE]")]
     pub options: Vec<String>,
+    /// A directory the workload needs on the destination: synced while it
+    /// runs, then once more while it is frozen (repeatable; the pid htype's
+    /// `-o sync=DIR`).
+    #[arg(long, value_name = "DIR")]
+    pub sync: Vec<PathBuf>,
+    /// The workload's files are on storage both hosts see: nothing to copy
+    /// (the pid htype's `-o shared-storage`).
+    #[arg(long, conflicts_with = "sync")]
+    pub shared_storage: bool,
+    /// Restart mode: leave the workload stopped on the destination.
+    #[arg(long)]
+    pub no_start: bool,
+    /// Stop the live file-sync passes when one sends less than this many
+    /// bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = 1 << 20)]
+    pub fs_min_bytes: u64,
+    /// Stop the live file-sync passes when one grows by more than this
+    /// percentage.
+    #[arg(long, value_name = "PCT", default_value_t = 10)]
+    pub fs_max_growth: u32,
+    /// At most this many live file-sync passes.
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pub fs_max_passes: u32,
     /// Dump and restore established TCP connections (peers see a pause,
     /// not a reset).
     #[arg(long)]
@@ -93,13 +123,26 @@ pub struct MigrateArgs {
     pub json: bool,
 }
 
-fn parse_options(raw: &[String]) -> Vec<(String, String)> {
-    raw.iter()
+/// `-o key=value` options, plus `--sync`/`--shared-storage` as the driver
+/// options they stand for.
+fn driver_options(args: &MigrateArgs) -> Vec<(String, String)> {
+    let mut opts: Vec<(String, String)> = args
+        .options
+        .iter()
         .map(|o| match o.split_once('=') {
             Some((k, v)) => (k.to_string(), v.to_string()),
             None => (o.clone(), String::new()),
         })
-        .collect()
+        .collect();
+    opts.extend(
+        args.sync
+            .iter()
+            .map(|d| ("sync".to_string(), d.display().to_string())),
+    );
+    if args.shared_storage {
+        opts.push(("shared-storage".to_string(), String::new()));
+    }
+    opts
 }
 
 /// Runs `phaul migrate`.
@@ -116,7 +159,7 @@ pub fn run(dirs: &[PathBuf], quiet: bool, args: MigrateArgs) -> anyhow::Result<E
     let opts = SourceOptions {
         htype: args.htype.clone(),
         id: args.id.clone(),
-        options: parse_options(&args.options),
+        options: driver_options(&args),
         pre_dump: if args.pre_dump {
             PreDump::Force
         } else if args.no_pre_dump {
@@ -137,6 +180,16 @@ pub fn run(dirs: &[PathBuf], quiet: bool, args: MigrateArgs) -> anyhow::Result<E
         criu: phaul_core::criu::locate(),
         resolve_timeout: Duration::from_secs(args.resolve_timeout),
         restore_estimate: Duration::from_millis(150),
+        mode: match args.mode {
+            ModeArg::Live => MigrationMode::Live,
+            ModeArg::Restart => MigrationMode::Restart,
+        },
+        no_start: args.no_start,
+        fs_rules: FsStopRules {
+            min_bytes: args.fs_min_bytes,
+            max_growth_pct: args.fs_max_growth,
+            max_passes: args.fs_max_passes,
+        },
     };
     let abort = Arc::new(Abort::new());
     watch_signals(abort.clone()).context("installing signal handlers")?;
@@ -222,11 +275,18 @@ fn print_summary(r: &Report) {
         r.destination_pid,
         ms(r.total_time_us)
     );
-    println!(
-        "  frozen for {} (restore on the destination: {})",
-        ms(r.frozen_time_us),
-        ms(r.restore_time_us)
-    );
+    if r.mode == "restart" {
+        println!(
+            "  stopped for {} (stop, final sync, start there)",
+            ms(r.frozen_time_us)
+        );
+    } else {
+        println!(
+            "  frozen for {} (restore on the destination: {})",
+            ms(r.frozen_time_us),
+            ms(r.restore_time_us)
+        );
+    }
     if let Some(d) = &r.criu_dump {
         println!(
             "  CRIU dump: freezing {}, frozen {}, memdump {}, memwrite {}",
@@ -256,6 +316,21 @@ fn print_summary(r: &Report) {
         );
     }
     println!("  iterations stopped: {}", r.stop_reason);
+    for p in &r.fs_passes {
+        println!(
+            "  file sync pass {}{}: {} files scanned, {} sent, {} deleted, {} in {}",
+            p.pass,
+            if p.final_pass { " (final)" } else { "" },
+            p.files_scanned,
+            p.files_sent,
+            p.deleted,
+            mib(p.bytes_sent),
+            ms(p.duration_us)
+        );
+    }
+    if let Some(reason) = &r.fs_stop_reason {
+        println!("  file sync passes stopped: {reason}");
+    }
     println!(
         "  on the wire: {} ({} memory, {} images)",
         mib(r.bytes_on_wire),

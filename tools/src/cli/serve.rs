@@ -22,6 +22,7 @@ Examples:
   phaul serve --listen 127.0.0.1:7070
   phaul serve --listen 127.0.0.1:0 --once      # one migration, print the port first
   phaul serve --fd-rpc 3 --fd-mem 4            # connections handed in by the caller
+  phaul serve --fd-rpc 3 --fd-fs 5             # a restart-mode migration with files
 
 Plain TCP is only offered on loopback addresses: the service restores whatever
 it is sent, as root, and this version does not authenticate peers.")]
@@ -30,11 +31,14 @@ pub struct ServeArgs {
     #[arg(long, value_name = "ADDR:PORT", required_unless_present = "fd_rpc")]
     pub listen: Option<SocketAddr>,
     /// Serve one migration over an already-connected control socket (fd N).
-    #[arg(long, value_name = "N", requires = "fd_mem", conflicts_with = "listen")]
+    #[arg(long, value_name = "N", conflicts_with = "listen")]
     pub fd_rpc: Option<RawFd>,
-    /// The already-connected memory socket (fd N).
+    /// The already-connected memory socket (fd N; live mode).
     #[arg(long, value_name = "N", requires = "fd_rpc")]
     pub fd_mem: Option<RawFd>,
+    /// The already-connected file-sync socket (fd N; when files are synced).
+    #[arg(long, value_name = "N", requires = "fd_rpc")]
+    pub fd_fs: Option<RawFd>,
     /// Exit after the first migration (success or not).
     #[arg(long)]
     pub once: bool,
@@ -66,25 +70,30 @@ pub fn run(dirs: &[PathBuf], args: ServeArgs) -> anyhow::Result<ExitCode> {
         keep_images: args.keep_images,
         commit_timeout: Duration::from_secs(args.commit_timeout),
     };
-    if let (Some(rpc), Some(mem)) = (args.fd_rpc, args.fd_mem) {
-        // SAFETY: the caller handed these descriptors to us.
-        let control = unsafe { Conn::from_raw(rpc) }.with_context(|| format!("--fd-rpc {rpc}"))?;
-        // SAFETY: as above.
-        let mem = unsafe { Conn::from_raw(mem) }.with_context(|| format!("--fd-mem {mem}"))?;
-        return Ok(match serve_connections(&registry, &opts, control, mem) {
-            Ok(s) => {
-                tracing::info!(
-                    pid = s.pid,
-                    restore_ms = s.restore_time.as_millis() as u64,
-                    "migration complete"
-                );
-                ExitCode::from(exit::SUCCESS)
-            }
-            Err(e) => {
-                eprintln!("phaul: migration failed: {e}");
-                ExitCode::from(exit::ROLLED_BACK)
-            }
-        });
+    if let Some(rpc) = args.fd_rpc {
+        let take = |fd: RawFd, what: &str| {
+            // SAFETY: the caller handed these descriptors to us.
+            unsafe { Conn::from_raw(fd) }.with_context(|| format!("{what} {fd}"))
+        };
+        let control = take(rpc, "--fd-rpc")?;
+        let mem = args.fd_mem.map(|fd| take(fd, "--fd-mem")).transpose()?;
+        let fs = args.fd_fs.map(|fd| take(fd, "--fd-fs")).transpose()?;
+        return Ok(
+            match serve_connections(&registry, &opts, control, mem, fs) {
+                Ok(s) => {
+                    tracing::info!(
+                        pid = s.pid,
+                        restore_ms = s.restore_time.as_millis() as u64,
+                        "migration complete"
+                    );
+                    ExitCode::from(exit::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("phaul: migration failed: {e}");
+                    ExitCode::from(exit::ROLLED_BACK)
+                }
+            },
+        );
     }
     let addr = args
         .listen

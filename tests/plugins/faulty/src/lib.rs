@@ -3,6 +3,7 @@
 //!
 //! - `-o panic=HOOK`: the hook panics (caught by the export guard).
 //! - `-o fail=HOOK`: the hook returns an error.
+//! - `HOOK@source` / `HOOK@destination` limits either to one side.
 //! - `-o break-restore`: the destination truncates the restored tree's
 //!   `core` image before CRIU reads it, so the real CRIU restore fails (as
 //!   it would on a corrupted image).
@@ -55,10 +56,20 @@ impl Driver for FaultyDriver {
 
     fn init(&mut self, mut ctx: InitContext) -> DriverResult<()> {
         let mut rest = RVec::new();
+        let side = match ctx.side {
+            Side::Source => "source",
+            Side::Destination => "destination",
+        };
+        // `hook@side` applies on that side only.
+        let here = |v: &str| match v.split_once('@') {
+            Some((hook, s)) if s == side => Some(hook.to_string()),
+            Some(_) => None,
+            None => Some(v.to_string()),
+        };
         for kv in ctx.options.iter() {
             match kv.key.as_str() {
-                "panic" => self.panic_in.push(kv.value.to_string()),
-                "fail" => self.fail_in.push(kv.value.to_string()),
+                "panic" => self.panic_in.extend(here(kv.value.as_str())),
+                "fail" => self.fail_in.extend(here(kv.value.as_str())),
                 "break-restore" => self.break_restore = true,
                 _ => rest.push(kv.clone()),
             }

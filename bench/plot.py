@@ -1,0 +1,45 @@
+#!/usr/bin/env python3
+"""Draws bench/results/results.json (written by phaul-bench) as a PNG:
+application-observed downtime against memory size, one line per method
+(median, with min-max error bars), one panel per dirtying rate."""
+import json
+import statistics
+import sys
+from collections import defaultdict
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+src = sys.argv[1] if len(sys.argv) > 1 else "bench/results/results.json"
+dst = sys.argv[2] if len(sys.argv) > 2 else src.rsplit("/", 1)[0] + "/downtime.png"
+doc = json.load(open(src))
+runs = [r for r in doc["runs"] if not r.get("error")]
+rates = sorted({r["dirty_pct"] for r in runs})
+fig, axes = plt.subplots(1, len(rates), figsize=(5 * len(rates), 4.2), squeeze=False, sharey=True)
+styles = {"phaul": ("tab:blue", "o"), "naive": ("tab:red", "s"), "floor": ("tab:green", "^")}
+for ax, rate in zip(axes[0], rates):
+    by = defaultdict(lambda: defaultdict(list))
+    for r in runs:
+        if r["dirty_pct"] == rate:
+            by[r["method"]][r["mem_mib"]].append(r["downtime_ms"])
+    for method, sizes in sorted(by.items()):
+        xs = sorted(sizes)
+        med = [statistics.median(sizes[x]) for x in xs]
+        lo = [m - min(sizes[x]) for m, x in zip(med, xs)]
+        hi = [max(sizes[x]) - m for m, x in zip(med, xs)]
+        color, marker = styles.get(method, ("gray", "x"))
+        ax.errorbar(xs, med, yerr=[lo, hi], label=method, color=color, marker=marker, capsize=3)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("workload memory (MiB)")
+    ax.set_title(f"{rate:g}% of pages dirtied per second")
+    ax.grid(True, which="both", alpha=0.3)
+axes[0][0].set_ylabel("downtime seen by the application (ms)")
+axes[0][0].legend()
+m = doc["machine"]
+fig.suptitle(f"phaul vs dump-copy-restore vs the no-copy floor — {m['cpus']} CPUs, Linux {m['kernel']}, {doc['date']}")
+fig.tight_layout()
+fig.savefig(dst, dpi=110)
+print(f"wrote {dst}")

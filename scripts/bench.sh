@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Set up a fresh machine (as root), build phaul in release mode, and run the
+# benchmark: phaul against dump-copy-restore and the no-copy floor, side by
+# side, then draw the plot. Results go to bench/results/ (results.json,
+# results.md, downtime.png). Arguments are passed to phaul-bench, e.g.
+#   ./scripts/bench.sh --sizes 64,256 --runs 3
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+./scripts/setup.sh
+python3 -c 'import matplotlib' 2>/dev/null || pip install --quiet matplotlib
+
+echo "[bench] building (release)"
+cargo build --release --quiet
+target/release/phaul-bench --out bench/results "$@"
+python3 bench/plot.py bench/results/results.json bench/results/downtime.png

@@ -1,0 +1,150 @@
+//! `phaul-bench`: phaul against the alternatives, measured side by side in
+//! one run on this machine.
+//!
+//! For each workload (the test workload: M MiB of memory, D% of its pages
+//! rewritten per second, a heartbeat every millisecond) and each run, it
+//! migrates the workload with every method in turn:
+//!
+//! - `phaul`: `phaul serve` + `phaul migrate` over loopback (images on
+//!   tmpfs, pages streamed through the memory channel);
+//! - `naive`: `criu dump` to a directory on disk, `cp -a` of the directory,
+//!   `criu restore` from the copy;
+//! - `floor`: `criu dump` to tmpfs and `criu restore` from the same tmpfs,
+//!   no copy at all — no CRIU-based one-shot migration can freeze for less.
+//!
+//! It records the downtime the application itself saw (the largest gap in
+//! its heartbeat), CRIU's frozen time, the total time, the bytes moved, and
+//! phaul's own CPU time and peak memory (each phaul process, from
+//! `wait4`), then writes every run as JSON, a Markdown table with
+//! min/median/max and the ratios phaul/floor and phaul/naive, and the data
+//! for the plot (`bench/plot.py` draws it). It also measures the memory
+//! channel on its own: phaul's relay against a plain loopback TCP stream.
+
+mod channel;
+mod methods;
+mod summary;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+
+use methods::{Method, RunResult};
+
+/// Benchmark phaul against dump-copy-restore and the no-copy floor.
+#[derive(Debug, Parser)]
+#[command(after_help = "\
+Example:
+  phaul-bench --sizes 64,256,1024 --rates 0,1,10 --runs 5 --out bench/results
+
+Writes <out>/results.json (every run), <out>/results.md (the table) and
+prints the table; bench/plot.py turns results.json into a PNG.")]
+struct Args {
+    /// Workload memory sizes, MiB.
+    #[arg(long, value_delimiter = ',', default_value = "64,256,1024,4096")]
+    sizes: Vec<u64>,
+    /// Dirtying rates, % of pages per second.
+    #[arg(long, value_delimiter = ',', default_value = "0,1,10")]
+    rates: Vec<f64>,
+    /// Runs per method and workload.
+    #[arg(long, default_value_t = 5)]
+    runs: u32,
+    /// Output directory.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+    /// Methods to run.
+    #[arg(long, value_delimiter = ',', default_value = "phaul,naive,floor")]
+    methods: Vec<Method>,
+    /// Where the naive method dumps and copies (a disk directory).
+    #[arg(long, default_value = "/var/tmp/phaul-bench")]
+    disk_dir: PathBuf,
+    /// Bytes streamed by the memory-channel measurement, MiB.
+    #[arg(long, default_value_t = 2048)]
+    channel_mib: u64,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("phaul-bench: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    if !nix::unistd::Uid::effective().is_root() {
+        bail!("phaul-bench runs CRIU and needs root");
+    }
+    // Detached and restored workloads are reparented to us, so we reap them.
+    // SAFETY: prctl with integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let env = methods::Env::new(&args.disk_dir)?;
+    let free_mib = methods::free_memory_mib();
+    let mut sizes = Vec::new();
+    for &m in &args.sizes {
+        // The source, the images and the restored copy coexist.
+        if m * 4 > free_mib {
+            eprintln!("phaul-bench: skipping {m} MiB: {free_mib} MiB of free memory is not enough");
+        } else {
+            sizes.push(m);
+        }
+    }
+
+    eprintln!(
+        "phaul-bench: measuring the memory channel ({} MiB)",
+        args.channel_mib
+    );
+    let channel = channel::measure(args.channel_mib << 20)?;
+    eprintln!(
+        "phaul-bench: loopback TCP {:.0} MiB/s, phaul relay {:.0} MiB/s ({:.0}%)",
+        channel.tcp_mib_s,
+        channel.relay_mib_s,
+        100.0 * channel.relay_mib_s / channel.tcp_mib_s
+    );
+
+    let mut results: Vec<RunResult> = Vec::new();
+    for &mem in &sizes {
+        for &rate in &args.rates {
+            for run in 1..=args.runs {
+                // Methods interleave so that drift hits them alike.
+                for &method in &args.methods {
+                    let r = env.run(method, mem, rate, run);
+                    match &r.error {
+                        None => eprintln!(
+                            "phaul-bench: {mem} MiB {rate}%/s run {run} {}: downtime {:.1} ms, total {:.1} ms",
+                            method.name(),
+                            r.downtime_ms,
+                            r.total_ms
+                        ),
+                        Some(e) => eprintln!(
+                            "phaul-bench: {mem} MiB {rate}%/s run {run} {}: FAILED: {e}",
+                            method.name()
+                        ),
+                    }
+                    results.push(r);
+                }
+            }
+        }
+    }
+
+    let machine = summary::machine();
+    let doc = serde_json::json!({
+        "machine": machine,
+        "date": summary::today(),
+        "channel": channel,
+        "runs": results,
+    });
+    let json_path = args.out.join("results.json");
+    std::fs::write(&json_path, serde_json::to_string_pretty(&doc)?)?;
+    let table = summary::markdown(&machine, &channel, &results);
+    std::fs::write(args.out.join("results.md"), &table)?;
+    println!("{table}");
+    eprintln!("phaul-bench: wrote {} and results.md", json_path.display());
+    Ok(())
+}
