@@ -187,8 +187,8 @@ impl<L: Local, R: Remote> Client<L, R> {
                     adjust: &mut adjust,
                     rules: cfg.rules,
                     restore_estimate: cfg.restore_estimate,
-                    counters: None,
-                    progress: &NoProgress,
+                    channel: None,
+                    progress: std::sync::Arc::new(NoProgress),
                 };
                 let (passes, n, reason) = lp.run(&mut self.remote)?;
                 (passes, Some(n), reason)

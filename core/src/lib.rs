@@ -23,10 +23,10 @@ pub mod criu;
 pub mod engine;
 pub mod error;
 pub mod fsync;
+pub mod memchan;
 pub mod plugins;
 pub mod proc;
 pub mod proto;
-pub mod relay;
 pub mod server;
 pub mod workdir;
 

@@ -4,11 +4,10 @@
 //! [module documentation](super) for the phases.
 
 use std::io::Write;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use phaul_plugin_api::{CriuOpts, InitContext, KeyValue, Mode, RestoreContext, Side};
 
 use crate::conn::Conn;
@@ -18,7 +17,6 @@ use crate::plugins::{Driver, EngineHost, Registry};
 use crate::proto::{
     FrameError, FrameReader, FrameWriter, Hello, MigrationMode, Msg, Outcome, Refusal, Welcome,
 };
-use crate::relay::Relay;
 use crate::workdir::{free_bytes, WorkDir};
 use crate::{ABI_VERSION, PHAUL_VERSION};
 
@@ -109,8 +107,8 @@ struct Session<'a> {
     pages: Option<PageServers>,
     restorer: Option<Worker>,
     criu_version: Option<crate::criu::CriuVersion>,
-    relay: Option<Relay>,
-    ps_ours: Option<OwnedFd>,
+    /// The memory connection (the page servers read it directly).
+    mem: Option<Conn>,
     fs: Option<DestSync>,
 }
 
@@ -135,6 +133,7 @@ impl<'a> Session<'a> {
         registry: &Registry,
         opts: &'a DestOptions,
         hello: &'a Hello,
+        mem: Option<Conn>,
     ) -> Result<Session<'a>, Refuse> {
         let live = hello.mode == MigrationMode::Live;
         if !hello.force && !compatible(&hello.phaul_version, PHAUL_VERSION) {
@@ -179,17 +178,16 @@ impl<'a> Session<'a> {
         // is frozen, so their start-up is not part of the downtime.
         let mut criu = None;
         if live {
-            let (ps_criu, ps_ours) = socketpair(
-                AddressFamily::Unix,
-                SockType::Stream,
-                None,
-                SockFlag::SOCK_CLOEXEC,
-            )
-            .map_err(|e| Refuse(Refusal::Other, format!("socketpair: {e}")))?;
+            // The page servers read straight from the memory connection.
+            let mem = mem.ok_or_else(|| {
+                Refuse(
+                    Refusal::Other,
+                    "the source opened no memory connection".into(),
+                )
+            })?;
+            let ps_fd = mem.as_raw_fd();
             let mut pages =
-                Worker::spawn(&opts.criu, "pages", &work.criu(), &[ps_criu.as_raw_fd()])
-                    .map_err(other)?;
-            let ps_fd = ps_criu.as_raw_fd();
+                Worker::spawn(&opts.criu, "pages", &work.criu(), &[ps_fd]).map_err(other)?;
             let restorer =
                 Worker::spawn(&opts.criu, "restore", &work.criu(), &[]).map_err(other)?;
             let version = pages.version().map_err(other)?;
@@ -212,14 +210,12 @@ impl<'a> Session<'a> {
                     )
                 })?;
             }
-            // CRIU's end of the page-server socket lives on in the worker.
-            drop(ps_criu);
             let images_root = work.path().join("images");
             criu = Some((
                 PageServers::new(pages, ps_fd, images_root),
                 restorer,
                 version,
-                ps_ours,
+                mem,
             ));
         }
         let host = EngineHost::new(
@@ -257,7 +253,7 @@ impl<'a> Session<'a> {
                 ),
             ));
         }
-        let (pages, restorer, criu_version, ps_ours) = match criu {
+        let (pages, restorer, criu_version, mem) = match criu {
             Some((p, r, v, s)) => (Some(p), Some(r), Some(v), Some(s)),
             None => (None, None, None, None),
         };
@@ -270,8 +266,7 @@ impl<'a> Session<'a> {
             pages,
             restorer,
             criu_version,
-            relay: None,
-            ps_ours,
+            mem,
             fs: None,
         };
         s.driver.mount().map_err(drv_err)?;
@@ -354,8 +349,8 @@ impl<'a> Session<'a> {
         // Memory is complete: the page-server worker and relay are done.
         drop(pages);
         self.files_complete()?;
-        if let Some(r) = self.relay.take() {
-            r.shutdown();
+        if let Some(m) = self.mem.take() {
+            m.shutdown();
         }
         let images = self.work.images(iter);
         let meta_dir = self.work.meta();
@@ -509,8 +504,8 @@ impl<'a> Session<'a> {
         if let Some(mut p) = self.pages.take() {
             p.kill();
         }
-        if let Some(r) = self.relay.take() {
-            r.shutdown();
+        if let Some(m) = self.mem.take() {
+            m.shutdown();
         }
         drop(self.pages.take());
         drop(self.restorer.take());
@@ -538,17 +533,13 @@ pub fn serve_session(
     record: &dyn Fn(Outcome),
 ) -> Result<DestSummary, String> {
     record(Outcome::InProgress);
-    let prepared = Session::preflight(registry, opts, hello).and_then(|mut s| {
+    let prepared = Session::preflight(registry, opts, hello, mem).and_then(|mut s| {
         let missing = |what: &str| {
             Refuse(
                 Refusal::Other,
                 format!("the source opened no {what} connection"),
             )
         };
-        if let Some(ps_ours) = s.ps_ours.take() {
-            let mem = mem.ok_or_else(|| missing("memory"))?;
-            s.relay = Some(Relay::start(ps_ours, mem.into_fd()));
-        }
         if !hello.fs_roots.is_empty() {
             let fs = fs.ok_or_else(|| missing("file"))?;
             let roots = hello.fs_roots.iter().map(PathBuf::from).collect();

@@ -4,7 +4,6 @@
 
 use std::os::fd::RawFd;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,7 +14,7 @@ use super::iter::{decide, Decision, PassStats, StopReason, StopRules};
 use super::report::{PassReport, Progress};
 use crate::criu::rpc::{PageServerInfo, ReqType};
 use crate::criu::{stats, Event, Worker};
-use crate::relay::Counters;
+use crate::memchan::MemChannel;
 
 /// The destination half of an iteration, as the source sees it.
 pub trait Remote {
@@ -42,10 +41,11 @@ pub struct PreDumpLoop<'a> {
     pub rules: StopRules,
     /// Restore cost assumed by the downtime rule.
     pub restore_estimate: Duration,
-    /// Byte counters of the memory channel, if phaul relays it.
-    pub counters: Option<Arc<Counters>>,
+    /// The memory channel, when phaul owns it (progress, byte counts, and
+    /// pushing CRIU's corked last bytes).
+    pub channel: Option<&'a mut MemChannel>,
     /// Progress display.
-    pub progress: &'a dyn Progress,
+    pub progress: Arc<dyn Progress>,
 }
 
 impl PreDumpLoop<'_> {
@@ -82,6 +82,10 @@ impl PreDumpLoop<'_> {
             self.progress.pass_started(iter, "pre-dump", expected);
             let before = self.sent();
             let t = Instant::now();
+            let progress = self.progress.clone();
+            if let Some(c) = self.channel.as_deref_mut() {
+                c.watch(progress, before);
+            }
             self.criu
                 .start(ReqType::PreDump, o)
                 .map_err(|e| e.to_string())?;
@@ -102,12 +106,15 @@ impl PreDumpLoop<'_> {
                     }
                 }
             }
+            if let Some(c) = self.channel.as_deref_mut() {
+                c.unwatch();
+            }
             remote.stop_iter(iter)?;
             let criu_stats = stats::read_dump(self.criu.work_dir()).ok();
             let pages = criu_stats.as_ref().map_or(0, |s| s.pages_written);
-            let bytes = match &self.counters {
-                Some(_) => self.sent() - before,
-                None => pages * super::iter::PAGE_SIZE,
+            let bytes = match self.channel.as_deref().is_some_and(|c| c.counts_bytes()) {
+                true => self.sent() - before,
+                false => pages * super::iter::PAGE_SIZE,
             };
             let pass = PassStats {
                 pages_written: pages,
@@ -139,8 +146,6 @@ impl PreDumpLoop<'_> {
     }
 
     fn sent(&self) -> u64 {
-        self.counters
-            .as_ref()
-            .map_or(0, |c| c.sent.load(Ordering::Relaxed))
+        self.channel.as_deref().map_or(0, |c| c.sent())
     }
 }

@@ -4,13 +4,10 @@
 //! phases and what a failure does in each.
 
 use std::io::Read;
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use phaul_plugin_api::{CriuOpts, DumpContext, FsSyncKind, InitContext, KeyValue, Mode, Side};
 
 use super::abort::Abort;
@@ -22,11 +19,11 @@ use super::{criu_opts_to_rpc, Connector, MigrationError, PreDump};
 use crate::conn::Conn;
 use crate::criu::rpc::{self, ReqType};
 use crate::criu::{stats, Event, Worker};
+use crate::memchan::MemChannel;
 use crate::plugins::{Driver, EngineHost, Registry};
 use crate::proto::{
     FrameReader, FrameWriter, Hello, MigrationMode, Msg, Outcome, Refusal, Welcome,
 };
-use crate::relay::Relay;
 use crate::workdir::WorkDir;
 use crate::{proc, ABI_VERSION, PHAUL_VERSION};
 
@@ -82,7 +79,7 @@ struct Source<'a> {
     criu: Option<Worker>,
     ps_fd: i32,
     control: Control,
-    relay: Relay,
+    mem: MemChannel,
     pid: i32,
     passes: Vec<PassReport>,
     image_bytes: u64,
@@ -305,16 +302,9 @@ pub fn migrate(
     }
 
     // --- Pre-flight: nothing is touched if any of this fails. -----------
-    let (ps_criu, ps_ours) = socketpair(
-        AddressFamily::Unix,
-        SockType::Stream,
-        None,
-        SockFlag::SOCK_CLOEXEC,
-    )
-    .map_err(|e| refused(format!("socketpair: {e}")))?;
-    let mut criu = Worker::spawn(&opts.criu, "source", &work.criu(), &[ps_criu.as_raw_fd()])
-        .map_err(refused)?;
-    let ps_fd = ps_criu.as_raw_fd();
+    // A probe worker answers the questions; the dump worker, started once
+    // the memory connection exists (CRIU inherits it), only dumps.
+    let mut criu = Worker::spawn(&opts.criu, "probe", &work.criu(), &[]).map_err(refused)?;
     let criu_version = criu.version().map_err(refused)?;
     let Prepared {
         driver,
@@ -397,8 +387,10 @@ pub fn migrate(
     let fs_sync = conns
         .fs
         .map(|c| SourceSync::start(c, roots.iter().map(PathBuf::from).collect(), opts.fs_rules));
-
-    let relay = Relay::start(ps_ours, mem.into_fd());
+    drop(criu);
+    let mem = MemChannel::new(mem);
+    let ps_fd = mem.raw_fd();
+    let criu = Worker::spawn(&opts.criu, "source", &work.criu(), &[ps_fd]).map_err(refused)?;
     let mut src = Source {
         opts,
         connector,
@@ -410,7 +402,7 @@ pub fn migrate(
         criu: Some(criu),
         ps_fd,
         control,
-        relay,
+        mem,
         pid,
         passes: Vec::new(),
         image_bytes: 0,
@@ -420,10 +412,6 @@ pub fn migrate(
         fs_report: None,
         irmap: !roots.is_empty() && !fs.inodes_persistent,
     };
-    // Only CRIU may hold its end from now on: EOF on the relay then means
-    // CRIU closed the page-server session.
-    drop(ps_criu);
-
     let result = src.run(use_pre_dump);
     src.finish(result, started)
 }
@@ -531,8 +519,8 @@ impl Source<'_> {
                     adjust: &mut adjust,
                     rules: self.opts.rules,
                     restore_estimate: self.opts.restore_estimate,
-                    counters: Some(self.relay.counters()),
-                    progress: &*self.progress,
+                    channel: Some(&mut self.mem),
+                    progress: self.progress.clone(),
                 };
                 let mut remote = ControlRemote {
                     control: &mut self.control,
@@ -604,9 +592,9 @@ impl Source<'_> {
 
         let expected = proc::tree_rss(self.pid);
         self.progress.pass_started(iter, "dump", expected);
-        let before = self.relay.counters().sent.load(Ordering::Relaxed);
+        let before = self.mem.sent();
         let t = Instant::now();
-        let ticker = Ticker::start(self.relay.counters(), before, self.progress.clone());
+        self.mem.watch(self.progress.clone(), before);
         self.criu()
             .start(ReqType::Dump, o)
             .map_err(|e| e.to_string())?;
@@ -650,12 +638,12 @@ impl Source<'_> {
                         }
                         "post-dump" => {
                             self.criu_dump_us = t.elapsed().as_micros() as u64;
+                            self.mem.unwatch();
                             let pass = PassStats {
                                 pages_written: 0,
-                                bytes: self.relay.counters().sent.load(Ordering::Relaxed) - before,
+                                bytes: self.mem.sent() - before,
                                 duration: t.elapsed(),
                             };
-                            ticker.stop();
                             self.progress.pass_finished(&pass);
                             self.passes.push(PassReport::new(iter, "dump", &pass, None));
                             pass_done = true;
@@ -683,7 +671,7 @@ impl Source<'_> {
                 }
                 Event::Done(resp) => {
                     if !pass_done {
-                        ticker.stop();
+                        self.mem.unwatch();
                     }
                     if migrated.is_some() {
                         if !resp.success {
@@ -724,9 +712,6 @@ impl Source<'_> {
     fn hand_over(&mut self, iter: u32) -> Result<DumpEnd, String> {
         if let Some(r) = self.abort.reason() {
             return Err(r);
-        }
-        if let Some(e) = self.relay.error() {
-            return Err(e);
         }
         if let Some(fs) = self.fs.take() {
             self.progress.phase("final file sync");
@@ -862,8 +847,17 @@ impl Source<'_> {
                 if let Err(e) = self.driver.migration_complete() {
                     tracing::warn!("{e}");
                 }
-                self.relay.shutdown();
-                let memory_bytes = self.relay.counters().sent.load(Ordering::Relaxed);
+                // Acknowledged bytes where the channel is TCP; CRIU's own
+                // count of pages otherwise.
+                let memory_bytes = match self.mem.counts_bytes() {
+                    true => self.mem.sent(),
+                    false => self
+                        .passes
+                        .iter()
+                        .map(|p| p.pages_written * super::iter::PAGE_SIZE)
+                        .sum(),
+                };
+                self.mem.shutdown();
                 let criu_dump = stats::read_dump(&self.work.criu()).ok();
                 Ok(Report {
                     session: format!("{:016x}", self.session),
@@ -897,7 +891,7 @@ impl Source<'_> {
                 // CRIU resumed the tree (it answers a failed dump that way);
                 // tell the destination, undo the driver's work.
                 let _ = self.control.1.write(&Msg::Abort { reason: e.clone() });
-                self.relay.shutdown();
+                self.mem.shutdown();
                 drop(self.criu.take());
                 if let Err(e) = self.driver.migration_fail() {
                     tracing::warn!("{e}");
@@ -1013,38 +1007,5 @@ pub(crate) fn query(addr: &std::net::SocketAddr, session: u64) -> Result<Outcome
     match r.read::<Msg>().map_err(|e| e.to_string())? {
         Msg::Status { outcome, .. } => Ok(outcome),
         other => Err(format!("unexpected {}", other.name())),
-    }
-}
-
-/// Reports relay progress every 100 ms while a pass runs.
-struct Ticker {
-    stop: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl Ticker {
-    fn start(
-        counters: Arc<crate::relay::Counters>,
-        base: u64,
-        progress: Arc<dyn Progress>,
-    ) -> Ticker {
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let s = stop.clone();
-        std::thread::spawn(move || {
-            while !s.load(Ordering::Relaxed) {
-                progress.pass_progress(counters.sent.load(Ordering::Relaxed) - base);
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        });
-        Ticker { stop }
-    }
-
-    fn stop(&self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-}
-
-impl Drop for Ticker {
-    fn drop(&mut self) {
-        self.stop();
     }
 }

@@ -304,14 +304,30 @@ impl<'a, W: Write> Wire<'a, W> {
     }
 
     /// Sends `FsMsg::Data { offset, data }`.
+    #[cfg(test)]
     pub(crate) fn data(&mut self, offset: u64, data: &[u8]) -> Result<(), FrameError> {
-        let head = data_frame_head(offset, data.len())?;
-        self.conn.write_all(&head)?;
-        self.conn.write_all(data)?;
+        let mut buf = vec![0u8; DATA_HEADROOM];
+        buf.extend_from_slice(data);
+        self.data_in_place(offset, &mut buf)
+    }
+
+    /// Sends `FsMsg::Data { offset, data }` where `buf` is
+    /// [`DATA_HEADROOM`] spare bytes followed by the data: the frame head
+    /// is written into the headroom and the frame leaves in one write.
+    pub(crate) fn data_in_place(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), FrameError> {
+        let len = buf.len().saturating_sub(DATA_HEADROOM);
+        let head = data_frame_head(offset, len)?;
+        let start = DATA_HEADROOM - head.len();
+        buf[start..DATA_HEADROOM].copy_from_slice(&head);
+        self.conn.write_all(&buf[start..])?;
         self.conn.flush()?;
         Ok(())
     }
 }
+
+/// Spare bytes before the data in a [`Wire::data_in_place`] buffer (the
+/// largest frame head: length, tag, offset and data length).
+pub(crate) const DATA_HEADROOM: usize = 4 + 5 + 10 + 10;
 
 /// The frame length prefix and postcard encoding of `FsMsg::Data` up to
 /// (not including) the data bytes: tag, offset and length as varints.

@@ -382,6 +382,7 @@ impl Apply<'_> {
                     },
                     &meta,
                     true,
+                    true,
                     &at.local,
                 )?;
                 self.install(root, &at, &mut tmp)?;
@@ -414,6 +415,7 @@ impl Apply<'_> {
                         symlink: false,
                     },
                     &meta,
+                    true,
                     true,
                     &at.local,
                 )?;
@@ -473,7 +475,7 @@ impl Apply<'_> {
         let mtime = (meta.mtime_sec, meta.mtime_nsec);
         let Some(name) = at.name.as_ref() else {
             // The root itself.
-            apply_meta(MetaTarget::Fd(at.dir()), meta, false, &at.local)?;
+            apply_meta(MetaTarget::Fd(at.dir()), meta, false, false, &at.local)?;
             self.dir_times.insert((root, Vec::new()), mtime);
             return Ok(());
         };
@@ -500,7 +502,7 @@ impl Apply<'_> {
             0,
         )
         .map_err(|e| FsyncError::io("opening the directory", &at.local, e))?;
-        apply_meta(MetaTarget::Fd(fd.as_fd()), meta, false, &at.local)?;
+        apply_meta(MetaTarget::Fd(fd.as_fd()), meta, false, false, &at.local)?;
         self.dir_times.insert((root, at.rel.clone()), mtime);
         Ok(())
     }
@@ -584,7 +586,7 @@ impl Apply<'_> {
                 });
             }
         }
-        apply_meta(MetaTarget::Fd(f.fd.as_fd()), meta, true, &f.at.local)?;
+        apply_meta(MetaTarget::Fd(f.fd.as_fd()), meta, true, true, &f.at.local)?;
         let at = f.at.clone();
         self.install(f.root, &at, &mut f.tmp)?;
         Ok(())
@@ -657,7 +659,7 @@ impl Apply<'_> {
                 let fd = sys::openat(at.dir(), name, flags | libc::O_NOFOLLOW, 0)
                     .map_err(|e| FsyncError::io("opening", &at.local, e))?;
                 let is_dir = kind == EntryKind::Dir;
-                apply_meta(MetaTarget::Fd(fd.as_fd()), meta, !is_dir, &at.local)?;
+                apply_meta(MetaTarget::Fd(fd.as_fd()), meta, !is_dir, false, &at.local)?;
                 if is_dir {
                     self.dir_times
                         .insert((root, at.rel.clone()), (meta.mtime_sec, meta.mtime_nsec));
@@ -671,6 +673,7 @@ impl Apply<'_> {
                 },
                 meta,
                 true,
+                false,
                 &at.local,
             )?,
         }
@@ -734,7 +737,14 @@ fn xattr_soft(name: &[u8], e: &io::Error) -> bool {
 
 /// Applies owner, xattrs, mode and (if `mtime`) the mtime, in that order
 /// (a chown clears setuid/setgid and file capabilities, so it comes first).
-fn apply_meta(t: MetaTarget<'_>, meta: &Meta, mtime: bool, local: &Path) -> Result<(), FsyncError> {
+/// `fresh`: the target was just created by us, so it has no xattrs to remove.
+fn apply_meta(
+    t: MetaTarget<'_>,
+    meta: &Meta,
+    mtime: bool,
+    fresh: bool,
+    local: &Path,
+) -> Result<(), FsyncError> {
     let proc;
     let (xt, symlink) = match &t {
         MetaTarget::Fd(fd) => {
@@ -745,12 +755,19 @@ fn apply_meta(t: MetaTarget<'_>, meta: &Meta, mtime: bool, local: &Path) -> Resu
         MetaTarget::At { dir, name, symlink } => {
             sys::lchownat(*dir, name, meta.uid, meta.gid)
                 .map_err(|e| FsyncError::io("changing the owner of", local, e))?;
-            proc = sys::proc_path(dir.as_raw_fd(), name);
+            proc = if fresh && meta.xattrs.is_empty() {
+                CString::default()
+            } else {
+                sys::proc_path(dir.as_raw_fd(), name)
+            };
             (XTarget::Path(&proc), *symlink)
         }
     };
-    let have =
-        sys::list_xattrs(xt).map_err(|e| FsyncError::io("listing the xattrs of", local, e))?;
+    let have = if fresh {
+        Vec::new()
+    } else {
+        sys::list_xattrs(xt).map_err(|e| FsyncError::io("listing the xattrs of", local, e))?
+    };
     for name in have {
         if meta.xattrs.iter().any(|x| x.name.0 == name) {
             continue;

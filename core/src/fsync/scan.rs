@@ -102,22 +102,10 @@ pub(crate) struct Entry {
     pub(crate) st: Stat,
 }
 
-/// Walks a root. Entries that vanish during the walk are left out (the
-/// workload may be running); sockets are skipped.
+/// Walks a root (an absolute, canonical directory path). Entries that
+/// vanish during the walk are left out (the workload may be running);
+/// sockets are skipped.
 pub(crate) fn scan(root: &Path) -> Result<Vec<Entry>, FsyncError> {
-    if !root.is_absolute() {
-        return Err(FsyncError::Root {
-            path: root.to_path_buf(),
-            why: "not an absolute path".into(),
-        });
-    }
-    let meta = std::fs::symlink_metadata(root).map_err(|e| FsyncError::io("reading", root, e))?;
-    if !meta.is_dir() {
-        return Err(FsyncError::Root {
-            path: root.to_path_buf(),
-            why: "not a directory".into(),
-        });
-    }
     let mut out = Vec::new();
     let walk = walkdir::WalkDir::new(root)
         .follow_links(false)
@@ -194,10 +182,4 @@ pub(crate) fn read_xattrs(t: XTarget<'_>) -> io::Result<Vec<Xattr>> {
     }
     out.sort_by(|a, b| a.name.0.cmp(&b.name.0));
     Ok(out)
-}
-
-/// The xattrs of a path (never following it).
-pub(crate) fn read_xattrs_path(path: &Path) -> io::Result<Vec<Xattr>> {
-    let c = sys::cstring(path.as_os_str().as_bytes())?;
-    read_xattrs(XTarget::Path(&c))
 }

@@ -13,17 +13,18 @@
 //! regions only.
 
 use std::collections::HashMap;
+use std::ffi::{CStr, CString};
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crate::proto::frame::FrameReader;
 
 use super::delta::{self, Sig, WholeHasher, BLOCK};
-use super::msg::{Bytes, EntryKind, FsMsg, Meta, Wire};
+use super::msg::{Bytes, EntryKind, FsMsg, Meta, Wire, DATA_HEADROOM};
 use super::scan::{self, Entry, Stat};
 use super::sys::{self, XTarget};
 use super::{FsyncError, PassStats, CHUNK};
@@ -47,12 +48,25 @@ struct Seen {
 }
 
 /// The source side of a tree synchronisation.
-#[derive(Debug)]
 pub struct Sender {
     roots: Vec<PathBuf>,
     state: Vec<HashMap<Vec<u8>, Seen>>,
     passes: u32,
     poisoned: bool,
+    /// Test hook: runs between the walk and the reading of a pass.
+    #[cfg(test)]
+    pub(crate) after_scan: Option<Box<dyn FnMut() + Send>>,
+}
+
+impl std::fmt::Debug for Sender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sender")
+            .field("roots", &self.roots)
+            .field("passes", &self.passes)
+            .field("paths", &self.state.iter().map(HashMap::len).sum::<usize>())
+            .field("poisoned", &self.poisoned)
+            .finish()
+    }
 }
 
 /// Writes data and hole punches of one file, coalescing contiguous data
@@ -60,6 +74,7 @@ pub struct Sender {
 struct Out<'a, 'c, W: Write> {
     w: &'a mut Wire<'c, W>,
     data_off: u64,
+    /// [`DATA_HEADROOM`] spare bytes, then the pending data.
     data: Vec<u8>,
     punch: Option<(u64, u64)>,
     bytes: u64,
@@ -70,7 +85,11 @@ impl<'a, 'c, W: Write> Out<'a, 'c, W> {
         Out {
             w,
             data_off: 0,
-            data: Vec::with_capacity(CHUNK),
+            data: {
+                let mut v = Vec::with_capacity(DATA_HEADROOM + CHUNK);
+                v.resize(DATA_HEADROOM, 0);
+                v
+            },
             punch: None,
             bytes: 0,
         }
@@ -87,14 +106,18 @@ impl<'a, 'c, W: Write> Out<'a, 'c, W> {
         Ok(())
     }
 
+    fn pending(&self) -> usize {
+        self.data.len() - DATA_HEADROOM
+    }
+
     fn data(&mut self, off: u64, bytes: &[u8]) -> Result<(), FsyncError> {
-        if !self.data.is_empty()
-            && (self.data_off + self.data.len() as u64 != off
-                || self.data.len() + bytes.len() > CHUNK)
+        if self.pending() > 0
+            && (self.data_off + self.pending() as u64 != off
+                || self.pending() + bytes.len() > CHUNK)
         {
             self.flush_data()?;
         }
-        if self.data.is_empty() {
+        if self.pending() == 0 {
             self.data_off = off;
         }
         self.data.extend_from_slice(bytes);
@@ -114,12 +137,13 @@ impl<'a, 'c, W: Write> Out<'a, 'c, W> {
     /// Sends pending data (after any pending punch, which may cover it).
     fn flush_data(&mut self) -> Result<(), FsyncError> {
         self.flush_punch()?;
-        if self.data.is_empty() {
+        let n = self.pending();
+        if n == 0 {
             return Ok(());
         }
-        self.w.data(self.data_off, &self.data)?;
-        self.bytes += self.data.len() as u64;
-        self.data.clear();
+        self.w.data_in_place(self.data_off, &mut self.data)?;
+        self.bytes += n as u64;
+        self.data.truncate(DATA_HEADROOM);
         Ok(())
     }
 
@@ -175,6 +199,8 @@ impl Sender {
             state,
             passes: 0,
             poisoned: false,
+            #[cfg(test)]
+            after_scan: None,
         }
     }
 
@@ -239,28 +265,27 @@ impl Sender {
         };
         let roots_n = u32::try_from(self.roots.len())
             .map_err(|_| FsyncError::Protocol("too many roots".into()))?;
-        let scans = self
-            .roots
-            .iter()
-            .map(|r| scan::scan(r))
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut srcs = Vec::with_capacity(self.roots.len());
+        let mut scans = Vec::with_capacity(self.roots.len());
+        for r in &self.roots {
+            let src = Src::open(r)?;
+            scans.push(scan::scan(&src.path)?);
+            srcs.push(src);
+        }
+        #[cfg(test)]
+        if let Some(hook) = self.after_scan.as_mut() {
+            hook();
+        }
 
         let mut new_state: Vec<HashMap<Vec<u8>, Seen>> = Vec::with_capacity(scans.len());
         let sent = {
             let mut w = Wire::new(&mut *conn);
-            self.send_pass(
-                &mut w,
-                &scans,
-                &mut new_state,
-                &mut ctx,
-                roots_n,
-                final_pass,
-            )
+            self.send_pass(&mut w, &mut srcs, &scans, &mut new_state, &mut ctx, roots_n)
         };
         if let Err(e) = sent {
             return Err(peer_error(conn, e));
         }
-        let stats = ctx.stats;
+        let mut stats = ctx.stats;
         match FrameReader::new(&mut *conn).read::<FsMsg>()? {
             FsMsg::Ack(theirs) => {
                 if theirs.pass != pass
@@ -291,7 +316,6 @@ impl Sender {
         }
         self.state = new_state;
         self.passes = pass;
-        let mut stats = stats;
         stats.duration_us = start.elapsed().as_micros() as u64;
         tracing::info!(
             pass,
@@ -309,15 +333,15 @@ impl Sender {
     fn send_pass<W: Write>(
         &self,
         w: &mut Wire<'_, W>,
+        srcs: &mut [Src],
         scans: &[Vec<Entry>],
         new_state: &mut Vec<HashMap<Vec<u8>, Seen>>,
         ctx: &mut PassCtx,
         roots_n: u32,
-        final_pass: bool,
     ) -> Result<(), FsyncError> {
         w.msg(&FsMsg::Begin {
             pass: ctx.stats.pass,
-            final_pass,
+            final_pass: ctx.stats.final_pass,
             roots: roots_n,
         })?;
         // Deletions first, deepest first (a child sorts after its parent),
@@ -339,15 +363,31 @@ impl Sender {
                 ctx.stats.deleted += 1;
             }
         }
-        for (rid, scan) in scans.iter().enumerate() {
+        for ((rid, scan), src) in scans.iter().enumerate().zip(srcs.iter_mut()) {
             let prev_state = &self.state[rid];
             let mut next = HashMap::with_capacity(scan.len());
-            // (dev, ino) -> (name sent for it, whether the receiver got a new inode)
-            let mut inodes: HashMap<(u64, u64), (Vec<u8>, bool)> = HashMap::new();
+            let mut inodes = Inodes::new();
+            // Below a directory that could not be sent, nothing is sent.
+            let mut skip_under: Option<Vec<u8>> = None;
             for e in scan {
                 ctx.stats.files_scanned += 1;
                 let prev = prev_state.get(&e.rel).filter(|p| p.st.kind == e.st.kind);
-                let sent = send_entry(w, rid as u32, e, prev, &mut inodes, ctx)?;
+                if skip_under.as_ref().is_some_and(|s| !e.rel.starts_with(s)) {
+                    skip_under = None;
+                }
+                let sent = match skip_under {
+                    Some(_) => None,
+                    None => {
+                        let mut one = One {
+                            w: &mut *w,
+                            src: &mut *src,
+                            ctx: &mut *ctx,
+                            root: rid as u32,
+                            e,
+                        };
+                        one.send(prev, &mut inodes)?
+                    }
+                };
                 match sent {
                     Some((seen, fresh)) => {
                         if e.st.kind != EntryKind::Dir && e.st.nlink > 1 && seen.link_to.is_none() {
@@ -356,8 +396,14 @@ impl Sender {
                         next.insert(e.rel.clone(), seen);
                     }
                     None => {
-                        // Vanished or replaced while we looked: the
-                        // receiver keeps what it had.
+                        // Vanished, replaced, or reachable only through a
+                        // symlink while we looked: the receiver keeps what
+                        // it had, and the next pass looks again.
+                        if e.st.kind == EntryKind::Dir && skip_under.is_none() {
+                            let mut s = e.rel.clone();
+                            s.push(b'/');
+                            skip_under = Some(s);
+                        }
                         if let Some(p) = prev {
                             next.insert(e.rel.clone(), p.clone());
                         }
@@ -376,290 +422,436 @@ impl Sender {
     }
 }
 
-fn send_entry<W: Write>(
-    w: &mut Wire<'_, W>,
-    root: u32,
-    e: &Entry,
-    prev: Option<&Seen>,
-    inodes: &mut HashMap<(u64, u64), (Vec<u8>, bool)>,
-    ctx: &mut PassCtx,
-) -> Result<Sent, FsyncError> {
-    let st = e.st;
-    // A stat-identical, non-racy entry that was sent as itself is not even opened.
-    let quiet = |p: &Seen| st.unchanged(&p.st) && !p.racy && p.link_to.is_none();
+/// (dev, ino) -> (the name sent for the inode, whether the receiver got a
+/// new inode for it in this pass).
+type Inodes = HashMap<(u64, u64), (Vec<u8>, bool)>;
 
-    if st.kind != EntryKind::Dir && st.nlink > 1 {
-        if let Some((leader, fresh)) = inodes.get(&(st.dev, st.ino)) {
-            let need = *fresh
-                || prev.map_or(true, |p| {
-                    !st.unchanged(&p.st) || p.link_to.as_ref() != Some(leader)
-                });
-            if need {
-                w.msg(&FsMsg::Link {
-                    root,
-                    path: Bytes(e.rel.clone()),
-                    target: Bytes(leader.clone()),
-                })?;
-                ctx.stats.files_sent += 1;
+/// A source root opened for confined reading: every entry the sender reads
+/// is reached from the root's descriptor without following any symlink
+/// (`openat2` beneath the root, then `*at` calls on the final name), so a
+/// workload that swaps a directory for a symlink while the walk runs
+/// cannot make phaul copy files from outside the tree.
+struct Src {
+    /// The canonical root path (walked).
+    path: PathBuf,
+    fd: Arc<OwnedFd>,
+    /// The last parent directory opened.
+    cache: Option<(Vec<u8>, Arc<OwnedFd>)>,
+}
+
+/// Where an entry is, once reached without symlinks.
+enum Place {
+    /// The root itself.
+    Root,
+    /// A name in an open parent directory.
+    At(Arc<OwnedFd>, CString),
+}
+
+impl Src {
+    fn open(root: &Path) -> Result<Src, FsyncError> {
+        if !root.is_absolute() {
+            return Err(FsyncError::Root {
+                path: root.to_path_buf(),
+                why: "not an absolute path".into(),
+            });
+        }
+        // A root given as a symlink is the directory it points to.
+        let path = std::fs::canonicalize(root).map_err(|e| FsyncError::io("reading", root, e))?;
+        let c = sys::cstring(path.as_os_str().as_bytes())
+            .map_err(|e| FsyncError::io("opening", &path, e))?;
+        let fd = sys::open(&c, libc::O_RDONLY | libc::O_DIRECTORY).map_err(|e| {
+            if e.raw_os_error() == Some(libc::ENOTDIR) {
+                FsyncError::Root {
+                    path: path.clone(),
+                    why: "not a directory".into(),
+                }
+            } else {
+                FsyncError::io("opening", &path, e)
             }
-            return Ok(Some((
-                Seen {
-                    st,
-                    link_to: Some(leader.clone()),
-                    blocks: None,
-                    meta_hash: 0,
-                    racy: false,
-                },
-                false,
-            )));
+        })?;
+        Ok(Src {
+            path,
+            fd: Arc::new(fd),
+            cache: None,
+        })
+    }
+
+    /// Reaches `rel` without symlinks; None if it cannot be (gone, or a
+    /// parent is no longer a directory of the tree).
+    fn locate(&mut self, rel: &[u8]) -> io::Result<Option<Place>> {
+        if rel.is_empty() {
+            return Ok(Some(Place::Root));
+        }
+        let (parent, name) = match rel.iter().rposition(|&b| b == b'/') {
+            Some(i) => (&rel[..i], &rel[i + 1..]),
+            None => (&rel[..0], rel),
+        };
+        let name = sys::cstring(name)?;
+        if parent.is_empty() {
+            return Ok(Some(Place::At(self.fd.clone(), name)));
+        }
+        if let Some((p, fd)) = &self.cache {
+            if p == parent {
+                return Ok(Some(Place::At(fd.clone(), name)));
+            }
+        }
+        let fd = match sys::open_dir_beneath(self.fd.as_fd(), &sys::cstring(parent)?) {
+            Ok(fd) => Arc::new(fd),
+            Err(e) if vanished(&e) || e.raw_os_error() == Some(libc::EXDEV) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        self.cache = Some((parent.to_vec(), fd.clone()));
+        Ok(Some(Place::At(fd, name)))
+    }
+}
+
+/// Sending one entry.
+struct One<'a, 'c, W: Write> {
+    w: &'a mut Wire<'c, W>,
+    src: &'a mut Src,
+    ctx: &'a mut PassCtx,
+    root: u32,
+    e: &'a Entry,
+}
+
+/// Wraps a local I/O error with what was being done and the path.
+fn ioe<'p>(path: &'p Path, what: &'static str) -> impl Fn(io::Error) -> FsyncError + 'p {
+    move |e| FsyncError::io(what, path, e)
+}
+
+/// Maps "gone or not reachable without a symlink" to None.
+fn found<T>(r: io::Result<T>) -> io::Result<Option<T>> {
+    match r {
+        Ok(t) => Ok(Some(t)),
+        Err(e) if vanished(&e) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+impl<W: Write> One<'_, '_, W> {
+    fn send(&mut self, prev: Option<&Seen>, inodes: &mut Inodes) -> Result<Sent, FsyncError> {
+        let st = self.e.st;
+        if st.kind != EntryKind::Dir && st.nlink > 1 {
+            if let Some((leader, fresh)) = inodes.get(&(st.dev, st.ino)) {
+                return self.follower(prev, leader, *fresh);
+            }
+        }
+        // A stat-identical, non-racy entry that was sent as itself is not
+        // even opened.
+        if let Some(p) = prev.filter(|p| st.unchanged(&p.st) && !p.racy && p.link_to.is_none()) {
+            return Ok(Some((p.clone(), false)));
+        }
+        // The receiver's version of this path as an entry of its own.
+        let base = prev.filter(|p| p.link_to.is_none());
+        let Some(place) = self
+            .src
+            .locate(&self.e.rel)
+            .map_err(ioe(&self.e.path, "reaching"))?
+        else {
+            return Ok(None);
+        };
+        match (st.kind, place) {
+            (EntryKind::Dir, place) => self.dir(place, base),
+            (_, Place::Root) => Ok(None),
+            (EntryKind::File, Place::At(dir, name)) => self.file(dir.as_fd(), &name, base),
+            (kind, Place::At(dir, name)) => self.other(kind, dir.as_fd(), &name, base),
         }
     }
-    if let Some(p) = prev.filter(|p| quiet(p)) {
-        return Ok(Some((p.clone(), false)));
-    }
-    // The receiver's version of this path as an entry of its own (not a link).
-    let base = prev.filter(|p| p.link_to.is_none());
-    let path = &e.path;
-    match st.kind {
-        EntryKind::Dir => {
-            let xattrs = match scan::read_xattrs_path(path) {
-                Ok(x) => x,
-                // Gone: still sent, so that children that may have been
-                // recreated meanwhile have a parent; the next pass sees.
-                Err(err) if vanished(&err) => Vec::new(),
-                Err(err) => return Err(FsyncError::io("reading the xattrs of", path, err)),
-            };
-            let meta = st.meta(xattrs);
-            let mh = meta_hash(&meta, b"dir");
-            if base.map_or(true, |p| p.meta_hash != mh) {
-                w.msg(&FsMsg::Dir {
-                    root,
-                    path: Bytes(e.rel.clone()),
-                    meta,
-                })?;
-                ctx.stats.files_sent += 1;
-            }
-            let racy = ctx.racy(&st);
-            Ok(Some((
-                Seen {
-                    st,
-                    link_to: None,
-                    blocks: None,
-                    meta_hash: mh,
-                    racy,
-                },
-                false,
-            )))
+
+    /// Another name of an inode already sent in this pass.
+    fn follower(
+        &mut self,
+        prev: Option<&Seen>,
+        leader: &[u8],
+        fresh: bool,
+    ) -> Result<Sent, FsyncError> {
+        let Some(Place::At(dir, name)) = self
+            .src
+            .locate(&self.e.rel)
+            .map_err(ioe(&self.e.path, "reaching"))?
+        else {
+            return Ok(None);
+        };
+        let Some(raw) =
+            found(sys::lstatat(dir.as_fd(), &name)).map_err(ioe(&self.e.path, "reading"))?
+        else {
+            return Ok(None);
+        };
+        let Some(st) =
+            Stat::from_libc(&raw).filter(|s| (s.dev, s.ino) == (self.e.st.dev, self.e.st.ino))
+        else {
+            return Ok(None);
+        };
+        let need = fresh
+            || prev.map_or(true, |p| {
+                !st.unchanged(&p.st) || p.link_to.as_deref() != Some(leader)
+            });
+        if need {
+            self.w.msg(&FsMsg::Link {
+                root: self.root,
+                path: Bytes(self.e.rel.clone()),
+                target: Bytes(leader.to_vec()),
+            })?;
+            self.ctx.stats.files_sent += 1;
         }
-        EntryKind::Symlink => {
-            let target = match std::fs::read_link(path) {
-                Ok(t) => t.into_os_string().into_vec(),
-                Err(err) if vanished(&err) => return Ok(None),
-                Err(err) => return Err(FsyncError::io("reading the symlink", path, err)),
-            };
-            let xattrs = match scan::read_xattrs_path(path) {
-                Ok(x) => x,
-                Err(err) if vanished(&err) => return Ok(None),
-                Err(err) => return Err(FsyncError::io("reading the xattrs of", path, err)),
-            };
-            let meta = st.meta(xattrs);
-            let mut extra = b"symlink:".to_vec();
-            extra.extend_from_slice(&target);
-            let mh = meta_hash(&meta, &extra);
-            let racy = ctx.racy(&st);
-            let seen = Seen {
-                st,
-                link_to: None,
-                blocks: None,
-                meta_hash: mh,
-                racy,
-            };
-            if base.is_some_and(|p| p.meta_hash == mh) {
-                return Ok(Some((seen, false)));
+        let seen = Seen {
+            st,
+            link_to: Some(leader.to_vec()),
+            blocks: None,
+            meta_hash: 0,
+            racy: false,
+        };
+        Ok(Some((seen, false)))
+    }
+
+    fn dir(&mut self, place: Place, base: Option<&Seen>) -> Result<Sent, FsyncError> {
+        let owned;
+        let fd = match place {
+            Place::Root => self.src.fd.as_fd(),
+            Place::At(dir, name) => {
+                let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW;
+                match found(sys::openat(dir.as_fd(), &name, flags, 0))
+                    .map_err(ioe(&self.e.path, "opening"))?
+                {
+                    Some(fd) => {
+                        owned = fd;
+                        owned.as_fd()
+                    }
+                    None => return Ok(None),
+                }
             }
-            w.msg(&FsMsg::Symlink {
-                root,
-                path: Bytes(e.rel.clone()),
-                target: Bytes(target),
+        };
+        let raw = sys::fstat(fd).map_err(ioe(&self.e.path, "reading"))?;
+        let Some(st) = Stat::from_libc(&raw).filter(|s| s.kind == EntryKind::Dir) else {
+            return Ok(None);
+        };
+        let xattrs = scan::read_xattrs(XTarget::Fd(fd))
+            .map_err(ioe(&self.e.path, "reading the xattrs of"))?;
+        let meta = st.meta(xattrs);
+        let mh = meta_hash(&meta, b"dir");
+        if base.map_or(true, |p| p.meta_hash != mh) {
+            self.w.msg(&FsMsg::Dir {
+                root: self.root,
+                path: Bytes(self.e.rel.clone()),
                 meta,
             })?;
-            ctx.stats.files_sent += 1;
-            Ok(Some((seen, true)))
+            self.ctx.stats.files_sent += 1;
         }
-        EntryKind::Fifo | EntryKind::Char | EntryKind::Block => {
-            let xattrs = match scan::read_xattrs_path(path) {
-                Ok(x) => x,
-                Err(err) if vanished(&err) => return Ok(None),
-                Err(err) => return Err(FsyncError::io("reading the xattrs of", path, err)),
-            };
-            let meta = st.meta(xattrs);
-            let extra = format!("{:?}:{}", st.kind, st.rdev);
-            let mh = meta_hash(&meta, extra.as_bytes());
-            let racy = ctx.racy(&st);
-            let seen = Seen {
-                st,
-                link_to: None,
-                blocks: None,
-                meta_hash: mh,
-                racy,
-            };
-            if base.is_some_and(|p| p.meta_hash == mh) {
-                return Ok(Some((seen, false)));
+        let seen = Seen {
+            st,
+            link_to: None,
+            blocks: None,
+            meta_hash: mh,
+            racy: self.ctx.racy(&st),
+        };
+        Ok(Some((seen, false)))
+    }
+
+    /// A symlink, FIFO or device node.
+    fn other(
+        &mut self,
+        kind: EntryKind,
+        dir: BorrowedFd<'_>,
+        name: &CStr,
+        base: Option<&Seen>,
+    ) -> Result<Sent, FsyncError> {
+        let Some(raw) = found(sys::lstatat(dir, name)).map_err(ioe(&self.e.path, "reading"))?
+        else {
+            return Ok(None);
+        };
+        let Some(st) = Stat::from_libc(&raw).filter(|s| s.kind == kind) else {
+            return Ok(None);
+        };
+        let target = if kind == EntryKind::Symlink {
+            match found(sys::readlinkat(dir, name))
+                .map_err(ioe(&self.e.path, "reading the symlink"))?
+            {
+                Some(t) => Some(t),
+                None => return Ok(None),
             }
-            w.msg(&FsMsg::Special {
-                root,
-                path: Bytes(e.rel.clone()),
-                kind: st.kind,
+        } else {
+            None
+        };
+        let proc = sys::proc_path(dir.as_raw_fd(), name);
+        let Some(xattrs) = found(scan::read_xattrs(XTarget::Path(&proc)))
+            .map_err(ioe(&self.e.path, "reading the xattrs of"))?
+        else {
+            return Ok(None);
+        };
+        let meta = st.meta(xattrs);
+        let extra = match &target {
+            Some(t) => [&b"symlink:"[..], t].concat(),
+            None => format!("{kind:?}:{}", st.rdev).into_bytes(),
+        };
+        let mh = meta_hash(&meta, &extra);
+        let seen = Seen {
+            st,
+            link_to: None,
+            blocks: None,
+            meta_hash: mh,
+            racy: self.ctx.racy(&st),
+        };
+        if base.is_some_and(|p| p.meta_hash == mh) {
+            return Ok(Some((seen, false)));
+        }
+        let path = Bytes(self.e.rel.clone());
+        let msg = match target {
+            Some(t) => FsMsg::Symlink {
+                root: self.root,
+                path,
+                target: Bytes(t),
+                meta,
+            },
+            None => FsMsg::Special {
+                root: self.root,
+                path,
+                kind,
                 rdev: st.rdev,
                 meta,
-            })?;
-            ctx.stats.files_sent += 1;
-            Ok(Some((seen, true)))
+            },
+        };
+        self.w.msg(&msg)?;
+        self.ctx.stats.files_sent += 1;
+        Ok(Some((seen, true)))
+    }
+
+    /// A regular file: whole (data regions) if the receiver does not have
+    /// it, else the changed blocks; only metadata if the content is the
+    /// same.
+    fn file(
+        &mut self,
+        dir: BorrowedFd<'_>,
+        name: &CStr,
+        base: Option<&Seen>,
+    ) -> Result<Sent, FsyncError> {
+        let Some(fd) = open_regular(dir, name).map_err(ioe(&self.e.path, "opening"))? else {
+            return Ok(None);
+        };
+        let fd = fd.as_fd();
+        let raw = sys::fstat(fd).map_err(ioe(&self.e.path, "reading"))?;
+        let Some(st) = Stat::from_libc(&raw) else {
+            return Ok(None);
+        };
+        let xattrs = scan::read_xattrs(XTarget::Fd(fd))
+            .map_err(ioe(&self.e.path, "reading the xattrs of"))?;
+        let meta = st.meta(xattrs);
+        let mh = meta_hash(&meta, b"file");
+        let size = st.size;
+        let racy = self.ctx.racy(&st);
+        let regions = sys::data_regions(fd, size).map_err(ioe(&self.e.path, "reading"))?;
+        let prev = base.and_then(|p| p.blocks.as_ref().map(|b| (b, p)));
+        let delta = prev.is_some();
+        let rel = Bytes(self.e.rel.clone());
+        let header = FsMsg::File {
+            root: self.root,
+            path: rel.clone(),
+            size,
+            delta,
+        };
+        let mut header_sent = false;
+        if !delta {
+            self.w.msg(&header)?;
+            header_sent = true;
         }
-        EntryKind::File => send_file(w, root, e, base, ctx),
+
+        let path = &self.e.path;
+        let mut out = Out::new(&mut *self.w);
+        let mut cursor = delta::RegionCursor::new(&regions);
+        let mut subs = Vec::new();
+        let mut buf = vec![0u8; BLOCK as usize];
+        let mut sigs: Vec<Sig> = Vec::with_capacity(delta::block_count(size) as usize);
+        let mut whole = WholeHasher::new();
+        for i in 0..delta::block_count(size) {
+            let start = i * BLOCK;
+            let len = (size - start).min(BLOCK);
+            cursor.data_in(start, start + len, &mut subs);
+            let block = &mut buf[..len as usize];
+            let sig = if subs.is_empty() {
+                whole.add(delta::zero_hash(len as usize));
+                None
+            } else {
+                sys::pread_fill(fd, block, start)
+                    .map_err(|e| FsyncError::io("reading", path, e))?;
+                let h = delta::block_hash(block);
+                whole.add(h);
+                Some(h)
+            };
+            let changed = match prev {
+                None => true,
+                Some((old, _)) => match old.get(i as usize) {
+                    Some(o) => *o != sig,
+                    // Beyond the old end a hole needs nothing: the new size makes it.
+                    None => sig.is_some(),
+                },
+            };
+            if changed {
+                if !header_sent {
+                    out.w.msg(&header)?;
+                    header_sent = true;
+                }
+                let covered: u64 = subs.iter().map(|(s, e)| e - s).sum();
+                if delta && covered < len {
+                    out.punch(start, len)?;
+                }
+                for &(s, e) in &subs {
+                    out.data(s, &block[(s - start) as usize..(e - start) as usize])?;
+                }
+            }
+            sigs.push(sig);
+        }
+        let hash = whole.finish();
+        let seen = Seen {
+            st,
+            link_to: None,
+            blocks: Some(sigs),
+            meta_hash: mh,
+            racy,
+        };
+        if let Some((_, p)) = prev {
+            if !header_sent && p.st.size == size {
+                // Same content: at most the metadata changed.
+                if p.meta_hash != mh {
+                    out.w.msg(&FsMsg::Attr {
+                        root: self.root,
+                        path: rel,
+                        kind: EntryKind::File,
+                        meta,
+                    })?;
+                    self.ctx.stats.files_sent += 1;
+                }
+                return Ok(Some((seen, false)));
+            }
+        }
+        if !header_sent {
+            out.w.msg(&header)?;
+        }
+        let bytes = out.finish()?;
+        self.w.msg(&FsMsg::FileEnd { meta, hash })?;
+        self.ctx.stats.bytes_sent += bytes;
+        self.ctx.stats.files_sent += 1;
+        Ok(Some((seen, true)))
     }
 }
 
 /// Opens a regular file for reading without following a symlink and
 /// without opening anything else (a FIFO or device put in its place):
 /// O_PATH first, then a real open of that very inode through /proc.
-fn open_regular(path: &Path) -> io::Result<Option<OwnedFd>> {
-    let c = sys::cstring(path.as_os_str().as_bytes())?;
-    let opath = match sys::open(&c, libc::O_PATH | libc::O_NOFOLLOW) {
-        Ok(fd) => fd,
-        Err(e) if vanished(&e) => return Ok(None),
-        Err(e) => return Err(e),
+fn open_regular(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Option<OwnedFd>> {
+    let Some(opath) = found(sys::openat(dir, name, libc::O_PATH | libc::O_NOFOLLOW, 0))? else {
+        return Ok(None);
     };
     let st = sys::fstat(opath.as_fd())?;
     if st.st_mode & libc::S_IFMT != libc::S_IFREG {
         return Ok(None);
     }
-    let proc = sys::cstring(
-        format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&opath)).as_bytes(),
-    )?;
+    let proc = sys::cstring(format!("/proc/self/fd/{}", opath.as_raw_fd()).as_bytes())?;
     match sys::open(&proc, libc::O_RDONLY | libc::O_NOATIME) {
-        Ok(fd) => Ok(Some(fd)),
+        // O_NOATIME needs ownership or CAP_FOWNER.
         Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
             sys::open(&proc, libc::O_RDONLY).map(Some)
         }
-        Err(e) => Err(e),
+        r => r.map(Some),
     }
-}
-
-fn send_file<W: Write>(
-    w: &mut Wire<'_, W>,
-    root: u32,
-    e: &Entry,
-    base: Option<&Seen>,
-    ctx: &mut PassCtx,
-) -> Result<Sent, FsyncError> {
-    let path = &e.path;
-    let Some(fd) = open_regular(path).map_err(|err| FsyncError::io("opening", path, err))? else {
-        return Ok(None);
-    };
-    let fd = fd.as_fd();
-    let raw = sys::fstat(fd).map_err(|err| FsyncError::io("reading", path, err))?;
-    let Some(st) = Stat::from_libc(&raw) else {
-        return Ok(None);
-    };
-    let xattrs = scan::read_xattrs(XTarget::Fd(fd))
-        .map_err(|err| FsyncError::io("reading the xattrs of", path, err))?;
-    let meta = st.meta(xattrs);
-    let mh = meta_hash(&meta, b"file");
-    let size = st.size;
-    let racy = ctx.racy(&st);
-    let regions =
-        sys::data_regions(fd, size).map_err(|err| FsyncError::io("reading", path, err))?;
-    let prev = base.and_then(|p| p.blocks.as_ref().map(|b| (b, p)));
-    let delta = prev.is_some();
-    let rel = Bytes(e.rel.clone());
-    let header = FsMsg::File {
-        root,
-        path: rel.clone(),
-        size,
-        delta,
-    };
-    let mut header_sent = false;
-    if !delta {
-        w.msg(&header)?;
-        header_sent = true;
-    }
-
-    let mut out = Out::new(w);
-    let mut cursor = delta::RegionCursor::new(&regions);
-    let mut subs = Vec::new();
-    let mut buf = vec![0u8; BLOCK as usize];
-    let mut sigs: Vec<Sig> = Vec::with_capacity(delta::block_count(size) as usize);
-    let mut whole = WholeHasher::new();
-    for i in 0..delta::block_count(size) {
-        let start = i * BLOCK;
-        let len = (size - start).min(BLOCK);
-        cursor.data_in(start, start + len, &mut subs);
-        let block = &mut buf[..len as usize];
-        let sig = if subs.is_empty() {
-            whole.add(delta::zero_hash(len as usize));
-            None
-        } else {
-            sys::pread_fill(fd, block, start)
-                .map_err(|err| FsyncError::io("reading", path, err))?;
-            let h = delta::block_hash(block);
-            whole.add(h);
-            Some(h)
-        };
-        let changed = match prev {
-            None => true,
-            Some((old, _)) => match old.get(i as usize) {
-                Some(o) => *o != sig,
-                // Beyond the old end a hole needs nothing: the new size makes it.
-                None => sig.is_some(),
-            },
-        };
-        if changed {
-            if !header_sent {
-                out.w.msg(&header)?;
-                header_sent = true;
-            }
-            let covered: u64 = subs.iter().map(|(s, e)| e - s).sum();
-            if delta && covered < len {
-                out.punch(start, len)?;
-            }
-            for &(s, e) in &subs {
-                out.data(s, &block[(s - start) as usize..(e - start) as usize])?;
-            }
-        }
-        sigs.push(sig);
-    }
-    let hash = whole.finish();
-    let seen = Seen {
-        st,
-        link_to: None,
-        blocks: Some(sigs),
-        meta_hash: mh,
-        racy,
-    };
-    if let Some((_, p)) = prev {
-        if !header_sent && p.st.size == size {
-            // Same content: at most the metadata changed.
-            if p.meta_hash != mh {
-                out.w.msg(&FsMsg::Attr {
-                    root,
-                    path: rel,
-                    kind: EntryKind::File,
-                    meta,
-                })?;
-                ctx.stats.files_sent += 1;
-            }
-            return Ok(Some((seen, false)));
-        }
-    }
-    if !header_sent {
-        out.w.msg(&header)?;
-    }
-    let bytes = out.finish()?;
-    w.msg(&FsMsg::FileEnd { meta, hash })?;
-    ctx.stats.bytes_sent += bytes;
-    ctx.stats.files_sent += 1;
-    Ok(Some((seen, true)))
 }
 
 /// After a failure to write: the receiver may have said why it stopped

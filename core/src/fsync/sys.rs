@@ -580,3 +580,29 @@ pub(crate) fn random_hex() -> String {
     }
     format!("{v:016x}")
 }
+
+/// `readlinkat`: a symlink's target, as is.
+pub(crate) fn readlinkat(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Vec<u8>> {
+    let mut cap = 256usize;
+    loop {
+        let mut buf = vec![0u8; cap];
+        // SAFETY: valid descriptor, name, and buffer pointer and length.
+        let n = unsafe {
+            libc::readlinkat(
+                dir.as_raw_fd(),
+                name.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = n as usize;
+        if n < cap {
+            buf.truncate(n);
+            return Ok(buf);
+        }
+        cap *= 2;
+    }
+}

@@ -46,6 +46,18 @@ fn pattern_file(p: &Path, size: u64, seed: u64) {
     }
 }
 
+/// How long this build takes to hash `bytes` in blocks (measured on 16 MiB).
+fn hash_cost(bytes: u64) -> Duration {
+    let block = vec![0x5au8; super::delta::BLOCK as usize];
+    let t = Instant::now();
+    let mut acc = 0u128;
+    for _ in 0..(16 * MIB / super::delta::BLOCK) {
+        acc ^= super::delta::block_hash(&block);
+    }
+    assert_ne!(acc, 1);
+    t.elapsed().mul_f64(bytes as f64 / (16 * MIB) as f64)
+}
+
 /// A tree with every kind of entry and metadata phaul must keep.
 fn build_everything(src: &Path) {
     fs::create_dir_all(src.join("dir1/dir2/dir3")).unwrap();
@@ -183,8 +195,16 @@ fn later_passes_send_only_changes() {
     let mut p = Pair::start(vec![dst.clone()]);
     let t0 = Instant::now();
     let st = p.pass(&mut s, false).unwrap();
-    eprintln!("first pass: {st:?} in {:?}", t0.elapsed());
+    let took = t0.elapsed();
     assert!(st.bytes_sent >= 210 * MIB, "{st:?}");
+    // Well under 2 s for 200 MiB and more; where xxh3 is compiled without
+    // optimisation (a plain debug build, ~80 MiB/s) its measured cost is
+    // added, so that anything else slow (reading twice, copying per byte)
+    // still fails.
+    let budget =
+        Duration::from_secs(2).max(hash_cost(st.bytes_sent).mul_f64(1.5) + Duration::from_secs(1));
+    eprintln!("first pass: {st:?} in {took:?} (budget {budget:?})");
+    assert!(took < budget, "first pass took {took:?}, budget {budget:?}");
     assert_same(&src, &dst);
 
     // 1 MiB of the 200 changes, in three places.
@@ -742,4 +762,58 @@ fn protocol_violations_end_the_session_cleanly() {
     // Counts that do not match.
     let (err, _) = hostile(|_| file("f"));
     assert!(err.to_string().contains("counted"), "{err}");
+}
+
+#[test]
+fn the_sender_never_reads_through_a_symlink_swapped_in_during_a_pass() {
+    let t = scratch();
+    let (src, dst, outside) = (
+        t.path().join("src"),
+        t.path().join("dst"),
+        t.path().join("outside"),
+    );
+    fs::create_dir_all(src.join("d/sub")).unwrap();
+    fs::write(src.join("d/f"), b"inside").unwrap();
+    fs::write(src.join("d/sub/g"), b"inside too").unwrap();
+    fs::write(src.join("top"), b"top").unwrap();
+    // The same names outside, with secrets in them.
+    fs::create_dir_all(outside.join("sub")).unwrap();
+    fs::write(outside.join("f"), b"SECRET").unwrap();
+    fs::write(outside.join("sub/g"), b"SECRET").unwrap();
+    set_xattr(&outside.join("f"), "user.secret", b"SECRET");
+    let mut s = Sender::new(vec![src.clone()]);
+    // After the walk saw d as a directory, the workload swaps it for a
+    // symlink to the outside directory.
+    let (srcc, outc) = (src.clone(), outside.clone());
+    s.after_scan = Some(Box::new(move || {
+        if srcc.join("d").is_dir() && !srcc.join("d").is_symlink() {
+            fs::rename(srcc.join("d"), srcc.join("d.old")).unwrap();
+            symlink(&outc, srcc.join("d")).unwrap();
+        }
+    }));
+    let mut p = Pair::start(vec![dst.clone()]);
+    let st = p.pass(&mut s, false).unwrap();
+    eprintln!("{st:?}");
+    for e in walkdir::WalkDir::new(&dst) {
+        let e = e.unwrap();
+        if e.file_type().is_file() {
+            assert_ne!(
+                fs::read(e.path()).unwrap(),
+                b"SECRET",
+                "{} leaked",
+                e.path().display()
+            );
+        }
+    }
+    assert!(
+        !dst.join("d").exists(),
+        "d was sent though it is no longer a directory of the tree"
+    );
+    assert_eq!(fs::read(dst.join("top")).unwrap(), b"top");
+    // The next pass sees the tree as it now is.
+    s.after_scan = None;
+    p.pass(&mut s, true).unwrap();
+    assert_same(&src, &dst);
+    assert!(dst.join("d").is_symlink());
+    p.finish(&mut s);
 }

@@ -1,23 +1,20 @@
-//! The memory channel on its own: how fast phaul's relay (CRIU's socketpair
-//! -> splice -> TCP -> splice -> socketpair) moves bytes, against a plain
-//! loopback TCP stream measured the same way in the same run.
+//! The baseline for the memory channel: a plain loopback TCP stream (one
+//! connection, 1 MiB writes) measured in the same run. phaul hands CRIU the
+//! memory connection itself, so its in-migration rate (pages over CRIU's
+//! memwrite time) is compared against this.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::unix::net::UnixStream;
 use std::time::Instant;
 
-use phaul_core::relay::Relay;
 use serde::Serialize;
 
-/// The two rates, MiB/s.
+/// The baseline, MiB/s.
 #[derive(Debug, Clone, Serialize)]
 pub struct Channel {
     /// Plain loopback TCP, one stream, 1 MiB writes.
     pub tcp_mib_s: f64,
-    /// The same bytes through phaul's two relays and a loopback TCP stream.
-    pub relay_mib_s: f64,
-    /// Bytes moved by each.
+    /// Bytes moved.
     pub bytes: u64,
 }
 
@@ -57,7 +54,7 @@ fn tcp_pair() -> anyhow::Result<(TcpStream, TcpStream)> {
     Ok((a, b))
 }
 
-/// Measures both, `bytes` each.
+/// Streams `bytes` over loopback TCP.
 pub fn measure(bytes: u64) -> anyhow::Result<Channel> {
     // Plain TCP.
     let (a, b) = tcp_pair()?;
@@ -69,26 +66,8 @@ pub fn measure(bytes: u64) -> anyhow::Result<Channel> {
         .map_err(|_| anyhow::anyhow!("reader panicked"))??;
     let tcp = rate(got, t.elapsed().as_secs_f64());
 
-    // CRIU's side -> relay -> TCP -> relay -> page server's side.
-    let (criu_src, relay_src_local) = UnixStream::pair()?;
-    let (relay_dst_local, page_server) = UnixStream::pair()?;
-    let (tcp_src, tcp_dst) = tcp_pair()?;
-    let r1 = Relay::start(relay_src_local.into(), tcp_src.into());
-    let r2 = Relay::start(relay_dst_local.into(), tcp_dst.into());
-    let t = Instant::now();
-    let reader = std::thread::spawn(move || drain(page_server));
-    let mut w = criu_src;
-    pump(&mut w, bytes)?;
-    w.shutdown(std::net::Shutdown::Write)?;
-    let got2 = reader
-        .join()
-        .map_err(|_| anyhow::anyhow!("reader panicked"))??;
-    let relay = rate(got2, t.elapsed().as_secs_f64());
-    r1.shutdown();
-    r2.shutdown();
     Ok(Channel {
         tcp_mib_s: tcp,
-        relay_mib_s: relay,
-        bytes: got.min(got2),
+        bytes: got,
     })
 }

@@ -55,6 +55,9 @@ pub struct RunResult {
     pub bytes: u64,
     /// phaul only: total time minus CRIU's own dump and restore work.
     pub overhead_ms: Option<f64>,
+    /// phaul only: the memory channel's rate during the dump (bytes over
+    /// CRIU's memwrite time), MiB/s.
+    pub channel_mib_s: Option<f64>,
     /// phaul only: user+system CPU of `phaul migrate` and `phaul serve`.
     pub phaul_cpu_ms: Option<f64>,
     /// phaul only: peak RSS of `phaul migrate`, KiB.
@@ -304,6 +307,12 @@ impl Env {
         }
         r.criu_frozen_ms = j["criu_dump"]["frozen_time"].as_u64().unwrap_or(0) as f64 / 1e3;
         r.bytes = j["bytes_on_wire"].as_u64().unwrap_or(0);
+        let memwrite_s = j["criu_dump"]["memwrite_time"].as_u64().unwrap_or(0) as f64 / 1e6;
+        if memwrite_s > 0.0 {
+            r.channel_mib_s = Some(
+                j["memory_bytes"].as_u64().unwrap_or(0) as f64 / (1 << 20) as f64 / memwrite_s,
+            );
+        }
         let criu_us = j["criu_dump_time_us"].as_u64().unwrap_or(0)
             + j["restore_time_us"].as_u64().unwrap_or(0);
         r.overhead_ms = Some(

@@ -220,13 +220,27 @@ pub fn markdown(machine: &Value, channel: &Channel, runs: &[RunResult]) -> Strin
             ));
         }
     }
-    let pct = 100.0 * channel.relay_mib_s / channel.tcp_mib_s;
-    targets.push(format!(
-        "- memory channel: {:.0} MiB/s vs plain loopback TCP {:.0} MiB/s = {pct:.0}% (target >= 80%) — {}",
-        channel.relay_mib_s,
-        channel.tcp_mib_s,
-        if pct >= 80.0 { "met" } else { "missed" }
-    ));
+    // The channel's rate where it matters most: the largest workload.
+    let largest = runs
+        .iter()
+        .filter(|r| r.error.is_none())
+        .map(|r| r.mem_mib)
+        .max()
+        .unwrap_or(0);
+    let chan = mmm(runs
+        .iter()
+        .filter(|r| r.mem_mib == largest && r.error.is_none())
+        .filter_map(|r| r.channel_mib_s)
+        .collect());
+    if let Some((_, med, _)) = chan {
+        let pct = 100.0 * med / channel.tcp_mib_s;
+        targets.push(format!(
+            "- memory channel during the dump ({largest} MiB, pages over CRIU's memwrite time): {med:.0} MiB/s vs \
+             plain loopback TCP {:.0} MiB/s = {pct:.0}% (target >= 80%) — {}",
+            channel.tcp_mib_s,
+            if pct >= 80.0 { "met" } else { "missed" }
+        ));
+    }
     let peak = runs
         .iter()
         .filter_map(|r| Some(r.phaul_src_maxrss_kib?.max(r.phaul_dst_maxrss_kib?)))
