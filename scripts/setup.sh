@@ -9,6 +9,10 @@ set -euo pipefail
 CRIU_MIN="4.2"
 CRIU_SUITE="${PHAUL_CRIU_SUITE:-sid}"
 CRIU_PREFIX=/usr/local
+# CRIU caches what it learns about the kernel (~30 ms of probing per CRIU
+# request otherwise) in RUNDIR, but only on tmpfs. phaul's CRIU keeps it in
+# /run/criu; where /run is not tmpfs, setup mounts a small tmpfs there.
+CRIU_RUNDIR=/run/criu
 CACHE="${PHAUL_SETUP_CACHE:-/var/cache/phaul-setup}"
 
 log() { printf '[setup] %s\n' "$*" >&2; }
@@ -44,7 +48,8 @@ criu_version() {
 
 have=""
 if [ -x "$CRIU_PREFIX/sbin/criu" ]; then have=$(criu_version "$CRIU_PREFIX/sbin/criu" || true); fi
-if [ -n "$have" ] && version_ge "$have" "$CRIU_MIN" && [ -f "$CRIU_PREFIX/share/phaul/criu-src/images/rpc.proto" ]; then
+if [ -n "$have" ] && version_ge "$have" "$CRIU_MIN" && [ -f "$CRIU_PREFIX/share/phaul/criu-src/images/rpc.proto" ] &&
+  grep -qa "$CRIU_RUNDIR/criu.kdat" "$CRIU_PREFIX/sbin/criu"; then
   log "criu $have: already installed"
 else
   log "building CRIU >= $CRIU_MIN from Debian's $CRIU_SUITE source package"
@@ -71,7 +76,7 @@ else
   rm -rf "$build" && mkdir -p "$build"
   tar -xf "$orig" -C "$build" --strip-components=1
   log "compiling CRIU (about 30 s)"
-  make -C "$build" -j"$(nproc)" criu >"$CACHE/criu-build.log" 2>&1 ||
+  make -C "$build" -j"$(nproc)" criu RUNDIR="$CRIU_RUNDIR" >"$CACHE/criu-build.log" 2>&1 ||
     { tail -n 30 "$CACHE/criu-build.log" >&2; die "CRIU build failed (log: $CACHE/criu-build.log)"; }
   install -D -m 0755 "$build/criu/criu" "$CRIU_PREFIX/sbin/criu"
   # Keep the RPC and image definitions: phaul's CRIU RPC messages follow them.
@@ -80,6 +85,13 @@ else
   have=$(criu_version "$CRIU_PREFIX/sbin/criu")
   version_ge "$have" "$CRIU_MIN" || die "built CRIU $have, need >= $CRIU_MIN"
   log "installed criu $have at $CRIU_PREFIX/sbin/criu"
+fi
+
+# The kernel-feature cache directory, on tmpfs so that a reboot clears it.
+mkdir -p "$CRIU_RUNDIR"
+if [ "$(stat -f -c %T "$CRIU_RUNDIR")" != tmpfs ]; then
+  mount -t tmpfs -o size=1m,mode=0700 phaul-criu-kdat "$CRIU_RUNDIR"
+  log "mounted a tmpfs on $CRIU_RUNDIR for CRIU's kernel-feature cache (/run is not tmpfs here)"
 fi
 
 # CRIU must work on this kernel (it logs a harmless RLIMIT_NOFILE error here).

@@ -1,5 +1,5 @@
 //! Receiver safety against a hostile sender: wire paths are checked
-//! ([`check_path`]) and resolved ([`Resolved::open`]) so that nothing
+//! ([`check_path`]) and resolved (`Resolved::open`) so that nothing
 //! outside a root can ever be touched.
 //!
 //! A wire path is relative to a root and made of plain names: no leading

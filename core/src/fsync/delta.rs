@@ -89,6 +89,18 @@ impl<'a> RegionCursor<'a> {
     }
 }
 
+/// Zeroes the parts of `block` (which starts at file offset `start`) that
+/// are not in `data` (sorted ranges within the block).
+pub(crate) fn zero_outside(block: &mut [u8], start: u64, data: &[(u64, u64)]) {
+    let mut at = 0usize;
+    for &(s, e) in data {
+        let (s, e) = ((s - start) as usize, (e - start) as usize);
+        block[at..s].fill(0);
+        at = e;
+    }
+    block[at..].fill(0);
+}
+
 /// Number of blocks of a file of `size` bytes.
 pub(crate) fn block_count(size: u64) -> u64 {
     size.div_ceil(BLOCK)
@@ -134,6 +146,16 @@ mod tests {
         assert_eq!(out, vec![(150, 200), (250, 260)]);
         c.data_in(300, 350, &mut out);
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn zero_outside_keeps_only_data() {
+        let mut b = [9u8; 10];
+        zero_outside(&mut b, 100, &[(101, 103), (105, 106)]);
+        assert_eq!(b, [0, 9, 9, 0, 0, 9, 0, 0, 0, 0]);
+        let mut b = [9u8; 4];
+        zero_outside(&mut b, 0, &[(0, 4)]);
+        assert_eq!(b, [9; 4]);
     }
 
     #[test]

