@@ -209,54 +209,50 @@ fn killing_the_destination_during_the_transfer_rolls_back() {
     );
 }
 
-#[test]
-fn a_failing_restore_on_the_destination_rolls_back() {
+/// The faulty driver, given `options`, breaks the migration; the source
+/// must roll back and say `expect`.
+fn faulty_migration_rolls_back(options: &[&str], mem_mib: &str, expect: &str) {
     if !setup() {
         return;
     }
     let serve = Serve::start(FAULTY, &[]);
-    let w = Workload::spawn(&["--mem-mib", "32"]);
+    let w = Workload::spawn(&["--mem-mib", mem_mib]);
     let before = w.report();
     let src = plugin_dir(FAULTY);
-    let (out, _) = migrate(
-        src.path(),
-        "faulty",
-        w.pid,
-        &serve.addr,
-        &["-o", "break-restore"],
-    );
+    let args: Vec<&str> = options.iter().flat_map(|o| ["-o", *o]).collect();
+    let (out, _) = migrate(src.path(), "faulty", w.pid, &serve.addr, &args);
     assert_eq!(out.status.code(), Some(4));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("restore failed"),
-        "the message names the failed restore: {stderr}"
+        stderr.contains(expect),
+        "the message says {expect:?}: {stderr}"
     );
     assert_rolled_back(&w, &before, &serve);
 }
 
 #[test]
+fn a_failing_restore_on_the_destination_rolls_back() {
+    faulty_migration_rolls_back(&["break-restore"], "32", "restore failed");
+}
+
+#[test]
 fn a_failing_driver_hook_on_the_destination_rolls_back() {
-    if !setup() {
-        return;
-    }
-    let serve = Serve::start(FAULTY, &[]);
-    let w = Workload::spawn(&["--mem-mib", "16"]);
-    let before = w.report();
-    let src = plugin_dir(FAULTY);
-    let (out, _) = migrate(
-        src.path(),
-        "faulty",
-        w.pid,
-        &serve.addr,
-        &["-o", "panic=meta_files_in"],
+    faulty_migration_rolls_back(
+        &["panic=meta_files_in"],
+        "16",
+        "driver panicked in meta_files_in",
     );
-    assert_eq!(out.status.code(), Some(4));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("driver panicked in meta_files_in"),
-        "{stderr}"
+}
+
+#[test]
+fn shared_storage_is_snapshotted_before_the_hand_over() {
+    // The storage snapshot is taken while the workload is frozen; when it
+    // fails, the migration rolls back before anything is restored.
+    faulty_migration_rolls_back(
+        &["shared-storage", "fail=storage_snapshot@source"],
+        "16",
+        "injected failure in storage_snapshot",
     );
-    assert_rolled_back(&w, &before, &serve);
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use phaul_plugin_api::{CriuOpts, InitContext, KeyValue, Mode, RestoreContext, Side};
+use phaul_plugin_api::{CriuOpts, RestoreContext, Side};
 
 use crate::conn::Conn;
 use crate::criu::rpc::ReqType;
@@ -230,18 +230,14 @@ impl<'a> Session<'a> {
         );
         let drv_err = |e: crate::Error| Refuse(Refusal::Driver, e.to_string());
         driver
-            .init(InitContext {
-                side: Side::Destination,
-                mode: if live { Mode::Live } else { Mode::Restart },
-                id: hello.id.as_str().into(),
-                options: hello
-                    .options
-                    .iter()
-                    .map(|(k, v)| KeyValue::new(k, v))
-                    .collect(),
-                work_dir: work.path().display().to_string().into(),
-                host: host.into_box(),
-            })
+            .init(super::init_context(
+                Side::Destination,
+                hello.mode,
+                &hello.id,
+                &hello.options,
+                &work,
+                host,
+            ))
             .map_err(drv_err)?;
         let ours = fs_roots(&driver.fs_sync().map_err(drv_err)?);
         if ours != hello.fs_roots {

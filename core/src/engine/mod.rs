@@ -52,7 +52,11 @@ pub mod source;
 
 use std::net::SocketAddr;
 
-use phaul_plugin_api::{CgroupMode, CriuOpts, NetworkLock};
+use phaul_plugin_api::{CgroupMode, CriuOpts, InitContext, KeyValue, Mode, NetworkLock, Side};
+
+use crate::plugins::EngineHost;
+use crate::proto::MigrationMode;
+use crate::workdir::WorkDir;
 
 use crate::conn::Conn;
 use crate::criu::rpc;
@@ -106,6 +110,28 @@ pub enum MigrationError {
     /// Failed after the commit: the source copy is gone or stopped.
     #[error("failed after the point of no return: {0}")]
     AfterCommit(String),
+}
+
+/// What a driver instance is initialised with.
+pub(crate) fn init_context(
+    side: Side,
+    mode: MigrationMode,
+    id: &str,
+    options: &[(String, String)],
+    work: &WorkDir,
+    host: EngineHost,
+) -> InitContext {
+    InitContext {
+        side,
+        mode: match mode {
+            MigrationMode::Live => Mode::Live,
+            MigrationMode::Restart => Mode::Restart,
+        },
+        id: id.into(),
+        options: options.iter().map(|(k, v)| KeyValue::new(k, v)).collect(),
+        work_dir: work.path().display().to_string().into(),
+        host: host.into_box(),
+    }
 }
 
 /// Copies the driver-adjustable CRIU options into an RPC request.

@@ -13,14 +13,14 @@ use super::fs::SourceSync;
 use super::iter::StopReason;
 use super::report::{Progress, Report};
 use super::source::{
-    connect, fs_bytes, fs_roots, handshake, open_control, prepare, query, recv, refused, send_file,
-    Prepared, SourceOptions,
+    connect, fs_bytes, fs_roots, handshake, hello, open_control, prepare, query, recv, refused,
+    send_file, Prepared, SourceOptions,
 };
 use super::{Connector, MigrationError};
 use crate::plugins::Driver;
-use crate::proto::{Hello, MigrationMode, Msg, Outcome};
+use crate::proc;
+use crate::proto::{Msg, Outcome};
 use crate::workdir::WorkDir;
-use crate::{proc, ABI_VERSION, PHAUL_VERSION};
 
 /// The source side of a restart-mode migration.
 #[allow(clippy::too_many_arguments)]
@@ -42,31 +42,14 @@ pub(crate) fn source(
         ..
     } = prepare(driver, opts, &work, "none")?;
     let roots = fs_roots(&fs);
+    let shared = fs.kind == phaul_plugin_api::FsSyncKind::SharedStorage;
+    let mut snapshotted = false;
     let conns = connect(connector, session, false, !roots.is_empty()).map_err(refused)?;
     for c in std::iter::once(&conns.control).chain(conns.fs.iter()) {
         abort.watch(c);
     }
     let mut control = open_control(conns.control);
-    handshake(
-        &mut control,
-        Hello {
-            session,
-            phaul_version: PHAUL_VERSION.into(),
-            abi_version: ABI_VERSION.into(),
-            criu_version: None,
-            htype: opts.htype.clone(),
-            id: opts.id.clone(),
-            mode: MigrationMode::Restart,
-            options: opts.options.clone(),
-            cpuinfo: Vec::new(),
-            need_bytes: 0,
-            force: opts.force,
-            tcp_established: false,
-            keep_images: opts.keep_images,
-            fs_roots: roots.clone(),
-            no_start: opts.no_start,
-        },
-    )?;
+    handshake(&mut control, hello(opts, session, &roots))?;
     let mut sync = conns
         .fs
         .map(|c| SourceSync::start(c, roots.iter().map(PathBuf::from).collect(), opts.fs_rules));
@@ -105,6 +88,10 @@ pub(crate) fn source(
             progress.phase("final file sync");
             fs_report = Some(s.final_pass().map_err(safe)?);
         }
+        if shared {
+            driver.storage_snapshot().map_err(|e| safe(e.to_string()))?;
+            snapshotted = true;
+        }
         let meta_dir = work.meta();
         let meta = driver
             .meta_files_out(&meta_dir.display().to_string())
@@ -133,6 +120,11 @@ pub(crate) fn source(
     })();
     match handed {
         Ok(new_pid) => {
+            if snapshotted {
+                if let Err(e) = driver.storage_commit() {
+                    tracing::warn!("{e}");
+                }
+            }
             if let Err(e) = driver.migration_complete() {
                 tracing::warn!("{e}");
             }
@@ -167,6 +159,11 @@ pub(crate) fn source(
         ))),
         Err((e, true)) => {
             let _ = control.1.write(&Msg::Abort { reason: e.clone() });
+            if snapshotted {
+                if let Err(e) = driver.storage_rollback() {
+                    tracing::error!("could not put the shared storage back to its snapshot: {e}");
+                }
+            }
             if let Err(e) = driver.net_unlock() {
                 tracing::warn!("{e}");
             }

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use phaul_plugin_api::{CriuOpts, DumpContext, FsSyncKind, InitContext, KeyValue, Mode, Side};
+use phaul_plugin_api::{CriuOpts, DumpContext, FsSyncKind, Side};
 
 use super::abort::Abort;
 use super::fs::SourceSync;
@@ -90,6 +90,10 @@ struct Source<'a> {
     /// Files were copied (inodes change): CRIU must resolve inotify
     /// watches by path.
     irmap: bool,
+    /// The files are on shared storage: snapshot it before the hand-over,
+    /// put it back if the migration fails.
+    shared_storage: bool,
+    snapshotted: bool,
 }
 
 pub(crate) fn refused(e: impl std::fmt::Display) -> MigrationError {
@@ -178,6 +182,27 @@ pub(crate) fn connect(
     Ok(Conns { control, mem, fs })
 }
 
+/// The handshake for `opts`; the live mode adds what CRIU said.
+pub(crate) fn hello(opts: &SourceOptions, session: u64, roots: &[String]) -> Hello {
+    Hello {
+        session,
+        phaul_version: PHAUL_VERSION.into(),
+        abi_version: ABI_VERSION.into(),
+        criu_version: None,
+        htype: opts.htype.clone(),
+        id: opts.id.clone(),
+        mode: opts.mode,
+        options: opts.options.clone(),
+        cpuinfo: Vec::new(),
+        need_bytes: 0,
+        force: opts.force,
+        tcp_established: opts.tcp_established,
+        keep_images: opts.keep_images,
+        fs_roots: roots.to_vec(),
+        no_start: opts.no_start,
+    }
+}
+
 /// Sends the handshake and reads the answer.
 pub(crate) fn handshake(control: &mut Control, hello: Hello) -> Result<Welcome, MigrationError> {
     control
@@ -229,23 +254,15 @@ pub(crate) fn prepare(
         criu_version,
         feature_checker(opts.criu.clone(), work.criu()),
     );
-    let mode = match opts.mode {
-        MigrationMode::Live => Mode::Live,
-        MigrationMode::Restart => Mode::Restart,
-    };
     driver
-        .init(InitContext {
-            side: Side::Source,
-            mode,
-            id: opts.id.as_str().into(),
-            options: opts
-                .options
-                .iter()
-                .map(|(k, v)| KeyValue::new(k, v))
-                .collect(),
-            work_dir: work.path().display().to_string().into(),
-            host: host.into_box(),
-        })
+        .init(super::init_context(
+            Side::Source,
+            opts.mode,
+            &opts.id,
+            &opts.options,
+            work,
+            host,
+        ))
         .map_err(refused)?;
     let info = driver.info().map_err(refused)?;
     let needed = match opts.mode {
@@ -364,21 +381,10 @@ pub fn migrate(
     handshake(
         &mut control,
         Hello {
-            session,
-            phaul_version: PHAUL_VERSION.into(),
-            abi_version: ABI_VERSION.into(),
             criu_version: Some(criu_version),
-            htype: opts.htype.clone(),
-            id: opts.id.clone(),
-            mode: MigrationMode::Live,
-            options: opts.options.clone(),
             cpuinfo,
             need_bytes,
-            force: opts.force,
-            tcp_established: opts.tcp_established,
-            keep_images: opts.keep_images,
-            fs_roots: roots.clone(),
-            no_start: false,
+            ..hello(opts, session, &roots)
         },
     )?;
     if let Some(r) = abort.reason() {
@@ -411,6 +417,8 @@ pub fn migrate(
         fs: fs_sync,
         fs_report: None,
         irmap: !roots.is_empty() && !fs.inodes_persistent,
+        shared_storage: fs.kind == FsSyncKind::SharedStorage,
+        snapshotted: false,
     };
     let result = src.run(use_pre_dump);
     src.finish(result, started)
@@ -654,6 +662,9 @@ impl Source<'_> {
                                 }
                                 Err(e) => {
                                     tracing::warn!("rolling back: {e}");
+                                    // The storage goes back before the tree
+                                    // resumes on it.
+                                    self.rollback_storage();
                                     failure.get_or_insert(e);
                                     false
                                 }
@@ -716,6 +727,11 @@ impl Source<'_> {
         if let Some(fs) = self.fs.take() {
             self.progress.phase("final file sync");
             self.fs_report = Some(fs.final_pass()?);
+        }
+        if self.shared_storage {
+            self.progress.phase("snapshotting shared storage");
+            self.driver.storage_snapshot().map_err(|e| e.to_string())?;
+            self.snapshotted = true;
         }
         let meta_dir = self.work.meta();
         let meta = self
@@ -818,6 +834,15 @@ impl Source<'_> {
         Ok(())
     }
 
+    /// Puts shared storage back to its snapshot (once).
+    fn rollback_storage(&mut self) {
+        if std::mem::take(&mut self.snapshotted) {
+            if let Err(e) = self.driver.storage_rollback() {
+                tracing::error!("could not put the shared storage back to its snapshot: {e}");
+            }
+        }
+    }
+
     /// Turns the outcome into a report or a classified error, running the
     /// driver's completion or rollback hooks.
     fn finish(
@@ -843,6 +868,11 @@ impl Source<'_> {
                 });
                 if let Err(e) = self.driver.umount() {
                     tracing::warn!("{e}");
+                }
+                if self.snapshotted {
+                    if let Err(e) = self.driver.storage_commit() {
+                        tracing::warn!("{e}");
+                    }
                 }
                 if let Err(e) = self.driver.migration_complete() {
                     tracing::warn!("{e}");

@@ -146,6 +146,18 @@ impl Driver for FaultyDriver {
         self.inject("meta_files_in")?;
         self.inner.meta_files_in(dir, names)
     }
+    fn storage_snapshot(&mut self) -> DriverResult<()> {
+        self.inject("storage_snapshot")?;
+        self.inner.storage_snapshot()
+    }
+    fn storage_rollback(&mut self) -> DriverResult<()> {
+        self.inject("storage_rollback")?;
+        self.inner.storage_rollback()
+    }
+    fn storage_commit(&mut self) -> DriverResult<()> {
+        self.inject("storage_commit")?;
+        self.inner.storage_commit()
+    }
     fn migration_complete(&mut self) -> DriverResult<()> {
         self.inject("migration_complete")?;
         self.inner.migration_complete()

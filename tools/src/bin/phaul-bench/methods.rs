@@ -66,6 +66,9 @@ pub struct RunResult {
     pub phaul_dst_maxrss_kib: Option<u64>,
     /// Every page of the workload verified after the move.
     pub verified: bool,
+    /// phaul only: its whole `--json` summary (CRIU's own dump and restore
+    /// statistics, passes, bytes), for analysis.
+    pub phaul_report: Option<Value>,
     /// Why the run failed, if it did.
     pub error: Option<String>,
 }
@@ -325,7 +328,9 @@ impl Env {
         r.phaul_cpu_ms = Some(src.cpu_ms + dst.cpu_ms);
         r.phaul_src_maxrss_kib = Some(src.maxrss_kib);
         r.phaul_dst_maxrss_kib = Some(dst.maxrss_kib);
-        Ok(j["destination_pid"].as_i64().unwrap_or(0) as i32)
+        let new = j["destination_pid"].as_i64().unwrap_or(0) as i32;
+        r.phaul_report = Some(j);
+        Ok(new)
     }
 
     fn criu_cli(&self, pid: i32, copy: bool, r: &mut RunResult) -> anyhow::Result<i32> {
