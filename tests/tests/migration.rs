@@ -309,26 +309,36 @@ fn losing_the_connection_after_the_commit_is_resolved_by_asking_the_destination(
     assert!(after["counter"].as_u64() > before["counter"].as_u64());
 }
 
-#[test]
-fn ctrl_c_on_the_source_while_frozen_rolls_back() {
-    if !setup() {
-        return;
+/// A `phaul migrate` held by a proxy at the restore request: the
+/// workload is frozen and waiting.
+struct Held {
+    proxy: Proxy,
+    child: std::process::Child,
+    _work: tempfile::TempDir,
+}
+
+impl Held {
+    /// Presses Ctrl-C and returns the exit code.
+    fn interrupt(mut self) -> Option<i32> {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+        let code = self.child.wait().unwrap().code();
+        drop(self.proxy);
+        code
     }
-    let serve = Serve::start(PID, &[]);
-    let w = Workload::spawn(&["--mem-mib", "16"]);
-    let before = w.report();
-    // Hold the migration at the restore request: the workload is frozen
-    // and waiting when the user presses Ctrl-C.
+}
+
+fn migrate_held_at_restore(serve: &Serve, pid: i32) -> Held {
     let proxy = Proxy::start(&serve.addr, Fault::StallAt("Restore"));
     let src = plugin_dir(PID);
     let work = phaul_tests::harness::shm_dir("src");
-    let mut child = Command::new(phaul_tests::bin("phaul"))
+    let child = Command::new(phaul_tests::bin("phaul"))
         .arg("--plugin-dir")
         .arg(src.path())
         .args([
             "migrate",
             "pid",
-            &w.pid.to_string(),
+            &pid.to_string(),
             "--to",
             &proxy.addr,
             "--work-dir",
@@ -338,16 +348,26 @@ fn ctrl_c_on_the_source_while_frozen_rolls_back() {
         .unwrap();
     assert!(
         wait_for(Duration::from_secs(30), || proxy.triggered()),
-        "reached the restore request"
+        "the migration reached its restore request"
     );
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    )
-    .unwrap();
-    let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(4));
-    drop(proxy);
+    Held {
+        proxy,
+        child,
+        _work: work,
+    }
+}
+
+#[test]
+fn ctrl_c_on_the_source_while_frozen_rolls_back() {
+    if !setup() {
+        return;
+    }
+    let serve = Serve::start(PID, &[]);
+    let w = Workload::spawn(&["--mem-mib", "16"]);
+    let before = w.report();
+    // The workload is frozen and waiting when the user presses Ctrl-C.
+    let held = migrate_held_at_restore(&serve, w.pid);
+    assert_eq!(held.interrupt(), Some(4));
     assert_rolled_back(&w, &before, &serve);
 }
 
@@ -424,24 +444,8 @@ fn the_service_runs_one_migration_at_a_time_and_survives_garbage() {
     // Hold one migration at its restore request (workload frozen) ...
     let first = Workload::spawn(&["--mem-mib", "8"]);
     let first_before = first.report();
-    let proxy = Proxy::start(&serve.addr, Fault::StallAt("Restore"));
+    let held = migrate_held_at_restore(&serve, first.pid);
     let src = plugin_dir(PID);
-    let work = phaul_tests::harness::shm_dir("src");
-    let mut held = Command::new(phaul_tests::bin("phaul"))
-        .arg("--plugin-dir")
-        .arg(src.path())
-        .args([
-            "migrate",
-            "pid",
-            &first.pid.to_string(),
-            "--to",
-            &proxy.addr,
-            "--work-dir",
-        ])
-        .arg(work.path())
-        .spawn()
-        .unwrap();
-    assert!(wait_for(Duration::from_secs(30), || proxy.triggered()));
     // ... and a second one is refused, touching nothing.
     let second = Workload::spawn(&["--mem-mib", "8"]);
     let (out, _) = migrate(src.path(), "pid", second.pid, &serve.addr, &[]);
@@ -454,13 +458,7 @@ fn the_service_runs_one_migration_at_a_time_and_survives_garbage() {
     assert!(alive(second.pid));
     // Abort the held one; both workloads still run, and the service takes
     // the next migration.
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(held.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    )
-    .unwrap();
-    assert_eq!(held.wait().unwrap().code(), Some(4));
-    drop(proxy);
+    assert_eq!(held.interrupt(), Some(4));
     assert_rolled_back(&first, &first_before, &serve);
     let mut second = second;
     let (out, json) = migrate(src.path(), "pid", second.pid, &serve.addr, &[]);
