@@ -6,7 +6,8 @@
 //! - [`plugins`] loads htype driver plugins behind the stable ABI of
 //!   `phaul-plugin-api` (all a driver author needs);
 //! - [`criu`] talks to CRIU over its RPC interface (`criu swrk`);
-//! - [`proto`] is the wire protocol between the two phauls;
+//! - [`proto`] is the wire protocol between the two phauls, and
+//!   [`memchan`] the connection CRIU's page stream travels on;
 //! - [`engine`] runs a migration on the source ([`engine::source`]) and on
 //!   the destination ([`engine::dest`]), with rollback on failure; its
 //!   documentation lists the phases and what a failure does in each;

@@ -342,7 +342,8 @@ impl<'a> Session<'a> {
             ));
         }
         pages.wait(Duration::from_secs(60))?;
-        // Memory is complete: the page-server worker and relay are done.
+        // Memory is complete: the page-server worker and the memory
+        // connection are done.
         drop(pages);
         self.files_complete()?;
         if let Some(m) = self.mem.take() {
