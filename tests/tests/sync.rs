@@ -244,3 +244,35 @@ fn restart_mode_starts_the_workload_again_on_the_source_when_the_destination_can
     // Nothing runs on the destination.
     assert!(workload_on(&h.data.join("state"), again).is_none());
 }
+
+#[test]
+fn restart_mode_with_no_start_leaves_the_workload_stopped_on_the_destination() {
+    if !setup() {
+        return;
+    }
+    let h = hosts();
+    every_kind(&h.data.join("static"));
+    let serve = destination(&h, PID);
+    let w = Workload::spawn_in(&h.data.join("state"), &[], &["--mem-mib", "8"]);
+    let src = plugin_dir(PID);
+    let old = w.pid;
+    let data = h.data.to_str().unwrap();
+    let (out, json) = migrate(
+        src.path(),
+        "pid",
+        old,
+        &serve.addr,
+        &["--mode", "restart", "--sync", data, "--no-start"],
+    );
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(json.unwrap()["destination_pid"], 0, "nothing was started");
+    assert!(wait_for(Duration::from_secs(5), || {
+        reap(old);
+        !alive(old)
+    }));
+    assert_same(&h.data.join("static"), &h.backing.join("static"));
+    assert!(
+        workload_on(&h.data.join("state"), old).is_none(),
+        "no copy runs anywhere"
+    );
+}
