@@ -29,6 +29,9 @@ pub enum Fault {
     /// Stop forwarding (but keep the connections open) at the first control
     /// frame with this name.
     StallAt(&'static str),
+    /// Send a frame of garbage instead of the first control frame with this
+    /// name, then keep forwarding.
+    GarbleAt(&'static str),
 }
 
 struct State {
@@ -178,6 +181,16 @@ fn check(st: &State, name: &str, to: &mut TcpStream, msg: Option<&Msg>) -> bool 
         Fault::StallAt(n) if n == name => {
             st.triggered.store(true, Ordering::SeqCst);
             false
+        }
+        Fault::GarbleAt(n) if n == name => {
+            st.triggered.store(true, Ordering::SeqCst);
+            // A frame whose message tag names no message at all.
+            let mut junk = 64u32.to_le_bytes().to_vec();
+            junk.push(0x7f);
+            junk.extend([0xffu8; 63]);
+            let _ = to.write_all(&junk);
+            // Keep the connection: the receiver must notice by itself.
+            true
         }
         _ => true,
     }

@@ -274,6 +274,29 @@ fn dropping_the_connection_after_the_final_dump_rolls_back() {
 }
 
 #[test]
+fn a_malformed_frame_mid_migration_rolls_back_on_both_sides() {
+    if !setup() {
+        return;
+    }
+    let serve = Serve::start(PID, &[]);
+    let w = Workload::spawn(&["--mem-mib", "16"]);
+    let before = w.report();
+    // Garbage where the restore request should be, while the workload is
+    // frozen.
+    let proxy = Proxy::start(&serve.addr, Fault::GarbleAt("Restore"));
+    let src = plugin_dir(PID);
+    let (out, _) = migrate(src.path(), "pid", w.pid, &proxy.addr, &[]);
+    assert!(proxy.triggered());
+    assert_eq!(out.status.code(), Some(4));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("malformed frame"),
+        "the destination's reason reaches the source: {stderr}"
+    );
+    assert_rolled_back(&w, &before, &serve);
+}
+
+#[test]
 fn losing_the_connection_after_the_commit_is_resolved_by_asking_the_destination() {
     if !setup() {
         return;
