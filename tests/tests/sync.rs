@@ -62,6 +62,15 @@ fn destination(h: &Hosts, plugins: &[(&str, &str)]) -> Serve {
     )
 }
 
+/// Both hosts, a tree of every kind in the synced directory, and the
+/// destination service.
+fn setup_hosts(plugins: &[(&str, &str)]) -> (Hosts, Serve) {
+    let h = hosts();
+    every_kind(&h.data.join("static"));
+    let serve = destination(&h, plugins);
+    (h, serve)
+}
+
 fn consecutive_lines(path: &Path) -> u64 {
     let log = std::fs::read_to_string(path).unwrap();
     for (i, l) in log.lines().enumerate() {
@@ -81,9 +90,7 @@ fn live_migration_takes_its_data_directory_along() {
     if !setup() {
         return;
     }
-    let h = hosts();
-    every_kind(&h.data.join("static"));
-    let serve = destination(&h, PID);
+    let (h, serve) = setup_hosts(PID);
     let mut w = Workload::spawn_in(
         &h.data.join("state"),
         &["--pidns"],
@@ -149,9 +156,7 @@ fn restart_mode_stops_here_and_starts_there() {
     if !setup() {
         return;
     }
-    let h = hosts();
-    every_kind(&h.data.join("static"));
-    let serve = destination(&h, PID);
+    let (h, serve) = setup_hosts(PID);
     let mut w = Workload::spawn_in(&h.data.join("state"), &[], &["--mem-mib", "8", "--extras"]);
     let src = plugin_dir(PID);
     let old = w.pid;
@@ -250,9 +255,7 @@ fn restart_mode_with_no_start_leaves_the_workload_stopped_on_the_destination() {
     if !setup() {
         return;
     }
-    let h = hosts();
-    every_kind(&h.data.join("static"));
-    let serve = destination(&h, PID);
+    let (h, serve) = setup_hosts(PID);
     let w = Workload::spawn_in(&h.data.join("state"), &[], &["--mem-mib", "8"]);
     let src = plugin_dir(PID);
     let old = w.pid;

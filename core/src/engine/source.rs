@@ -85,6 +85,11 @@ struct Source<'a> {
     image_bytes: u64,
     frozen_at: Option<Instant>,
     criu_dump_us: u64,
+    /// CRIU's statistics of the final dump, once it ended.
+    criu_dump: Option<stats::DumpStats>,
+    /// The tree's resident memory before the migration (the size estimate
+    /// of the final pass).
+    need_bytes: u64,
     fs: Option<SourceSync>,
     fs_report: Option<(Vec<crate::fsync::PassStats>, String)>,
     /// Files were copied (inodes change): CRIU must resolve inotify
@@ -414,6 +419,8 @@ pub fn migrate(
         image_bytes: 0,
         frozen_at: None,
         criu_dump_us: 0,
+        criu_dump: None,
+        need_bytes,
         fs: fs_sync,
         fs_report: None,
         irmap: !roots.is_empty() && !fs.inodes_persistent,
@@ -598,8 +605,7 @@ impl Source<'_> {
         }
         criu_opts_to_rpc(&copts, &mut o);
 
-        let expected = proc::tree_rss(self.pid);
-        self.progress.pass_started(iter, "dump", expected);
+        self.progress.pass_started(iter, "dump", self.need_bytes);
         let before = self.mem.sent();
         let t = Instant::now();
         self.mem.watch(self.progress.clone(), before);
@@ -708,8 +714,8 @@ impl Source<'_> {
         if let Some(mut w) = self.criu.take() {
             w.wait_exit(Duration::from_secs(5));
         }
-        let criu_dump = stats::read_dump(&self.work.criu()).ok();
-        if let (Some(last), Some(s)) = (self.passes.last_mut(), criu_dump.as_ref()) {
+        self.criu_dump = stats::read_dump(&self.work.criu()).ok();
+        if let (Some(last), Some(s)) = (self.passes.last_mut(), self.criu_dump.as_ref()) {
             last.pages_written = s.pages_written;
             last.pages_skipped_parent = s.pages_skipped_parent;
             last.pages_scanned = s.pages_scanned;
@@ -888,7 +894,7 @@ impl Source<'_> {
                         .sum(),
                 };
                 self.mem.shutdown();
-                let criu_dump = stats::read_dump(&self.work.criu()).ok();
+                let criu_dump = self.criu_dump.take();
                 Ok(Report {
                     session: format!("{:016x}", self.session),
                     htype: self.opts.htype.clone(),

@@ -264,6 +264,27 @@ impl Apply<'_> {
 
     /// Renames a temporary name over the real one, replacing whatever is
     /// there (a directory in the way is removed with its contents).
+    /// A symlink or special file built under `tmp`: its metadata, then
+    /// the rename into place.
+    fn install_non_regular(
+        &mut self,
+        root: u32,
+        at: &Resolved,
+        tmp: &mut TempName,
+        meta: &Meta,
+        symlink: bool,
+    ) -> Result<(), FsyncError> {
+        let target = MetaTarget::At {
+            dir: at.dir(),
+            name: &tmp.name,
+            symlink,
+        };
+        apply_meta(target, meta, true, true, &at.local)?;
+        self.install(root, at, tmp)?;
+        self.stats.files_sent += 1;
+        Ok(())
+    }
+
     fn install(&mut self, root: u32, at: &Resolved, tmp: &mut TempName) -> Result<(), FsyncError> {
         let name = at.name()?;
         match sys::renameat(at.dir(), &tmp.name, at.dir(), name) {
@@ -374,19 +395,7 @@ impl Apply<'_> {
                 self.touch(root, &at)?;
                 let (mut tmp, ()) = TempName::create(&at.dir, |d, n| sys::symlinkat(&target, d, n))
                     .map_err(|e| FsyncError::io("creating the symlink", &at.local, e))?;
-                apply_meta(
-                    MetaTarget::At {
-                        dir: at.dir(),
-                        name: &tmp.name,
-                        symlink: true,
-                    },
-                    &meta,
-                    true,
-                    true,
-                    &at.local,
-                )?;
-                self.install(root, &at, &mut tmp)?;
-                self.stats.files_sent += 1;
+                self.install_non_regular(root, &at, &mut tmp, &meta, true)?;
             }
             FsMsg::Special {
                 root,
@@ -408,19 +417,7 @@ impl Apply<'_> {
                     sys::mknodat(d, n, mode, rdev as libc::dev_t)
                 })
                 .map_err(|e| FsyncError::io("creating the node", &at.local, e))?;
-                apply_meta(
-                    MetaTarget::At {
-                        dir: at.dir(),
-                        name: &tmp.name,
-                        symlink: false,
-                    },
-                    &meta,
-                    true,
-                    true,
-                    &at.local,
-                )?;
-                self.install(root, &at, &mut tmp)?;
-                self.stats.files_sent += 1;
+                self.install_non_regular(root, &at, &mut tmp, &meta, false)?;
             }
             FsMsg::Link { root, path, target } => {
                 self.link(root, &path.0, &target.0)?;
