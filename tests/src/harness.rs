@@ -68,6 +68,8 @@ pub struct Serve {
     pub plugins: tempfile::TempDir,
     /// Its work-directory root (unless the extra arguments name another).
     pub work: tempfile::TempDir,
+    /// Its journal directory (unless the extra arguments name another).
+    pub journal: tempfile::TempDir,
 }
 
 impl Serve {
@@ -95,6 +97,10 @@ impl Serve {
         if !extra.contains(&"--work-dir") {
             cmd.arg("--work-dir").arg(work.path());
         }
+        let journal = tempfile::tempdir().expect("journal dir");
+        if !extra.contains(&"--journal-dir") {
+            cmd.arg("--journal-dir").arg(journal.path());
+        }
         cmd.args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
@@ -113,6 +119,7 @@ impl Serve {
             addr,
             plugins,
             work,
+            journal,
         }
     }
 
@@ -267,8 +274,9 @@ pub fn migrate(
     extra: &[&str],
 ) -> (Output, Option<Value>) {
     let work = shm_dir("src");
-    let out = Command::new(bin("phaul"))
-        .arg("--plugin-dir")
+    let journal = tempfile::tempdir().expect("journal dir");
+    let mut cmd = Command::new(bin("phaul"));
+    cmd.arg("--plugin-dir")
         .arg(plugins)
         .args([
             "migrate",
@@ -279,10 +287,11 @@ pub fn migrate(
             "--json",
             "--work-dir",
         ])
-        .arg(work.path())
-        .args(extra)
-        .output()
-        .expect("run phaul migrate");
+        .arg(work.path());
+    if !extra.contains(&"--journal-dir") {
+        cmd.arg("--journal-dir").arg(journal.path());
+    }
+    let out = cmd.args(extra).output().expect("run phaul migrate");
     let json = String::from_utf8_lossy(&out.stdout)
         .lines()
         .last()

@@ -45,6 +45,7 @@ pub struct Worker {
     sock: OwnedFd,
     work_dir: PathBuf,
     work_fd: OwnedFd,
+    deadline: Option<Instant>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -156,6 +157,7 @@ impl Worker {
             sock: ours,
             work_dir: work_dir.to_path_buf(),
             work_fd,
+            deadline: None,
         })
     }
 
@@ -179,6 +181,21 @@ impl Worker {
     }
 
     fn recv(&self, during: &str) -> Result<Resp, CriuError> {
+        if let Some(d) = self.deadline {
+            let left = d.saturating_duration_since(Instant::now());
+            let mut p = libc::pollfd {
+                fd: self.sock.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            let n = unsafe { libc::poll(&mut p, 1, left.as_millis().min(i32::MAX as u128) as i32) };
+            if n == 0 {
+                return Err(CriuError::Timeout {
+                    during: during.to_string(),
+                });
+            }
+        }
         let mut buf = vec![0u8; 1 << 16];
         let n = recv(self.sock.as_raw_fd(), &mut buf, MsgFlags::MSG_TRUNC).map_err(|e| {
             CriuError::Io {
@@ -424,6 +441,11 @@ impl Worker {
             log_level: Some(log_level()),
             ..Default::default()
         }
+    }
+
+    /// Bounds every later wait for an answer (`None`: no bound).
+    pub fn set_deadline(&mut self, deadline: Option<Instant>) {
+        self.deadline = deadline;
     }
 
     /// This worker's work directory (CRIU logs and statistics).

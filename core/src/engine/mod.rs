@@ -42,13 +42,21 @@
 
 pub mod abort;
 pub mod dest;
+pub mod dump;
+pub mod error;
 pub mod fs;
 pub mod iter;
 pub mod pages;
 pub mod predump;
+pub mod recover;
 pub mod report;
 pub mod restart;
+pub mod session;
 pub mod source;
+#[cfg(test)]
+mod tests;
+
+pub use error::MigrationError;
 
 use std::net::SocketAddr;
 
@@ -96,20 +104,6 @@ impl Connector {
             Connector::Given { .. } => "given connections".to_string(),
         }
     }
-}
-
-/// How a migration failed, which decides the exit code.
-#[derive(Debug, thiserror::Error)]
-pub enum MigrationError {
-    /// Refused before anything was frozen; nothing changed.
-    #[error("refused: {0}")]
-    Refused(String),
-    /// Failed and rolled back: the source workload runs as before.
-    #[error("failed, the source workload was resumed: {0}")]
-    RolledBack(String),
-    /// Failed after the commit: the source copy is gone or stopped.
-    #[error("failed after the point of no return: {0}")]
-    AfterCommit(String),
 }
 
 /// What a driver instance is initialised with.

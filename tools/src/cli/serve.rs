@@ -51,6 +51,10 @@ pub struct ServeArgs {
     /// How long a restored workload waits for the source's commit, seconds.
     #[arg(long, value_name = "S", default_value_t = 30)]
     pub commit_timeout: u64,
+    /// Where this side durably records its decisions (a restarted service
+    /// answers for earlier sessions from it; `phaul recover` reads it).
+    #[arg(long, value_name = "DIR", env = "PHAUL_JOURNAL_DIR", default_value = phaul_core::journal::DEFAULT_DIR)]
+    pub journal_dir: PathBuf,
 }
 
 /// Runs `phaul serve`.
@@ -69,8 +73,10 @@ pub fn run(dirs: &[PathBuf], args: ServeArgs) -> anyhow::Result<ExitCode> {
         criu: phaul_core::criu::locate(),
         keep_images: args.keep_images,
         commit_timeout: Duration::from_secs(args.commit_timeout),
+        journal_dir: args.journal_dir,
     };
     if let Some(rpc) = args.fd_rpc {
+        phaul_core::server::open_journal(&opts)?;
         let take = |fd: RawFd, what: &str| {
             // SAFETY: the caller handed these descriptors to us.
             unsafe { Conn::from_raw(fd) }.with_context(|| format!("{what} {fd}"))
