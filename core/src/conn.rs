@@ -167,6 +167,18 @@ impl Conn {
         Ok(())
     }
 
+    /// Whether a read would not block (data, or the peer hung up), without
+    /// reading.
+    pub fn readable(&self) -> bool {
+        let mut p = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN | libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        unsafe { libc::poll(&mut p, 1, 0) > 0 }
+    }
+
     /// Gives up the descriptor.
     pub fn into_fd(self) -> OwnedFd {
         self.fd

@@ -12,6 +12,8 @@
 //! network connection: every socket CRIU uses is one phaul created and
 //! handed over (the page-server socket travels as `ps.fd`).
 
+#[cfg(test)]
+pub(crate) mod fake;
 pub mod rpc;
 pub mod stats;
 mod worker;

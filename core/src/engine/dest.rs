@@ -33,9 +33,10 @@ use crate::criu::rpc::ReqType;
 use crate::criu::{stats, Criu, CriuBinary, CriuError, Event, Launcher};
 use crate::journal::{self, Journal, Record, Task};
 use crate::plugins::{Driver, EngineHost, Registry};
+use crate::proc::{self, TaskState};
 use crate::proto::{FrameError, Hello, MigrationMode, Msg, Outcome, Refusal, Welcome};
 use crate::workdir::{free_bytes, WorkDir};
-use crate::{proc, ABI_VERSION, PHAUL_VERSION};
+use crate::{ABI_VERSION, PHAUL_VERSION};
 
 use super::criu_opts_to_rpc;
 use super::fs::DestSync;
@@ -94,6 +95,9 @@ pub enum DestError {
     /// Receiving memory, files or images failed.
     #[error("{0}")]
     Transfer(String),
+    /// The source went away (or aborted) while this side restored.
+    #[error("the source gave up while this side was restoring")]
+    SourceGone,
     /// The source did not commit in time.
     #[error("no commit from the source within {0:?}; the restored copy is discarded")]
     CommitTimeout(Duration),
@@ -155,6 +159,10 @@ pub struct Receiving {
     mem: Option<Conn>,
     /// The file sync, while it runs.
     fs: Option<DestSync>,
+    /// The root of a restore under way, once CRIU named it (at
+    /// `setup-namespaces`): if CRIU dies before `post-restore`, its
+    /// half-restored tree is stuck in CRIU's restorer and must be killed.
+    restoring: Option<Task>,
 }
 
 /// A restored copy, held.
@@ -235,6 +243,7 @@ impl<'a> Session<'a> {
             restorer: None,
             mem: None,
             fs: None,
+            restoring: None,
         };
         let mut criu_version = None;
         if live {
@@ -366,7 +375,7 @@ impl<'a> Session<'a> {
             (State::Receiving(mut rx), Msg::Restore { iter, meta_files })
                 if self.hello.mode == MigrationMode::Live =>
             {
-                match self.restore(&mut rx, iter, &meta_files) {
+                match self.restore(&mut rx, iter, &meta_files, control.conn()) {
                     Ok(held) => match control.send(&Msg::Restored) {
                         Ok(()) => Ok(State::Held(Box::new(held))),
                         Err(e) => Err((State::Held(Box::new(held)), e.into())),
@@ -464,7 +473,13 @@ impl<'a> Session<'a> {
     }
 
     /// Restores up to CRIU's `post-restore` and records the held copy.
-    fn restore(&mut self, rx: &mut Receiving, iter: u32, meta: &[String]) -> Result<Held> {
+    fn restore(
+        &mut self,
+        rx: &mut Receiving,
+        iter: u32,
+        meta: &[String],
+        control: &Conn,
+    ) -> Result<Held> {
         let mut pages = rx
             .pages
             .take()
@@ -515,11 +530,21 @@ impl<'a> Session<'a> {
         criu_opts_to_rpc(&copts, &mut o);
         let started = Instant::now();
         w.start(ReqType::Restore, o)?;
-        w.set_deadline(Some(
-            started + self.opts.commit_timeout.max(Duration::from_secs(60)),
-        ));
+        // CRIU restores; the source only waits. Anything it sends now (an
+        // abort) or its hanging up ends the restore.
+        let limit = started + self.opts.commit_timeout.max(Duration::from_secs(60));
         loop {
-            match w.next_event(ReqType::Restore)? {
+            w.set_deadline(Some(limit.min(Instant::now() + Duration::from_millis(200))));
+            let ev = match w.next_event(ReqType::Restore) {
+                Err(CriuError::Timeout { .. }) if Instant::now() < limit => {
+                    if control.readable() {
+                        return Err(DestError::SourceGone);
+                    }
+                    continue;
+                }
+                other => other?,
+            };
+            match ev {
                 Event::Notify { script, pid } => {
                     tracing::debug!(%script, "CRIU notification");
                     if script == "post-restore" {
@@ -551,6 +576,9 @@ impl<'a> Session<'a> {
                             started,
                             worked: started.elapsed(),
                         });
+                    }
+                    if let Some(t) = pid.filter(|p| *p > 0).and_then(proc::task) {
+                        rx.restoring.get_or_insert(t);
                     }
                     if script == "network-unlock" {
                         if let Err(e) = self.driver.net_unlock() {
@@ -687,6 +715,20 @@ impl<'a> Session<'a> {
                 if let Some(m) = rx.mem.take() {
                     m.shutdown();
                 }
+                // A restore whose CRIU failed or died: nothing of it may
+                // stay (CRIU kills its tree when it can; if it died, the
+                // tree is stuck in its restorer).
+                drop(rx.restorer.take());
+                if let Some(root) = rx.restoring.take() {
+                    let tree = match proc::task_state(&root) {
+                        TaskState::Gone => Vec::new(),
+                        _ => proc::tasks(root.pid),
+                    };
+                    if !tree.is_empty() {
+                        tracing::warn!(pid = root.pid, "killing the half-restored copy");
+                        proc::kill_tasks(&tree, Duration::from_secs(10));
+                    }
+                }
             }
             State::Held(mut held) => {
                 // CRIU kills its copy when told no (or when it loses us);
@@ -697,7 +739,11 @@ impl<'a> Session<'a> {
                 while let Ok(Event::Notify { .. }) = held.restorer.next_event(ReqType::Restore) {
                     let _ = held.restorer.answer_notify(false);
                 }
-                if !proc::kill_tasks(&[held.root], Duration::from_secs(10)) {
+                let tree = match proc::task_state(&held.root) {
+                    TaskState::Gone => Vec::new(),
+                    _ => proc::tasks(held.root.pid),
+                };
+                if !proc::kill_tasks(&tree, Duration::from_secs(10)) {
                     tracing::error!(pid = held.root.pid, "the discarded copy did not go away");
                 }
             }
