@@ -268,6 +268,8 @@ struct Live<'a> {
     /// The dump worker (until the final dump takes it).
     dumper: Option<Box<dyn Criu>>,
     fs: Option<SourceSync>,
+    /// The file connection, to bound the final pass by the freeze deadline.
+    fs_conn: Option<crate::conn::Conn>,
     pid: i32,
     need_bytes: u64,
     use_pre_dump: Result<(), String>,
@@ -370,6 +372,7 @@ impl<'a> Live<'a> {
         if let Some(r) = env.abort.reason() {
             return Err(PreflightError::Interrupted(r));
         }
+        let fs_conn = conns.fs.as_ref().and_then(|c| c.try_clone().ok());
         let fs = conns.fs.map(|c| {
             SourceSync::start(c, roots.iter().map(PathBuf::from).collect(), opts.fs_rules)
         });
@@ -408,6 +411,7 @@ impl<'a> Live<'a> {
             ps_fd,
             dumper: Some(dumper),
             fs,
+            fs_conn,
             pid,
             need_bytes,
             use_pre_dump,
@@ -578,7 +582,18 @@ impl<'a> Live<'a> {
         }
         if let Some(fs) = self.fs.take() {
             self.env.progress.phase("final file sync");
-            self.stats.fs_report = Some(fs.final_pass().map_err(HandOverError::FileSync)?);
+            if let Some(c) = &self.fs_conn {
+                let _ = c.set_deadline(Some(deadline));
+            }
+            let report = fs.final_pass().map_err(|e| match abort.reason() {
+                Some(r) => HandOverError::Interrupted(r),
+                None if Instant::now() >= deadline => HandOverError::FreezeTimeout {
+                    limit,
+                    during: "the final file sync",
+                },
+                None => HandOverError::FileSync(e),
+            })?;
+            self.stats.fs_report = Some(report);
         }
         if self.shared_storage {
             self.env.progress.phase("snapshotting shared storage");
