@@ -242,7 +242,7 @@ pub enum MigrationError {
     /// Nobody could tell whether the destination runs the workload: the
     /// source copy is left stopped, and `phaul recover` decides.
     #[error(
-        "{cause}. The source copy (pid {pid}) is left STOPPED so that it cannot run twice; \
+        "undecided: {cause}. The source copy (pid {pid}) is left STOPPED so that it cannot run twice; \
          run `phaul recover` (it asks the destination again and then resumes or removes it)"
     )]
     Undecided {
