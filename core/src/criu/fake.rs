@@ -353,9 +353,9 @@ impl Criu for FakeCriu {
                 ReqType::Restore => "restore",
                 _ => "request",
             },
-            errno: String::new(),
-            msg: ": injected failure".into(),
-            log: String::new(),
+            errno: None,
+            line: Some("injected failure".into()),
+            log: None,
         })
     }
     fn set_deadline(&mut self, deadline: Option<Instant>) {

@@ -12,6 +12,7 @@
 //! network connection: every socket CRIU uses is one phaul created and
 //! handed over (the page-server socket travels as `ps.fd`).
 
+pub mod diagnose;
 #[cfg(test)]
 pub(crate) mod fake;
 pub mod rpc;
@@ -193,6 +194,48 @@ pub const MIN_VERSION: CriuVersion = CriuVersion {
     sublevel: 0,
 };
 
+fn failure_message(
+    request: &str,
+    errno: Option<i32>,
+    line: Option<&str>,
+    log: Option<&Path>,
+) -> String {
+    let mut m = format!("CRIU {request} failed");
+    if let Some(e) = errno {
+        m += &format!(" (errno {e}: {})", std::io::Error::from_raw_os_error(e));
+    }
+    if let Some(l) = line {
+        m += &format!(": {l}");
+    }
+    if let Some(h) = diagnose::hint(line.unwrap_or(""), errno) {
+        m += &format!(" — {h}");
+    }
+    if let Some(p) = log {
+        m += &format!(" (CRIU log: {})", p.display());
+    }
+    m
+}
+
+impl CriuError {
+    /// The CRIU log that explains the failure, if there is one.
+    pub fn log(&self) -> Option<&Path> {
+        match self {
+            CriuError::Failed { log, .. } => log.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// phaul's explanation of the failure, if it knows one.
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            CriuError::Failed { errno, line, .. } => {
+                diagnose::hint(line.as_deref().unwrap_or(""), *errno)
+            }
+            _ => None,
+        }
+    }
+}
+
 /// Errors from CRIU.
 #[derive(Debug, thiserror::Error)]
 pub enum CriuError {
@@ -221,16 +264,16 @@ pub enum CriuError {
         detail: String,
     },
     /// A request failed inside CRIU.
-    #[error("CRIU {request} failed{errno}{msg}{log}")]
+    #[error("{}", failure_message(request, *errno, line.as_deref(), log.as_deref()))]
     Failed {
         /// The request type.
         request: &'static str,
-        /// `: errno N` or empty.
-        errno: String,
-        /// `: message` or empty.
-        msg: String,
-        /// ` (see LOG)` or empty.
-        log: String,
+        /// CRIU's errno, when it gave one.
+        errno: Option<i32>,
+        /// CRIU's own message, or the line of its log that says what failed.
+        line: Option<String>,
+        /// The log, which stays where it is after the migration.
+        log: Option<PathBuf>,
     },
     /// CRIU did not answer in time.
     #[error("CRIU did not answer in time during {during}")]

@@ -85,24 +85,6 @@ fn log_level() -> i32 {
         .unwrap_or(2)
 }
 
-/// The last meaningful error line of a CRIU log, for one-line messages.
-/// CRIU's harmless `RLIMIT_NOFILE` complaint (root without
-/// CAP_SYS_RESOURCE) is skipped.
-pub fn last_error_line(log: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(log).ok()?;
-    text.lines()
-        .rev()
-        .find(|l| l.contains("Error") && !l.contains("RLIMIT_NOFILE"))
-        .map(|l| {
-            // Drop the "(00.123456) " timestamp prefix.
-            let l = l.trim();
-            match l.find(") ") {
-                Some(i) if l.starts_with('(') => l[i + 2..].to_string(),
-                _ => l.to_string(),
-            }
-        })
-}
-
 impl Worker {
     /// Starts `criu swrk`. `inherit` are descriptors the worker must see
     /// under the same numbers (page-server sockets named in `ps.fd`).
@@ -223,23 +205,15 @@ impl Worker {
 
     fn failure(&self, t: ReqType, resp: &Resp, log: Option<&str>) -> CriuError {
         let log_path = log.map(|l| self.work_dir.join(l));
-        let msg = resp
-            .cr_errmsg
-            .clone()
-            .or_else(|| log_path.as_deref().and_then(last_error_line))
-            .map(|m| format!(": {m}"))
-            .unwrap_or_default();
         CriuError::Failed {
             request: req_name(t),
-            errno: resp
-                .cr_errno
-                .filter(|e| *e != 0)
-                .map(|e| format!(" (errno {e}: {})", io::Error::from_raw_os_error(e)))
-                .unwrap_or_default(),
-            msg,
-            log: log_path
-                .map(|p| format!(" (log: {})", p.display()))
-                .unwrap_or_default(),
+            errno: resp.cr_errno.filter(|e| *e != 0),
+            line: resp.cr_errmsg.clone().or_else(|| {
+                log_path
+                    .as_deref()
+                    .and_then(super::diagnose::failing_line_in)
+            }),
+            log: log_path,
         }
     }
 

@@ -58,6 +58,8 @@ pub struct DestOptions {
     pub commit_timeout: Duration,
     /// Where this side records its decisions ([`crate::journal`]).
     pub journal_dir: PathBuf,
+    /// Where CRIU's logs go (kept after a failure; see [`crate::workdir`]).
+    pub log_dir: PathBuf,
 }
 
 /// What the destination did, for its log.
@@ -101,6 +103,32 @@ pub enum DestError {
     /// The source did not commit in time.
     #[error("no commit from the source within {0:?}; the restored copy is discarded")]
     CommitTimeout(Duration),
+}
+
+impl DestError {
+    /// The CRIU log explaining the failure, on this host.
+    pub fn criu_log(&self) -> Option<&std::path::Path> {
+        match self {
+            DestError::Criu(e) => e.log(),
+            _ => None,
+        }
+    }
+
+    /// phaul's explanation, when it knows one.
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            DestError::Criu(e) => e.hint(),
+            _ => None,
+        }
+    }
+
+    /// Tells the source (its paths named as the destination's).
+    fn tell(&self, control: &mut Control) {
+        let reason = self
+            .to_string()
+            .replace("(CRIU log: ", "(CRIU log on the destination: ");
+        control.abort_with(&reason, self.criu_log(), self.hint());
+    }
 }
 
 type Result<T, E = DestError> = std::result::Result<T, E>;
@@ -232,7 +260,7 @@ impl<'a> Session<'a> {
         }
         let other = |e: String| DestError::Refused(Refusal::Other, e);
         let journal = Journal::open(&opts.journal_dir).map_err(|e| other(e.to_string()))?;
-        let mut work = WorkDir::create(&opts.work_root, "dst", hello.session)
+        let mut work = WorkDir::create(&opts.work_root, &opts.log_dir, "dst", hello.session)
             .map_err(|e| other(e.to_string()))?;
         work.keep(opts.keep_images || hello.keep_images);
         let criu_err = |e: CriuError| other(e.to_string());
@@ -400,11 +428,20 @@ impl<'a> Session<'a> {
                     Err(e) => Err((State::Receiving(rx), e)),
                 }
             }
-            (state, Msg::Abort { reason }) => Err((
+            (
+                state,
+                Msg::Abort {
+                    reason,
+                    criu_log,
+                    hint,
+                },
+            ) => Err((
                 state,
                 PeerError::Aborted {
                     peer: "source",
                     reason,
+                    criu_log,
+                    hint,
                 }
                 .into(),
             )),
@@ -692,6 +729,7 @@ impl<'a> Session<'a> {
     }
 
     fn complete(&mut self, pid: i32, took: Duration) -> DestSummary {
+        self.work.succeeded();
         if let Err(e) = self.driver.migration_complete() {
             tracing::warn!("{e}");
         }
@@ -877,7 +915,7 @@ pub(crate) fn serve_with(
                     _ => e.into(),
                 };
                 tracing::warn!("rolling back: {e}");
-                control.abort(&e.to_string());
+                e.tell(&mut control);
                 s.abandon(state);
                 record(Outcome::RolledBack);
                 return Err(e);
@@ -891,7 +929,7 @@ pub(crate) fn serve_with(
             Ok(next) => next,
             Err((state, e)) => {
                 tracing::warn!("rolling back: {e}");
-                control.abort(&e.to_string());
+                e.tell(&mut control);
                 s.abandon(state);
                 record(Outcome::RolledBack);
                 return Err(e);

@@ -62,8 +62,12 @@ pub enum PeerError {
     Aborted {
         /// `source` or `destination`.
         peer: &'static str,
-        /// Its reason.
+        /// Its reason (paths in it are on its host).
         reason: String,
+        /// Its CRIU log explaining it, on its host.
+        criu_log: Option<String>,
+        /// Its explanation, when it has one.
+        hint: Option<String>,
     },
     /// The other side sent something out of order.
     #[error("expected {expected} from the {peer}, got {got}")]
@@ -269,6 +273,80 @@ impl MigrationError {
     /// failure where nothing is left to do.
     pub fn source_runs(&self) -> bool {
         matches!(self, MigrationError::RolledBack(_))
+    }
+}
+
+/// Where a failure came from, for `--json` and for people.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Diagnosis {
+    /// `preflight`, `copy`, `hand-over`, `commit` or `after-commit`.
+    pub phase: &'static str,
+    /// `source` or `destination`: where it failed.
+    pub side: &'static str,
+    /// The CRIU log that explains it (a path on `side`'s host).
+    pub criu_log: Option<String>,
+    /// phaul's explanation and what to do, when it knows one.
+    pub hint: Option<String>,
+}
+
+fn criu_diag(e: &CriuError) -> (&'static str, Option<String>, Option<String>) {
+    ("source", e.log().map(|p| p.display().to_string()), e.hint())
+}
+
+fn peer_diag(e: &PeerError) -> (&'static str, Option<String>, Option<String>) {
+    match e {
+        PeerError::Aborted {
+            peer,
+            criu_log,
+            hint,
+            ..
+        } => (peer, criu_log.clone(), hint.clone()),
+        PeerError::Refused { .. } => ("destination", None, None),
+        _ => ("source", None, None),
+    }
+}
+
+impl MigrationError {
+    /// Where the failure came from: phase, side, CRIU log, hint.
+    pub fn diagnosis(&self) -> Diagnosis {
+        let none = || ("source", None, None);
+        let (phase, (side, criu_log, hint)) = match self {
+            MigrationError::Refused(e) => (
+                "preflight",
+                match e {
+                    PreflightError::Criu(c) => criu_diag(c),
+                    PreflightError::Peer(p) => peer_diag(p),
+                    _ => none(),
+                },
+            ),
+            MigrationError::RolledBack(RollbackCause::Copy(e)) => (
+                "copy",
+                match e {
+                    CopyError::Criu(c) => criu_diag(c),
+                    CopyError::Peer(p) => peer_diag(p),
+                    _ => none(),
+                },
+            ),
+            MigrationError::RolledBack(RollbackCause::HandOver(e)) => (
+                "hand-over",
+                match e {
+                    HandOverError::Criu(c) => criu_diag(c),
+                    HandOverError::Peer(p) => peer_diag(p),
+                    _ => none(),
+                },
+            ),
+            MigrationError::RolledBack(RollbackCause::Commit(_)) => {
+                ("commit", ("destination", None, None))
+            }
+            MigrationError::Undecided { .. } => ("commit", none()),
+            MigrationError::AfterCommit(_) => ("after-commit", none()),
+        };
+        Diagnosis {
+            phase,
+            side,
+            criu_log,
+            hint,
+        }
     }
 }
 

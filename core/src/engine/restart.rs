@@ -136,6 +136,7 @@ pub(crate) fn source(
     })();
     match handed {
         Ok(new_pid) => {
+            work.succeeded();
             if snapshotted {
                 if let Err(e) = driver.storage_commit() {
                     tracing::warn!("{e}");

@@ -82,9 +82,15 @@ impl Control {
     /// from the peer is an error.
     pub fn recv(&mut self, waiting_for: &'static str) -> Result<Msg, PeerError> {
         match self.reader.read::<Msg>() {
-            Ok(Msg::Abort { reason }) => Err(PeerError::Aborted {
+            Ok(Msg::Abort {
+                reason,
+                criu_log,
+                hint,
+            }) => Err(PeerError::Aborted {
                 peer: self.peer,
                 reason,
+                criu_log,
+                hint,
             }),
             Ok(m) => Ok(m),
             Err(source) => Err(PeerError::Recv {
@@ -110,8 +116,20 @@ impl Control {
     /// Tells the peer the migration is abandoned (best effort: it may be
     /// gone).
     pub fn abort(&mut self, reason: &str) {
+        self.abort_with(reason, None, None)
+    }
+
+    /// Like [`Control::abort`], naming this side's CRIU log and hint.
+    pub fn abort_with(
+        &mut self,
+        reason: &str,
+        criu_log: Option<&std::path::Path>,
+        hint: Option<String>,
+    ) {
         let _ = self.writer.write(&Msg::Abort {
             reason: reason.to_string(),
+            criu_log: criu_log.map(|p| p.display().to_string()),
+            hint,
         });
     }
 }

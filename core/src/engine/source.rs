@@ -82,6 +82,8 @@ pub struct SourceOptions {
     pub fs_rules: crate::fsync::FsStopRules,
     /// Where this side records its decisions ([`crate::journal`]).
     pub journal_dir: PathBuf,
+    /// Where CRIU's logs go (kept after a failure; see [`crate::workdir`]).
+    pub log_dir: PathBuf,
     /// The longest the workload may stay frozen before the commit (the
     /// migration then rolls back) or wait for the destination's answer
     /// after it (then the outcome is resolved); `None`:
@@ -133,7 +135,8 @@ pub(crate) fn migrate_with(
         started: Instant::now(),
         launcher,
     };
-    let work = WorkDir::create(&opts.work_root, "src", session).map_err(PreflightError::from)?;
+    let work = WorkDir::create(&opts.work_root, &opts.log_dir, "src", session)
+        .map_err(PreflightError::from)?;
     let journal = Journal::open(&opts.journal_dir).map_err(PreflightError::from)?;
     if opts.mode == MigrationMode::Restart {
         return super::restart::source(&env, driver, work);
@@ -772,6 +775,7 @@ impl<'a> Live<'a> {
             last.pages_scanned = s.pages_scanned;
         }
         self.work.keep(self.env.opts.keep_images);
+        self.work.succeeded();
         if let Err(e) = self.driver.umount() {
             tracing::warn!("{e}");
         }

@@ -212,6 +212,7 @@ fn run(case: Case) -> Result_ {
         keep_images: false,
         commit_timeout: Duration::from_secs(2),
         journal_dir: dirs.path().join("dst-journal"),
+        log_dir: dirs.path().join("dst-logs"),
     };
     let (dst_fail, dst_panic) = (case.dst_fail, case.dst_panic);
     let dest = std::thread::spawn(move || {
@@ -259,6 +260,7 @@ fn run(case: Case) -> Result_ {
         no_start: false,
         fs_rules: Default::default(),
         journal_dir: dirs.path().join("src-journal"),
+        log_dir: dirs.path().join("src-logs"),
         freeze_timeout: case.freeze_timeout.or(Some(Duration::from_secs(5))),
     };
     let connector = Connector::Given {

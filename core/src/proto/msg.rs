@@ -182,8 +182,13 @@ pub enum Msg {
     },
     /// Either side: stop and roll back.
     Abort {
-        /// Why.
+        /// Why, in one line.
         reason: String,
+        /// The sender's CRIU log that explains it (a path on the sender's
+        /// host, kept after the migration).
+        criu_log: Option<String>,
+        /// The sender's explanation and what to do, when it knows one.
+        hint: Option<String>,
     },
     /// Source -> destination, on a fresh connection: what happened to a
     /// session whose connection broke?

@@ -126,6 +126,10 @@ pub struct MigrateArgs {
     /// restore of that size).
     #[arg(long, value_name = "S")]
     pub freeze_timeout: Option<f64>,
+    /// Where CRIU's logs go: kept after a failed migration (the error names
+    /// them), removed after a successful one, swept after a week.
+    #[arg(long, value_name = "DIR", env = "PHAUL_LOG_DIR", default_value = phaul_core::workdir::DEFAULT_LOG_ROOT)]
+    pub log_dir: PathBuf,
     /// Where this side durably records its decisions, for `phaul recover`.
     #[arg(long, value_name = "DIR", env = "PHAUL_JOURNAL_DIR", default_value = phaul_core::journal::DEFAULT_DIR)]
     pub journal_dir: PathBuf,
@@ -167,6 +171,7 @@ pub fn run(dirs: &[PathBuf], quiet: bool, args: MigrateArgs) -> anyhow::Result<E
         );
     }
     phaul_core::workdir::sweep_stale(&args.work_dir, "src");
+    phaul_core::workdir::sweep_logs(&args.log_dir, phaul_core::workdir::LOG_MAX_AGE);
     let opts = SourceOptions {
         htype: args.htype.clone(),
         id: args.id.clone(),
@@ -202,6 +207,7 @@ pub fn run(dirs: &[PathBuf], quiet: bool, args: MigrateArgs) -> anyhow::Result<E
             max_passes: args.fs_max_passes,
         },
         journal_dir: args.journal_dir,
+        log_dir: args.log_dir.clone(),
         freeze_timeout: args
             .freeze_timeout
             .map(|s| Duration::from_secs_f64(s.max(0.1))),
@@ -239,11 +245,16 @@ pub fn run(dirs: &[PathBuf], quiet: bool, args: MigrateArgs) -> anyhow::Result<E
                 }
             };
             if args.json {
+                let d = e.diagnosis();
                 println!(
                     "{}",
                     serde_json::json!({
                         "error": e.kind(),
                         "source_runs": e.source_runs(),
+                        "phase": d.phase,
+                        "side": d.side,
+                        "criu_log": d.criu_log,
+                        "hint": d.hint,
                         "message": e.to_string(),
                     })
                 );
