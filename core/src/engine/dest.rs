@@ -275,6 +275,10 @@ impl<'a> Session<'a> {
         };
         let mut criu_version = None;
         if live {
+            if !hello.force {
+                super::checks::check_pids(&hello.pids).map_err(refuse(Refusal::InUse))?;
+                super::checks::check_sockets(&hello.bound).map_err(refuse(Refusal::InUse))?;
+            }
             let mem = mem.ok_or_else(|| other("the source opened no memory connection".into()))?;
             let ps_fd = mem.as_raw_fd();
             let mut pages = launcher

@@ -79,6 +79,7 @@
 //!    until `phaul recover` asks again.
 
 pub mod abort;
+pub mod checks;
 pub mod dest;
 pub mod dump;
 pub mod error;

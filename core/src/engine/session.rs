@@ -243,6 +243,9 @@ pub(crate) fn hello(opts: &SourceOptions, session: u64, roots: &[String]) -> Hel
         keep_images: opts.keep_images,
         fs_roots: roots.to_vec(),
         no_start: opts.no_start,
+        pids: Vec::new(),
+        bound: Vec::new(),
+        dry_run: false,
     }
 }
 
@@ -276,6 +279,7 @@ fn refusal_name(k: Refusal) -> &'static str {
         Refusal::Cpu => "CPU",
         Refusal::Space => "disk space",
         Refusal::Busy => "busy",
+        Refusal::InUse => "in use",
         Refusal::Driver => "driver",
         Refusal::Other => "error",
     }

@@ -186,6 +186,8 @@ struct Preflight {
     cpuinfo: Vec<u8>,
     need_bytes: u64,
     roots: Vec<String>,
+    pids: Vec<i32>,
+    bound: Vec<super::checks::BoundSocket>,
 }
 
 /// Pre-flight: a probe worker answers the questions (the dump worker,
@@ -236,6 +238,8 @@ fn preflight(env: &Env, driver: Driver, work: &WorkDir) -> Result<Preflight, Pre
     let cpuinfo = std::fs::read(cpu_dir.join("cpuinfo.img")).map_err(io)?;
     let need_bytes = proc::tree_rss(prepared.pid);
     let roots = fs_roots(&prepared.fs);
+    let pids = super::checks::restore_pids(prepared.pid);
+    let bound = super::checks::bound_sockets(prepared.pid);
     Ok(Preflight {
         prepared,
         criu_version,
@@ -243,6 +247,8 @@ fn preflight(env: &Env, driver: Driver, work: &WorkDir) -> Result<Preflight, Pre
         cpuinfo,
         need_bytes,
         roots,
+        pids,
+        bound,
     })
 }
 
@@ -348,6 +354,8 @@ impl<'a> Live<'a> {
             cpuinfo,
             need_bytes,
             roots,
+            pids,
+            bound,
         } = pre;
         let opts = env.opts;
         let conns = connect(env.connector, env.session, true, !roots.is_empty())?;
@@ -368,6 +376,8 @@ impl<'a> Live<'a> {
                 criu_version: Some(criu_version),
                 cpuinfo,
                 need_bytes,
+                pids,
+                bound,
                 ..hello(opts, env.session, &roots)
             },
         )?;

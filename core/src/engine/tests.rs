@@ -250,7 +250,9 @@ fn run(case: Case) -> Result_ {
         pre_dump: PreDump::Auto,
         rules: StopRules::default(),
         tcp_established: false,
-        force: false,
+        // The workload is a `sleep` in this host's PID namespace: its pid
+        // is "taken" on the (same) destination.
+        force: true,
         keep_images: false,
         work_root: dirs.path().join("src-work"),
         criu: "fake".into(),

@@ -49,6 +49,16 @@ pub struct Hello {
     pub fs_roots: Vec<String>,
     /// Restart mode: leave the workload stopped on the destination.
     pub no_start: bool,
+    /// Live mode: the ids the tree's processes will be restored with, when
+    /// they must be free on the destination (empty for a tree in its own
+    /// PID namespace).
+    pub pids: Vec<i32>,
+    /// Live mode: the tree's listening TCP and bound UDP sockets, when it
+    /// shares the host's network namespace.
+    pub bound: Vec<crate::engine::checks::BoundSocket>,
+    /// Only check: the destination runs its pre-flight and answers, then
+    /// the source ends the session (`--dry-run`).
+    pub dry_run: bool,
 }
 
 /// The destination accepts the migration.
@@ -77,6 +87,9 @@ pub enum Refusal {
     Space,
     /// Another migration is running.
     Busy,
+    /// Something the workload needs is taken on the destination (a
+    /// process id, an address).
+    InUse,
     /// The destination driver refused (init or mount failed).
     Driver,
     /// Anything else.

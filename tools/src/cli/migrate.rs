@@ -106,7 +106,8 @@ pub struct MigrateArgs {
     /// Stop pre-dumping when the predicted frozen time is below this.
     #[arg(long, value_name = "MS", default_value_t = 300)]
     pub downtime_target: u64,
-    /// Skip the CPU and version compatibility checks.
+    /// Skip the CPU, version, process-id and address checks of the
+    /// destination (try anyway).
     #[arg(long)]
     pub force: bool,
     /// Keep the images on both sides.
