@@ -97,6 +97,9 @@ pub enum DestError {
     /// Receiving memory, files or images failed.
     #[error("{0}")]
     Transfer(String),
+    /// A dry run: every check passed, and nothing was done.
+    #[error("dry run: every check passed (nothing was migrated)")]
+    DryRun,
     /// The source went away (or aborted) while this side restored.
     #[error("the source gave up while this side was restoring")]
     SourceGone,
@@ -359,9 +362,11 @@ impl<'a> Session<'a> {
             mode,
         );
         record.owner = proc::this_task();
-        journal
-            .write(&mut record)
-            .map_err(|e| other(e.to_string()))?;
+        if !hello.dry_run {
+            journal
+                .write(&mut record)
+                .map_err(|e| other(e.to_string()))?;
+        }
         let mut s = Session {
             hello,
             opts,
@@ -372,10 +377,12 @@ impl<'a> Session<'a> {
             record,
             criu_version,
         };
-        s.driver
-            .mount()
-            .map_err(|e| refuse(Refusal::Driver)(e.to_string()))?;
-        s.mounted = true;
+        if !hello.dry_run {
+            s.driver
+                .mount()
+                .map_err(|e| refuse(Refusal::Driver)(e.to_string()))?;
+            s.mounted = true;
+        }
         Ok((s, rx))
     }
 
@@ -891,6 +898,12 @@ pub(crate) fn serve_with(
         s.abandon(state);
         record(Outcome::RolledBack);
         return Err(e.into());
+    }
+    if hello.dry_run {
+        // Every check passed; nothing else happens.
+        s.work.succeeded();
+        drop(state);
+        return Err(DestError::DryRun);
     }
     loop {
         // A held copy waits for the commit only so long; the source's

@@ -81,6 +81,7 @@
 pub mod abort;
 pub mod checks;
 pub mod dest;
+pub mod dryrun;
 pub mod dump;
 pub mod error;
 pub mod fs;

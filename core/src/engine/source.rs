@@ -179,21 +179,25 @@ pub(crate) struct Env<'a> {
 
 /// Pre-flight done (nothing frozen, nothing changed): the driver knows the
 /// workload, CRIU answered the questions.
-struct Preflight {
-    prepared: Prepared,
-    criu_version: crate::criu::CriuVersion,
-    use_pre_dump: Result<(), String>,
-    cpuinfo: Vec<u8>,
-    need_bytes: u64,
-    roots: Vec<String>,
-    pids: Vec<i32>,
-    bound: Vec<super::checks::BoundSocket>,
+pub(crate) struct Preflight {
+    pub(crate) prepared: Prepared,
+    pub(crate) criu_version: crate::criu::CriuVersion,
+    pub(crate) use_pre_dump: Result<(), String>,
+    pub(crate) cpuinfo: Vec<u8>,
+    pub(crate) need_bytes: u64,
+    pub(crate) roots: Vec<String>,
+    pub(crate) pids: Vec<i32>,
+    pub(crate) bound: Vec<super::checks::BoundSocket>,
 }
 
 /// Pre-flight: a probe worker answers the questions (the dump worker,
 /// started once the memory connection exists since CRIU inherits it, only
 /// dumps). Any failure refuses the migration with nothing touched.
-fn preflight(env: &Env, driver: Driver, work: &WorkDir) -> Result<Preflight, PreflightError> {
+pub(crate) fn preflight(
+    env: &Env,
+    driver: Driver,
+    work: &WorkDir,
+) -> Result<Preflight, PreflightError> {
     let opts = env.opts;
     let mut criu = env.launcher.spawn("probe", &work.criu(), &[])?;
     let criu_version = criu.version()?;
