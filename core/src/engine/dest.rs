@@ -216,6 +216,7 @@ pub struct Session<'a> {
     journal: Journal,
     record: Record,
     criu_version: Option<crate::criu::CriuVersion>,
+    criu_defaults: super::CriuDefaults,
 }
 
 impl<'a> Session<'a> {
@@ -321,12 +322,14 @@ impl<'a> Session<'a> {
             Arc::new(|_| Err("feature checks are only available on the source".to_string())),
         );
         let drv = refuse(Refusal::Driver);
+        let (criu_defaults, driver_options) =
+            super::CriuDefaults::split(&hello.options).map_err(refuse(Refusal::Other))?;
         driver
             .init(super::init_context(
                 Side::Destination,
                 hello.mode,
                 &hello.id,
-                &hello.options,
+                &driver_options,
                 &work,
                 host,
             ))
@@ -376,6 +379,7 @@ impl<'a> Session<'a> {
             journal,
             record,
             criu_version,
+            criu_defaults,
         };
         if !hello.dry_run {
             s.driver
@@ -561,6 +565,7 @@ impl<'a> Session<'a> {
             tcp_established: self.hello.tcp_established,
             ..CriuOpts::default()
         };
+        self.criu_defaults.apply(&mut copts);
         self.driver.adjust_restore_opts(&mut copts)?;
         let outcome = self.driver.restore(&RestoreContext {
             images_dir: images.display().to_string().into(),

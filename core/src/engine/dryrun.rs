@@ -179,6 +179,8 @@ fn trial_dump(
         tcp_established: env.opts.tcp_established,
         ..CriuOpts::default()
     };
+    let (defaults, _) = super::CriuDefaults::split(&env.opts.options)?;
+    defaults.apply(&mut copts);
     // The driver only adjusts the options: it must not act for a trial.
     pre.prepared
         .driver
@@ -188,6 +190,7 @@ fn trial_dump(
     o.pid = Some(pre.prepared.pid);
     o.leave_running = Some(true);
     criu_opts_to_rpc(&copts, &mut o);
+    defaults.apply_rpc(&mut o);
     let t = Instant::now();
     criu.start(ReqType::Dump, o).map_err(|e| e.to_string())?;
     loop {

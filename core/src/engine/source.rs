@@ -286,6 +286,7 @@ struct Live<'a> {
     pid: i32,
     need_bytes: u64,
     use_pre_dump: Result<(), String>,
+    criu_defaults: super::CriuDefaults,
     freeze_timeout: Duration,
     /// Files were copied (inodes change): CRIU resolves inotify watches by
     /// path.
@@ -414,7 +415,10 @@ impl<'a> Live<'a> {
             fs: spec,
             ..
         } = prepared;
+        let (criu_defaults, _) =
+            super::CriuDefaults::split(&opts.options).map_err(PreflightError::Check)?;
         Ok(Live {
+            criu_defaults,
             freeze_timeout: opts
                 .freeze_timeout
                 .unwrap_or_else(|| default_freeze_timeout(need_bytes)),
@@ -506,6 +510,7 @@ impl<'a> Live<'a> {
             force_irmap: self.irmap,
             ..CriuOpts::default()
         };
+        self.criu_defaults.apply(&mut copts);
         self.driver.adjust_dump_opts(&mut copts)?;
         let outcome = self.driver.dump(&DumpContext {
             images_dir: dir.display().to_string().into(),
@@ -534,6 +539,7 @@ impl<'a> Live<'a> {
             o.track_mem = Some(true);
         }
         criu_opts_to_rpc(&copts, &mut o);
+        self.criu_defaults.apply_rpc(&mut o);
 
         // The tree is about to freeze: record it first.
         self.record.tasks = proc::tasks(self.pid);

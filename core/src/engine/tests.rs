@@ -530,3 +530,28 @@ fn a_destination_that_cannot_let_its_copy_run_after_the_commit_gives_it_back() {
     let msg = r.error.as_ref().unwrap().to_string();
     assert!(msg.contains("discarded its copy"), "{msg}");
 }
+
+#[test]
+fn the_engine_takes_its_criu_options_and_the_driver_gets_the_rest() {
+    use super::CriuDefaults;
+    let o = |k: &str, v: &str| (k.to_string(), v.to_string());
+    let (d, rest) = CriuDefaults::split(&[o("shell-job", ""), o("sync", "/srv")]).unwrap();
+    assert_eq!(d, CriuDefaults::default());
+    assert!(d.file_locks && d.link_remap && !d.evasive_devices);
+    assert_eq!(rest, vec![o("shell-job", ""), o("sync", "/srv")]);
+    let (d, rest) = CriuDefaults::split(&[
+        o("file-locks", "false"),
+        o("link-remap", "off"),
+        o("ghost-limit", "1048576"),
+        o("evasive-devices", ""),
+    ])
+    .unwrap();
+    assert!(rest.is_empty());
+    assert!(!d.file_locks && !d.link_remap && d.evasive_devices);
+    assert_eq!(d.ghost_limit, 1 << 20);
+    let e = CriuDefaults::split(&[o("file-locks", "maybe")]).unwrap_err();
+    assert!(e.contains("file-locks=maybe"), "{e}");
+    let mut c = phaul_plugin_api::CriuOpts::default();
+    d.apply(&mut c);
+    assert!(!c.file_locks && c.evasive_devices);
+}
