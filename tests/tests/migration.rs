@@ -511,6 +511,33 @@ fn a_listening_address_taken_on_the_destination_is_refused_before_the_freeze() {
 }
 
 #[test]
+fn a_program_started_from_a_shell_is_refused_unless_it_moves_with_its_terminal() {
+    if !setup() {
+        return;
+    }
+    let serve = Serve::start(PID, &[]);
+    // A child of this test: its session leader is not in its tree.
+    let mut child = Command::new("sleep").arg("1000").spawn().unwrap();
+    let pid = child.id() as i32;
+    let src = plugin_dir(PID);
+    let (out, json) = migrate(src.path(), "pid", pid, &serve.addr, &[]);
+    assert_eq!(out.status.code(), Some(3));
+    let j = json.unwrap();
+    assert_eq!(
+        (j["phase"].as_str(), j["side"].as_str()),
+        (Some("preflight"), Some("source"))
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("session leader") && stderr.contains("-o shell-job"),
+        "{stderr}"
+    );
+    assert!(alive(pid), "untouched");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
 fn dry_run_checks_everything_and_moves_nothing() {
     if !setup() {
         return;

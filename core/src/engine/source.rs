@@ -242,6 +242,16 @@ pub(crate) fn preflight(
     let cpuinfo = std::fs::read(cpu_dir.join("cpuinfo.img")).map_err(io)?;
     let need_bytes = proc::tree_rss(prepared.pid);
     let roots = fs_roots(&prepared.fs);
+    // What the dump will be asked for, to check the tree against it.
+    let mut effective = CriuOpts::default();
+    super::CriuDefaults::split(&opts.options)
+        .map_err(PreflightError::Check)?
+        .0
+        .apply(&mut effective);
+    let mut prepared = prepared;
+    prepared.driver.adjust_dump_opts(&mut effective)?;
+    super::checks::check_session(prepared.pid, effective.shell_job)
+        .map_err(PreflightError::Check)?;
     let pids = super::checks::restore_pids(prepared.pid);
     let bound = super::checks::bound_sockets(prepared.pid);
     Ok(Preflight {

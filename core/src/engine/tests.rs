@@ -192,10 +192,17 @@ struct Result_ {
 
 fn run(case: Case) -> Result_ {
     let dirs = tempfile::tempdir().unwrap();
-    let mut workload = std::process::Command::new("sleep")
-        .arg("1000")
-        .spawn()
-        .unwrap();
+    // Its own session, as a detached workload is.
+    let mut workload = std::process::Command::new("sleep");
+    workload.arg("1000");
+    // SAFETY: setsid is async-signal-safe.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut workload, || {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut workload = workload.spawn().unwrap();
     let pid = workload.id() as i32;
     let src_task = proc::task(pid).unwrap();
     let (ctl_src, ctl_px1) = UnixStream::pair().unwrap();
