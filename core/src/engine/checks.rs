@@ -11,6 +11,10 @@
 //!   the destination; the source lists them ([`bound_sockets`]), the
 //!   destination tries to bind each ([`check_sockets`]). A tree with its
 //!   own network namespace takes it along: nothing to check.
+//! - **Unix sockets connected outside the tree.** CRIU cannot restore the
+//!   far end of a connection it did not dump; without `-o ext-unix-sk` it
+//!   refuses such a tree, after freezing it. [`check_unix_peers`] finds
+//!   them first (the kernel's `sock_diag` names each socket's peer).
 //! - **Session and process group.** A tree whose session or process group
 //!   leader is outside it (a program started from a shell) can only be
 //!   dumped with its terminal (`-o shell-job`); [`check_session`] says so
@@ -180,6 +184,136 @@ pub fn check_sockets(bound: &[BoundSocket]) -> Result<(), String> {
     Ok(())
 }
 
+/// The socket inodes the tree's processes hold open.
+fn socket_inodes(root: i32) -> std::collections::BTreeMap<u64, i32> {
+    let mut inodes = std::collections::BTreeMap::new();
+    for pid in proc::tree(root) {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if let Ok(target) = std::fs::read_link(fd.path()) {
+                let t = target.to_string_lossy();
+                if let Some(i) = t
+                    .strip_prefix("socket:[")
+                    .and_then(|r| r.strip_suffix(']'))
+                    .and_then(|i| i.parse::<u64>().ok())
+                {
+                    inodes.entry(i).or_insert(pid);
+                }
+            }
+        }
+    }
+    inodes
+}
+
+/// Every unix socket of this network namespace and its peer's inode, from
+/// the kernel (`NETLINK_SOCK_DIAG`, `UDIAG_SHOW_PEER`).
+fn unix_peers() -> std::io::Result<std::collections::HashMap<u64, u64>> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const NLMSG_DONE: u16 = 3;
+    const NLMSG_ERROR: u16 = 2;
+    const UDIAG_SHOW_PEER: u32 = 4;
+    const UNIX_DIAG_PEER: u16 = 2;
+    // SAFETY: plain socket call; the result is owned below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            libc::NETLINK_SOCK_DIAG,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // nlmsghdr (16 bytes) + unix_diag_req (24 bytes).
+    let mut req = Vec::with_capacity(40);
+    req.extend_from_slice(&40u32.to_ne_bytes());
+    req.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    req.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
+    req.extend_from_slice(&1u32.to_ne_bytes()); // seq
+    req.extend_from_slice(&0u32.to_ne_bytes()); // pid
+    req.extend_from_slice(&[libc::AF_UNIX as u8, 0, 0, 0]);
+    req.extend_from_slice(&u32::MAX.to_ne_bytes()); // every state
+    req.extend_from_slice(&0u32.to_ne_bytes()); // any inode
+    req.extend_from_slice(&UDIAG_SHOW_PEER.to_ne_bytes());
+    req.extend_from_slice(&u32::MAX.to_ne_bytes());
+    req.extend_from_slice(&u32::MAX.to_ne_bytes());
+    // SAFETY: a valid buffer for the length given.
+    if unsafe { libc::send(sock.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut peers = std::collections::HashMap::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let u16_at = |b: &[u8], o: usize| u16::from_ne_bytes([b[o], b[o + 1]]);
+    let u32_at = |b: &[u8], o: usize| u32::from_ne_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+    loop {
+        // SAFETY: a valid buffer for the length given.
+        let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let b = &buf[..n as usize];
+        let mut off = 0;
+        while off + 16 <= b.len() {
+            let len = u32_at(b, off) as usize;
+            let ty = u16_at(b, off + 4);
+            if len < 16 || off + len > b.len() {
+                return Ok(peers);
+            }
+            match ty {
+                NLMSG_DONE => return Ok(peers),
+                NLMSG_ERROR => return Err(std::io::Error::other("sock_diag refused the request")),
+                _ => {}
+            }
+            // unix_diag_msg: family, type, state, pad, ino, cookie[2].
+            let msg = &b[off + 16..off + len];
+            if msg.len() >= 16 {
+                let ino = u32_at(msg, 4) as u64;
+                let mut a = 16;
+                while a + 4 <= msg.len() {
+                    let alen = u16_at(msg, a) as usize;
+                    let aty = u16_at(msg, a + 2);
+                    if alen < 4 || a + alen > msg.len() {
+                        break;
+                    }
+                    if aty == UNIX_DIAG_PEER && alen >= 8 {
+                        peers.insert(ino, u32_at(msg, a + 4) as u64);
+                    }
+                    a += (alen + 3) & !3;
+                }
+            }
+            off += (len + 3) & !3;
+        }
+    }
+}
+
+/// Source: a unix socket of the tree connected to one outside it needs
+/// `ext-unix-sk`; the refusal names the process and the peer.
+pub fn check_unix_peers(root: i32, ext_unix_sk: bool) -> Result<(), String> {
+    if ext_unix_sk || namespace(&root.to_string(), "net") != namespace("self", "net") {
+        return Ok(());
+    }
+    let ours = socket_inodes(root);
+    let Ok(peers) = unix_peers() else {
+        return Ok(()); // No sock_diag: CRIU will say it, if it must.
+    };
+    for (ino, pid) in &ours {
+        if let Some(peer) = peers.get(ino).filter(|p| **p != 0 && !ours.contains_key(p)) {
+            return Err(format!(
+                "a unix socket of the workload (process {pid}, socket inode {ino}) is connected \
+                 to a socket outside the tree (inode {peer}): CRIU cannot restore the other end; \
+                 pass -o ext-unix-sk (the peer sees the connection break and must reconnect), \
+                 or migrate the peer along"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Source: a tree whose session or process-group leader is outside it
 /// needs `shell-job`; the refusal names the leader and what to do.
 pub fn check_session(root: i32, shell_job: bool) -> Result<(), String> {
@@ -257,6 +391,36 @@ mod tests {
         let e = check_session(pid, false).unwrap_err();
         assert!(e.contains("-o shell-job") && e.contains("leader"), "{e}");
         check_session(pid, true).unwrap();
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+
+    #[test]
+    fn a_unix_socket_connected_outside_the_tree_needs_ext_unix_sk() {
+        use std::os::unix::process::CommandExt;
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        // A child holding one end; this test holds the other.
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&theirs);
+        let mut cmd = std::process::Command::new("sleep");
+        cmd.arg("100");
+        // SAFETY: fcntl only, between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::fcntl(fd, libc::F_SETFD, 0);
+                Ok(())
+            });
+        }
+        let mut c = cmd.spawn().unwrap();
+        let pid = c.id() as i32;
+        let e = check_unix_peers(pid, false).unwrap_err();
+        assert!(
+            e.contains("-o ext-unix-sk") && e.contains(&pid.to_string()),
+            "{e}"
+        );
+        check_unix_peers(pid, true).unwrap();
+        // A tree whose sockets all connect inside it passes.
+        check_unix_peers(std::process::id() as i32, false).unwrap();
+        drop(ours);
         let _ = c.kill();
         let _ = c.wait();
     }

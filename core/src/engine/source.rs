@@ -252,6 +252,8 @@ pub(crate) fn preflight(
     prepared.driver.adjust_dump_opts(&mut effective)?;
     super::checks::check_session(prepared.pid, effective.shell_job)
         .map_err(PreflightError::Check)?;
+    super::checks::check_unix_peers(prepared.pid, effective.ext_unix_sk)
+        .map_err(PreflightError::Check)?;
     let pids = super::checks::restore_pids(prepared.pid);
     let bound = super::checks::bound_sockets(prepared.pid);
     Ok(Preflight {
