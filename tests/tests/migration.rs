@@ -210,17 +210,21 @@ fn killing_the_destination_during_the_transfer_rolls_back() {
 }
 
 /// The faulty driver, given `options`, breaks the migration; the source
-/// must roll back and say `expect`.
-fn faulty_migration_rolls_back(options: &[&str], mem_mib: &str, expect: &str) {
+/// must roll back and say `expect`. Returns the `--json` failure.
+fn faulty_migration_rolls_back(
+    options: &[&str],
+    mem_mib: &str,
+    expect: &str,
+) -> Option<serde_json::Value> {
     if !setup() {
-        return;
+        return None;
     }
     let serve = Serve::start(FAULTY, &[]);
     let w = Workload::spawn(&["--mem-mib", mem_mib]);
     let before = w.report();
     let src = plugin_dir(FAULTY);
     let args: Vec<&str> = options.iter().flat_map(|o| ["-o", *o]).collect();
-    let (out, _) = migrate(src.path(), "faulty", w.pid, &serve.addr, &args);
+    let (out, json) = migrate(src.path(), "faulty", w.pid, &serve.addr, &args);
     assert_eq!(out.status.code(), Some(4));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -228,11 +232,34 @@ fn faulty_migration_rolls_back(options: &[&str], mem_mib: &str, expect: &str) {
         "the message says {expect:?}: {stderr}"
     );
     assert_rolled_back(&w, &before, &serve);
+    json
 }
 
 #[test]
 fn a_failing_restore_on_the_destination_rolls_back() {
-    faulty_migration_rolls_back(&["break-restore"], "32", "restore failed");
+    let Some(j) = faulty_migration_rolls_back(&["break-restore"], "32", "restore failed") else {
+        return;
+    };
+    // The failure says where and why, and the log it names still exists
+    // (the destination's, named by its path there).
+    assert_eq!(j["error"], "rolled-back");
+    assert_eq!(j["source_runs"], true);
+    assert_eq!(j["phase"], "hand-over");
+    assert_eq!(j["side"], "destination");
+    let log = j["criu_log"].as_str().expect("the destination's CRIU log");
+    assert!(log.ends_with("restore.log"), "{j}");
+    let text = std::fs::read_to_string(log).expect("the named log exists afterwards");
+    assert!(text.contains("Error"), "the log explains the failure");
+    let msg = j["message"].as_str().unwrap();
+    assert!(
+        msg.contains(&format!("CRIU log on the destination: {log}")),
+        "{msg}"
+    );
+    assert!(
+        !msg.contains("RLIMIT_NOFILE"),
+        "not the harmless complaint: {msg}"
+    );
+    let _ = std::fs::remove_dir_all(std::path::Path::new(log).parent().unwrap());
 }
 
 #[test]

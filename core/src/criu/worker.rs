@@ -208,11 +208,19 @@ impl Worker {
         CriuError::Failed {
             request: req_name(t),
             errno: resp.cr_errno.filter(|e| *e != 0),
-            line: resp.cr_errmsg.clone().or_else(|| {
-                log_path
-                    .as_deref()
-                    .and_then(super::diagnose::failing_line_in)
-            }),
+            // CRIU's own errmsg is the first error it logged — here, the
+            // harmless RLIMIT complaint; the log says what failed.
+            line: log_path
+                .as_deref()
+                .and_then(super::diagnose::failing_line_in)
+                .or_else(|| {
+                    resp.cr_errmsg.as_deref().and_then(|m| {
+                        super::diagnose::failing_line(m).or_else(|| {
+                            (!m.contains("RLIMIT_NOFILE") && !m.trim().is_empty())
+                                .then(|| m.trim().to_string())
+                        })
+                    })
+                }),
             log: log_path,
         }
     }
