@@ -40,6 +40,17 @@ Examples:
   phaul migrate pid 4242 --to 127.0.0.1:7070 --mode restart --sync /srv/app
   phaul migrate pid 4242 --to 127.0.0.1:7070 --dry-run        # check only, move nothing
 
+", "CRIU options for every htype (-o KEY[=VALUE], like driver options):
+  file-locks=BOOL       dump and restore file locks (default true; off, CRIU refuses a
+                        tree holding a lock)
+  link-remap=BOOL       re-link files removed while open but still linked elsewhere
+                        (default true; off, CRIU refuses such a tree)
+  ghost-limit=BYTES     copy deleted-but-open files up to this size into the images
+                        (default 16777216; CRIU's own 1 MiB refuses a larger one)
+  evasive-devices=BOOL  use another path to a device whose path is gone (default false)
+Options of the pid htype: shell-job, ext-unix-sk, external=SPEC, veth=IN=OUT[@BR],
+sync=DIR, shared-storage, stop-timeout=S (see the README).
+
 ", "Exit status:
   0  migrated
   1  error before starting (bad arguments, no plugins, no CRIU)
