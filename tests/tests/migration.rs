@@ -38,34 +38,10 @@ fn assert_rolled_back(w: &Workload, before: &serde_json::Value, serve: &Serve) {
         serve.criu_processes()
     );
     assert!(
-        wait_for(Duration::from_secs(10), || restored_copies(w).is_empty()),
+        wait_for(Duration::from_secs(10), || w.restored_copies().is_empty()),
         "a restored copy runs on the destination: {:?}",
-        restored_copies(w)
+        w.restored_copies()
     );
-}
-
-/// Processes running the same workload (same state directory) other than
-/// the source's root.
-fn restored_copies(w: &Workload) -> Vec<i32> {
-    let needle = w.state.to_string_lossy().to_string();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
-        .filter(|&p| p != w.pid && alive(p))
-        .filter(|p| {
-            std::fs::read(format!("/proc/{p}/cmdline"))
-                .map(|c| {
-                    let c = String::from_utf8_lossy(&c).replace('\0', " ");
-                    c.contains("phaul-workload") && c.contains(" run ") && c.contains(&needle)
-                })
-                .unwrap_or(false)
-        })
-        .filter(|p| {
-            // The source's own tree (its extras child) does not count.
-            !phaul_core::proc::tree(w.pid).contains(p)
-        })
-        .collect()
 }
 
 #[test]
@@ -324,7 +300,7 @@ fn losing_the_connection_after_the_commit_is_resolved_by_asking_the_destination(
         reap(old);
         !alive(old)
     }));
-    let copies = restored_copies(&w);
+    let copies = w.restored_copies();
     assert_eq!(copies.len(), 1, "exactly one copy runs: {copies:?}");
     w.moved_to(copies[0]);
     let after = w.report();
