@@ -286,30 +286,63 @@ pub struct CriuWorker {
 /// The `criu swrk` workers whose working directory is under `root` (a
 /// side's `--work-dir`). CRIU rewrites its command line while it works
 /// (`criu: dump --rpc -t N`), so workers are recognised by their command
-/// name. Restored tasks that CRIU forked but has not yet turned into the
-/// workload still look like CRIU; their parent is a CRIU process, a
-/// worker's is not.
+/// name. Tasks CRIU forked to restore a workload still look like CRIU until
+/// they become the workload, and keep looking like it if their CRIU dies
+/// under them; they are not workers: their parent is CRIU, or they live in
+/// the workload's own PID namespace.
 pub fn criu_workers(root: &Path) -> Vec<CriuWorker> {
     let is_criu = |pid: i32| {
         std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "criu")
     };
+    let pid_ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok();
+    let ours = pid_ns("self");
     processes_with_cwd_under(root)
         .into_iter()
         .filter(|&pid| is_criu(pid))
         .filter(|&pid| !parent(pid).is_some_and(is_criu))
+        .filter(|&pid| pid_ns(&pid.to_string()) == ours)
+        .map(|pid| CriuWorker {
+            pid,
+            name: worker_name(pid),
+        })
+        .collect()
+}
+
+/// Whether a CRIU worker under `root` is in the middle of a restore: it
+/// runs a restore request (CRIU calls itself `criu: restore ...` then) and
+/// has forked the first task of the copy, which is not the workload yet.
+pub fn restore_underway(root: &Path) -> bool {
+    criu_workers(root).iter().any(|w| {
+        std::fs::read(format!("/proc/{}/cmdline", w.pid))
+            .is_ok_and(|c| c.starts_with(b"criu: restore"))
+            && !phaul_core::proc::tree(w.pid).iter().all(|&p| p == w.pid)
+    })
+}
+
+/// phaul's name for a CRIU worker, from the `criu-<name>.stderr` file its
+/// standard error goes to (empty when that cannot be read).
+fn worker_name(pid: i32) -> String {
+    std::fs::read_link(format!("/proc/{pid}/fd/2"))
+        .ok()
+        .and_then(|p| {
+            let f = p.file_name()?.to_str()?.to_string();
+            Some(
+                f.strip_prefix("criu-")?
+                    .strip_suffix(".stderr")?
+                    .to_string(),
+            )
+        })
+        .unwrap_or_default()
+}
+
+/// Every process still working under `root` (CRIU workers and the tasks
+/// they are restoring), as `pid (command name)`, for messages.
+pub fn describe_processes_under(root: &Path) -> Vec<String> {
+    processes_with_cwd_under(root)
+        .into_iter()
         .map(|pid| {
-            let name = std::fs::read_link(format!("/proc/{pid}/fd/2"))
-                .ok()
-                .and_then(|p| {
-                    let f = p.file_name()?.to_str()?.to_string();
-                    Some(
-                        f.strip_prefix("criu-")?
-                            .strip_suffix(".stderr")?
-                            .to_string(),
-                    )
-                })
-                .unwrap_or_default();
-            CriuWorker { pid, name }
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            format!("{pid} ({})", comm.trim())
         })
         .collect()
 }
