@@ -16,8 +16,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use phaul_tests::harness::{
-    criu_workers, reap, reap_strays, recover, setup, temp_old_binaries, wait_for, Copies,
-    CriuWorker, Migration, Recovery, Serve, Workload,
+    describe_processes_under, processes_with_cwd_under, reap, reap_strays, recover,
+    restore_underway, setup, temp_old_binaries, wait_for, workload_copies, Copies, CriuWorker,
+    Migration, Recovery, Serve, Workload,
 };
 use phaul_tests::plugin_dir;
 use phaul_tests::proxy::{Fault, Proxy};
@@ -85,6 +86,11 @@ enum When {
     /// Once the proxy stalled at this frame (and the stall settled); the
     /// connections are cut right after the kill.
     StallAt(&'static str),
+    /// While the destination's CRIU restores (it forked the first task of
+    /// the copy, which is not the workload yet), with the proxy forwarding
+    /// everything; only the connection victim cuts it. No protocol frame
+    /// marks this moment: it is caught by watching the destination.
+    Restoring,
     /// This long after `phaul migrate` started, with the proxy forwarding
     /// everything; only the connection victim cuts it.
     After(Duration),
@@ -92,14 +98,37 @@ enum When {
     Never,
 }
 
+/// The matrix rows, in protocol order: the stall points, and the restore
+/// between `Restore` and `Restored`.
+const ROWS: [&str; 5] = ["Restore", "restoring", "Restored", "Commit", "Resumed"];
+
 impl When {
+    /// The matrix row of a cell at a protocol moment.
+    fn row(self) -> Option<&'static str> {
+        match self {
+            When::StallAt(p) => Some(p),
+            When::Restoring => Some("restoring"),
+            When::After(_) | When::Never => None,
+        }
+    }
+
     fn label(self) -> String {
         match self {
             When::StallAt(p) => format!("at {p}"),
+            When::Restoring => "while restoring".to_string(),
             When::After(d) => format!("after {} ms", d.as_millis()),
             When::Never => "no fault".to_string(),
         }
     }
+}
+
+/// A cell's name: `at Commit x source CRIU`.
+fn label(when: When, victim: Option<Victim>) -> String {
+    format!(
+        "{} x {}",
+        when.label(),
+        victim.map_or("nothing", Victim::name)
+    )
 }
 
 /// What became of one cell.
@@ -113,6 +142,9 @@ struct Cell {
     failures: Vec<(&'static str, String)>,
     /// What happened on the way (exit codes, recover actions, notes).
     notes: Vec<String>,
+    /// Remarks shown in the matrix next to the outcome (a survivor that hung,
+    /// a moment not caught).
+    marks: Vec<&'static str>,
     /// The logs, for a failed cell.
     logs: Vec<(String, PathBuf)>,
     took: Duration,
@@ -123,12 +155,23 @@ struct Cell {
 }
 
 impl Cell {
+    fn new(when: When, victim: Option<Victim>) -> Cell {
+        Cell {
+            when,
+            victim,
+            outcome: String::new(),
+            failures: Vec::new(),
+            notes: Vec::new(),
+            marks: Vec::new(),
+            logs: Vec::new(),
+            took: Duration::ZERO,
+            migrate_exit: None,
+            _dir: None,
+        }
+    }
+
     fn label(&self) -> String {
-        format!(
-            "{} x {}",
-            self.when.label(),
-            self.victim.map_or("nothing", Victim::name)
-        )
+        label(self.when, self.victim)
     }
 
     fn failed(&self) -> bool {
@@ -242,6 +285,372 @@ fn exit_text(s: Option<std::process::ExitStatus>) -> String {
     }
 }
 
+/// Kills, on drop, whatever a cell may have left: every CRIU worker under
+/// the two work roots and every copy of the workload, then reaps them (this
+/// test process is their subreaper). It runs when a cell panics, too.
+struct Cleanup {
+    state: PathBuf,
+    roots: Vec<PathBuf>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        // Workers, and tasks a dead CRIU left half restored.
+        for root in &self.roots {
+            for pid in processes_with_cwd_under(root) {
+                sigkill(pid);
+            }
+        }
+        let copies = workload_copies(&self.state);
+        for &pid in &copies {
+            phaul_core::proc::signal_tree(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+        wait_for(Duration::from_secs(5), || {
+            reap_strays();
+            copies.iter().all(|&p| {
+                reap(p);
+                !Path::new(&format!("/proc/{p}")).exists()
+            }) && workload_copies(&self.state).is_empty()
+        });
+    }
+}
+
+/// One cell's processes. Fields drop in order: the watcher stops, the
+/// commands and the service die, the proxy closes, then [`Cleanup`] and the
+/// workload take every copy down.
+struct Run {
+    watcher: Option<Watcher>,
+    mig: Migration,
+    serve: Serve,
+    proxy: Proxy,
+    _cleanup: Cleanup,
+    w: Workload,
+    src_plugins: tempfile::TempDir,
+    src_journal: PathBuf,
+    dst_journal: PathBuf,
+    /// The workload's report before the migration.
+    before: serde_json::Value,
+    /// The source copy's root.
+    source_pid: i32,
+    /// When `phaul migrate` started.
+    t0: Instant,
+}
+
+impl Run {
+    /// A fresh workload, a journaled service behind a proxy (stalling at
+    /// the cell's point, if it has one), the copy watcher, and the
+    /// migration started in the background.
+    fn start(when: When, dir: &Path) -> Run {
+        let w = Workload::spawn(WORKLOAD);
+        let before = w.report();
+        w.assert_intact(&before);
+        let src_journal = dir.join("journal-src");
+        let dst_journal = dir.join("journal-dst");
+        let serve = Serve::start_journaled(PID, &dst_journal, &[], Some(&dir.join("serve.log")));
+        let fault = match when {
+            When::StallAt(point) => Fault::StallAt(point),
+            When::Restoring | When::After(_) | When::Never => Fault::Forward,
+        };
+        let proxy = Proxy::start(&serve.addr, fault);
+        let src_plugins = plugin_dir(PID);
+        let t0 = Instant::now();
+        let watcher = Watcher::start(w.state.clone(), t0);
+        let mig = Migration::start(
+            src_plugins.path(),
+            "pid",
+            w.pid,
+            &proxy.addr,
+            &src_journal,
+            &["--resolve-timeout", RESOLVE_TIMEOUT],
+            Some(&dir.join("migrate.log")),
+        );
+        Run {
+            watcher: Some(watcher),
+            _cleanup: Cleanup {
+                state: w.state.clone(),
+                roots: vec![
+                    mig.work.path().to_path_buf(),
+                    serve.work.path().to_path_buf(),
+                ],
+            },
+            source_pid: w.pid,
+            mig,
+            serve,
+            proxy,
+            w,
+            src_plugins,
+            src_journal,
+            dst_journal,
+            before,
+            t0,
+        }
+    }
+
+    /// Waits for the cell's moment and kills its victim; a stall is then
+    /// cut (and healed, so that later connections get through).
+    fn strike(&mut self, cell: &mut Cell) {
+        let strike = match cell.when {
+            When::StallAt(point) => {
+                let (proxy, mig) = (&self.proxy, &mut self.mig);
+                wait_for(SURVIVOR_WAIT, || {
+                    proxy.triggered() || mig.try_wait().is_some()
+                });
+                if self.proxy.triggered() {
+                    cell.notes.push(format!(
+                        "stalled at {point} after {} ms",
+                        self.t0.elapsed().as_millis()
+                    ));
+                    std::thread::sleep(SETTLE);
+                    true
+                } else {
+                    cell.failures.push((
+                        "never stalled",
+                        format!(
+                            "the migration never reached {point} (phaul migrate: {})",
+                            exit_text(self.mig.try_wait())
+                        ),
+                    ));
+                    false
+                }
+            }
+            When::Restoring => {
+                let (serve, mig) = (&self.serve, &mut self.mig);
+                let end = Instant::now() + SURVIVOR_WAIT;
+                let caught = loop {
+                    if restore_underway(serve.work.path()) {
+                        break true;
+                    }
+                    if mig.try_wait().is_some() || Instant::now() > end {
+                        break false;
+                    }
+                    // The restore lasts some tens of milliseconds.
+                    std::thread::sleep(Duration::from_millis(1));
+                };
+                if caught {
+                    cell.notes.push(format!(
+                        "destination restoring at {} ms",
+                        self.t0.elapsed().as_millis()
+                    ));
+                } else {
+                    cell.notes.push(format!(
+                        "n/a: the restore was not caught (phaul migrate: {})",
+                        exit_text(self.mig.try_wait())
+                    ));
+                    cell.marks.push("restore not caught");
+                }
+                caught
+            }
+            When::After(d) => {
+                std::thread::sleep(d.saturating_sub(self.t0.elapsed()));
+                true
+            }
+            When::Never => false,
+        };
+        if let (true, Some(v)) = (strike, cell.victim) {
+            match self.kill(v) {
+                Some(what) => cell.notes.push(format!(
+                    "killed {} ({what}) at {} ms",
+                    v.name(),
+                    self.t0.elapsed().as_millis()
+                )),
+                None => cell
+                    .notes
+                    .push(format!("n/a: no {} to kill at that moment", v.name())),
+            }
+        }
+        // Stalled peers must see their connections drop; a free-running
+        // migration only loses it when that is the fault. Before the cut the
+        // copies are looked at once more: what the death alone did (e.g. a
+        // source tree let go by its dying CRIU while the destination's copy
+        // runs) must not hide behind what the cut makes the survivors do.
+        let process_died = strike && cell.victim.is_some_and(|v| v != Victim::Connection);
+        match cell.when {
+            When::StallAt(_) => {
+                if process_died {
+                    self.watcher.as_ref().expect("watching").look_again();
+                }
+                self.proxy.cut_and_heal();
+            }
+            _ if cell.victim == Some(Victim::Connection) => self.proxy.cut_and_heal(),
+            _ => {}
+        }
+    }
+
+    /// SIGKILLs the victim; what was killed, or `None` when it was not
+    /// there.
+    fn kill(&mut self, v: Victim) -> Option<String> {
+        match v {
+            Victim::SourcePhaul => {
+                let pid = self.mig.pid();
+                let there = self.mig.try_wait().is_none();
+                self.mig.kill();
+                there.then(|| format!("pid {pid}"))
+            }
+            Victim::DestPhaul => {
+                let pid = self.serve.pid();
+                let there = self.serve.is_running();
+                self.serve.kill();
+                there.then(|| format!("pid {pid}"))
+            }
+            Victim::SourceCriu => pick_worker(self.mig.criu_workers(), &["source"]).map(|k| {
+                sigkill(k.pid);
+                format!("{} worker, pid {}", k.name, k.pid)
+            }),
+            Victim::DestCriu => {
+                pick_worker(self.serve.criu_workers(), &["restore", "pages"]).map(|k| {
+                    sigkill(k.pid);
+                    format!("{} worker, pid {}", k.name, k.pid)
+                })
+            }
+            Victim::Connection => Some("proxy cut".to_string()),
+        }
+    }
+
+    /// Lets the surviving phaul processes finish (a source still waiting
+    /// after [`SURVIVOR_WAIT`] is killed), and brings a dead service back on
+    /// its address and journal.
+    fn survivors(&mut self, cell: &mut Cell) {
+        if cell.victim != Some(Victim::SourcePhaul) || self.mig.try_wait().is_some() {
+            match self.mig.wait_timeout(SURVIVOR_WAIT) {
+                Some(status) => {
+                    cell.migrate_exit = status.code().map(|c| (c, self.t0.elapsed()));
+                }
+                None => {
+                    cell.notes.push(format!(
+                        "source phaul still waiting {} s after the fault: killed",
+                        SURVIVOR_WAIT.as_secs()
+                    ));
+                    cell.marks.push("source phaul hung");
+                    self.mig.kill();
+                }
+            }
+        }
+        cell.notes
+            .push(format!("phaul migrate: {}", exit_text(self.mig.try_wait())));
+        if self.serve.is_running() {
+            // Its session is over when nothing works in its work root any
+            // more (CRIU workers, or tasks a dead CRIU left half restored).
+            let serve = &self.serve;
+            if !wait_for(SURVIVOR_WAIT, || serve.criu_processes().is_empty()) {
+                cell.notes.push(format!(
+                    "destination CRIU processes still there {} s after the fault: {:?}",
+                    SURVIVOR_WAIT.as_secs(),
+                    describe_processes_under(serve.work.path())
+                ));
+                cell.marks.push("destination CRIU hung");
+            }
+        } else {
+            self.serve.restart();
+            cell.notes.push("destination phaul restarted".into());
+        }
+    }
+
+    /// `phaul recover` on the source journal (it asks the destination),
+    /// then on the destination journal.
+    fn recover(&mut self, cell: &mut Cell, dir: &Path) {
+        if temp_old_binaries() {
+            cell.notes
+                .push("TEMP: phaul recover skipped (old binaries)".into());
+            return;
+        }
+        let src = recover(self.src_plugins.path(), &self.src_journal, RECOVER_TIMEOUT);
+        check_recovery(cell, "source", &src, dir);
+        let dst = recover(
+            self.serve.plugins.path(),
+            &self.dst_journal,
+            RECOVER_TIMEOUT,
+        );
+        check_recovery(cell, "destination", &dst, dir);
+    }
+
+    /// The end state: exactly one copy exists, it runs, it went on from
+    /// before the migration and its memory verifies. Returns which copy
+    /// runs.
+    fn verify(&mut self, cell: &mut Cell) -> String {
+        let mut last = Copies::default();
+        let (w, source_pid) = (&self.w, self.source_pid);
+        wait_for(Duration::from_secs(10), || {
+            reap(source_pid);
+            reap_strays();
+            last = Copies::observe(&w.state);
+            last.running().len() == 1 && last.existing.len() == 1
+        });
+        let pid = match last.running().as_slice() {
+            [] => {
+                cell.failures.push((
+                    "none running",
+                    format!("no copy runs after recovery: {last}"),
+                ));
+                return String::new();
+            }
+            [pid] => *pid,
+            _ => {
+                cell.failures.push((
+                    "two running",
+                    format!("two copies run after recovery: {last}"),
+                ));
+                return String::new();
+            }
+        };
+        if last.existing.len() > 1 {
+            cell.failures.push((
+                "stale copy left",
+                format!("a copy that does not run is left after recovery: {last}"),
+            ));
+        }
+        if pid != self.w.pid {
+            self.w.moved_to(pid);
+        }
+        match self.w.try_report() {
+            Ok(r) => {
+                if let Err(e) = Workload::check_intact(&r) {
+                    cell.failures.push(("memory bad", e));
+                }
+                if r["counter"].as_u64() <= self.before["counter"].as_u64() {
+                    cell.failures.push((
+                        "did not go on",
+                        format!(
+                            "the running copy did not go on from before the migration: {} -> {r}",
+                            self.before
+                        ),
+                    ));
+                }
+            }
+            Err(e) => cell.failures.push(("no report", e)),
+        }
+        match pid == self.source_pid {
+            true => "source resumed".into(),
+            false => "destination runs".into(),
+        }
+    }
+
+    /// Stops the watcher and adds what it saw to the cell.
+    fn watched(&mut self, cell: &mut Cell) {
+        let watch = self.watcher.take().expect("watching").finish();
+        for at in &watch.two_running {
+            cell.failures
+                .push(("two running", format!("two copies ran at {at}")));
+        }
+        for at in &watch.none_existing {
+            cell.failures
+                .push(("no copy existed", format!("no copy existed at {at}")));
+        }
+        cell.notes
+            .push(format!("{} looks at the copies", watch.looks));
+        for &pid in &watch.seen {
+            self.w.seen(pid);
+        }
+        let leftover: Vec<String> = describe_processes_under(self.mig.work.path())
+            .into_iter()
+            .chain(describe_processes_under(self.serve.work.path()))
+            .collect();
+        if !leftover.is_empty() {
+            cell.notes
+                .push(format!("CRIU processes left after recovery: {leftover:?}"));
+        }
+    }
+}
+
 /// Runs one cell from a fresh workload, service, proxy and journals to the
 /// final verification, and cleans up everything it started.
 fn run_cell(when: When, victim: Option<Victim>) -> Cell {
@@ -250,270 +659,22 @@ fn run_cell(when: When, victim: Option<Victim>) -> Cell {
         .prefix("phaul-chaos-")
         .tempdir()
         .expect("cell directory");
-    let src_journal = dir.path().join("journal-src");
-    let dst_journal = dir.path().join("journal-dst");
-    let serve_log = dir.path().join("serve.log");
-    let migrate_log = dir.path().join("migrate.log");
-    let mut cell = Cell {
-        when,
-        victim,
-        outcome: String::new(),
-        failures: Vec::new(),
-        notes: Vec::new(),
-        logs: vec![
-            ("phaul migrate".into(), migrate_log.clone()),
-            ("phaul serve".into(), serve_log.clone()),
-        ],
-        took: Duration::ZERO,
-        migrate_exit: None,
-        _dir: None,
-    };
-
-    // Declared first, dropped last: the workload's copies are killed after
-    // everything that could still touch them.
-    let mut w = Workload::spawn(WORKLOAD);
-    let before = w.report();
-    w.assert_intact(&before);
-    let source_pid = w.pid;
-    let mut serve = Serve::start_journaled(PID, &dst_journal, &[], Some(&serve_log));
-    let fault = match when {
-        When::StallAt(point) => Fault::StallAt(point),
-        When::After(_) | When::Never => Fault::Forward,
-    };
-    let proxy = Proxy::start(&serve.addr, fault);
-    let src_plugins = plugin_dir(PID);
-    let t0 = Instant::now();
-    let watcher = Watcher::start(w.state.clone(), t0);
-    let mut mig = Migration::start(
-        src_plugins.path(),
-        "pid",
-        source_pid,
-        &proxy.addr,
-        &src_journal,
-        &["--resolve-timeout", RESOLVE_TIMEOUT],
-        Some(&migrate_log),
-    );
-
-    // The moment.
-    let mut strike = true;
-    match when {
-        When::StallAt(point) => {
-            let reached = wait_for(SURVIVOR_WAIT, || {
-                proxy.triggered() || mig.try_wait().is_some()
-            });
-            if !proxy.triggered() {
-                cell.failures.push((
-                    "never stalled",
-                    format!(
-                        "the migration never reached {point} ({})",
-                        if reached {
-                            exit_text(mig.try_wait())
-                        } else {
-                            "still running".into()
-                        }
-                    ),
-                ));
-                strike = false;
-            } else {
-                cell.notes.push(format!(
-                    "stalled at {point} after {} ms",
-                    t0.elapsed().as_millis()
-                ));
-                std::thread::sleep(SETTLE);
-            }
-        }
-        When::After(d) => std::thread::sleep(d.saturating_sub(t0.elapsed())),
-        When::Never => {}
-    }
-    let mut source_killed = false;
-    if let (true, Some(v)) = (strike, victim) {
-        let hit = match v {
-            Victim::SourcePhaul => {
-                let gone = mig.try_wait().is_some();
-                mig.kill();
-                source_killed = true;
-                (!gone).then(|| format!("pid {}", mig.pid()))
-            }
-            Victim::DestPhaul => {
-                let pid = serve.pid();
-                serve.is_running().then(|| {
-                    serve.kill();
-                    format!("pid {pid}")
-                })
-            }
-            Victim::SourceCriu => pick_worker(mig.criu_workers(), &["source"]).map(|k| {
-                sigkill(k.pid);
-                format!("{} worker, pid {}", k.name, k.pid)
-            }),
-            Victim::DestCriu => pick_worker(serve.criu_workers(), &["restore", "pages"]).map(|k| {
-                sigkill(k.pid);
-                format!("{} worker, pid {}", k.name, k.pid)
-            }),
-            Victim::Connection => Some("proxy cut".to_string()),
-        };
-        match hit {
-            Some(what) => cell.notes.push(format!(
-                "killed {} ({what}) at {} ms",
-                v.name(),
-                t0.elapsed().as_millis()
-            )),
-            None => cell
-                .notes
-                .push(format!("n/a: no {} to kill at that moment", v.name())),
-        }
-    }
-    // Stalled peers must see their connections drop; a free-running
-    // migration only loses it when that is the fault. Before the cut, the
-    // copies are looked at once more: what the death alone did (e.g. a
-    // source tree let go by its dying CRIU while the destination's copy
-    // runs) must not hide behind what the cut makes the survivors do.
-    if matches!(when, When::StallAt(_)) {
-        if strike && victim.is_some_and(|v| v != Victim::Connection) {
-            watcher.look_again();
-        }
-        proxy.cut_and_heal();
-    } else if victim == Some(Victim::Connection) {
-        proxy.cut_and_heal();
-    }
-
-    // The survivors finish.
-    if !source_killed {
-        match mig.wait_timeout(SURVIVOR_WAIT) {
-            Some(status) => {
-                cell.migrate_exit = status.code().map(|c| (c, t0.elapsed()));
-            }
-            None => {
-                cell.notes.push(format!(
-                    "source phaul still waiting {} s after the fault: killed",
-                    SURVIVOR_WAIT.as_secs()
-                ));
-                mig.kill();
-            }
-        }
-    }
-    cell.notes
-        .push(format!("phaul migrate: {}", exit_text(mig.try_wait())));
-    if serve.is_running() {
-        if !wait_for(SURVIVOR_WAIT, || serve.criu_workers().is_empty()) {
-            cell.notes.push(format!(
-                "destination CRIU workers still there {} s after the fault: {:?}",
-                SURVIVOR_WAIT.as_secs(),
-                serve.criu_workers()
-            ));
-        }
-    } else {
-        serve.restart();
-        cell.notes.push("destination phaul restarted".into());
-    }
-
-    // Recovery, source first: it asks the destination.
-    if temp_old_binaries() {
-        cell.notes
-            .push("TEMP: phaul recover skipped (old binaries)".into());
-    } else {
-        let recoveries = [
-            (
-                "source",
-                recover(src_plugins.path(), &src_journal, RECOVER_TIMEOUT),
-            ),
-            (
-                "destination",
-                recover(serve.plugins.path(), &dst_journal, RECOVER_TIMEOUT),
-            ),
-        ];
-        for (side, r) in recoveries {
-            check_recovery(&mut cell, side, &r, dir.path());
-        }
-    }
-
-    // The end state: exactly one copy, running, intact.
-    let mut last = Copies::default();
-    wait_for(Duration::from_secs(10), || {
-        reap(source_pid);
-        reap_strays();
-        last = Copies::observe(&w.state);
-        last.running().len() == 1 && last.existing.len() == 1
-    });
-    let running = last.running();
-    let mut end = String::new();
-    match running.as_slice() {
-        [] => cell.failures.push((
-            "none running",
-            format!("no copy runs after recovery: {last}"),
-        )),
-        [pid] => {
-            end = if *pid == source_pid {
-                "source resumed".into()
-            } else {
-                "destination runs".into()
-            };
-            if last.existing.len() > 1 {
-                cell.failures.push((
-                    "stale copy left",
-                    format!("a copy that does not run is left after recovery: {last}"),
-                ));
-            }
-            if *pid != w.pid {
-                w.moved_to(*pid);
-            }
-            match w.try_report() {
-                Ok(r) => {
-                    if let Err(e) = Workload::check_intact(&r) {
-                        cell.failures.push(("memory bad", e));
-                    }
-                    if r["counter"].as_u64() <= before["counter"].as_u64() {
-                        cell.failures.push((
-                            "did not go on",
-                            format!(
-                                "the running copy did not go on from before the migration: \
-                                 {before} -> {r}"
-                            ),
-                        ));
-                    }
-                }
-                Err(e) => cell.failures.push(("no report", e)),
-            }
-        }
-        _ => cell.failures.push((
-            "two running",
-            format!("two copies run after recovery: {last}"),
-        )),
-    }
-
-    let watch = watcher.finish();
-    for at in &watch.two_running {
-        cell.failures
-            .push(("two running", format!("two copies ran at {at}")));
-    }
-    for at in &watch.none_existing {
-        cell.failures
-            .push(("no copy existed", format!("no copy existed at {at}")));
-    }
-    cell.notes
-        .push(format!("{} looks at the copies", watch.looks));
-
-    // Clean up: the processes first, then every copy ever seen.
-    mig.kill();
-    serve.kill();
-    for root in [mig.work.path(), serve.work.path()] {
-        for k in criu_workers(root) {
-            sigkill(k.pid);
-        }
-    }
-    for &pid in watch.seen.iter().chain(last.pids().iter()) {
-        w.seen(pid);
-        phaul_core::proc::signal_tree(pid, nix::sys::signal::Signal::SIGKILL);
-    }
-    wait_for(Duration::from_secs(5), || {
-        reap_strays();
-        watch.seen.iter().all(|&p| {
-            reap(p);
-            !Path::new(&format!("/proc/{p}")).exists()
-        })
-    });
-    drop(proxy);
-
+    let mut cell = Cell::new(when, victim);
+    cell.logs = vec![
+        ("phaul migrate".into(), dir.path().join("migrate.log")),
+        ("phaul serve".into(), dir.path().join("serve.log")),
+    ];
+    let mut run = Run::start(when, dir.path());
+    run.strike(&mut cell);
+    run.survivors(&mut cell);
+    run.recover(&mut cell, dir.path());
+    let end = run.verify(&mut cell);
+    run.watched(&mut cell);
+    drop(run);
     cell.outcome = outcome(&end, &cell.failures);
+    if !cell.marks.is_empty() {
+        cell.outcome += &format!(" [{}]", cell.marks.join(", "));
+    }
     cell.took = started.elapsed();
     if cell.failed() {
         // Keep the logs of a failed cell for the report.
@@ -543,7 +704,8 @@ fn outcome(end: &str, failures: &[(&'static str, String)]) -> String {
 }
 
 /// Checks one side's `phaul recover`: it must finish with nothing pending
-/// (both sides are up again, so everything can be decided).
+/// (both sides are up again, so everything can be decided), and say so in
+/// the agreed JSON shape.
 fn check_recovery(cell: &mut Cell, side: &str, r: &Recovery, dir: &Path) {
     cell.notes
         .push(format!("phaul recover ({side}): {}", r.summary()));
@@ -557,19 +719,57 @@ fn check_recovery(cell: &mut Cell, side: &str, r: &Recovery, dir: &Path) {
             format!("recover ({side}) left work undecided: {}", r.summary()),
         ));
     }
+    if let Err(e) = r
+        .json
+        .as_ref()
+        .ok_or("no JSON".to_string())
+        .and_then(|j| recovery_shape(j, side))
+    {
+        cell.failures
+            .push(("recover JSON", format!("recover ({side}) --json: {e}")));
+    }
+}
+
+/// `{"pending": N, "sessions": [{"session": "<16 hex>", "side": <side>,
+/// "action": "...", "message": "..."}]}`.
+fn recovery_shape(j: &serde_json::Value, side: &str) -> Result<(), String> {
+    j["pending"]
+        .as_u64()
+        .ok_or_else(|| format!("no numeric \"pending\" in {j}"))?;
+    let sessions = j["sessions"]
+        .as_array()
+        .ok_or_else(|| format!("no \"sessions\" array in {j}"))?;
+    for s in sessions {
+        let id = s["session"].as_str().unwrap_or_default();
+        if id.len() != 16 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!("session id is not 16 hex digits: {s}"));
+        }
+        if s["side"] != side {
+            return Err(format!(
+                "a session of the {side} journal names another side: {s}"
+            ));
+        }
+        if !s["action"].is_string() || !s["message"].is_string() {
+            return Err(format!("a session without action or message: {s}"));
+        }
+    }
+    Ok(())
 }
 
 /// Runs the cells one after the other, each inside its own panic guard so
 /// that a harness failure in one cell is reported like any other failure.
+/// `PHAUL_CHAOS_ONLY=TEXT` runs only the cells whose label contains TEXT
+/// (e.g. `at Commit x source CRIU`), to look at one closely.
 fn run_cells(cells: &[(When, Option<Victim>)]) -> Vec<Cell> {
+    let only = std::env::var("PHAUL_CHAOS_ONLY").ok();
     cells
         .iter()
+        .filter(|&&(when, victim)| {
+            only.as_ref()
+                .map_or(true, |o| label(when, victim).contains(o.as_str()))
+        })
         .map(|&(when, victim)| {
-            eprintln!(
-                "chaos: {} x {} ...",
-                when.label(),
-                victim.map_or("nothing", Victim::name)
-            );
+            eprintln!("chaos: {} ...", label(when, victim));
             let cell =
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_cell(when, victim)))
                     .unwrap_or_else(|p| {
@@ -578,17 +778,10 @@ fn run_cells(cells: &[(When, Option<Victim>)]) -> Vec<Cell> {
                             .cloned()
                             .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
                             .unwrap_or_else(|| "panic".into());
-                        Cell {
-                            when,
-                            victim,
-                            outcome: outcome("", &[("harness panicked", String::new())]),
-                            failures: vec![("harness panicked", msg)],
-                            notes: Vec::new(),
-                            logs: Vec::new(),
-                            took: Duration::ZERO,
-                            migrate_exit: None,
-                            _dir: None,
-                        }
+                        let mut cell = Cell::new(when, victim);
+                        cell.failures.push(("harness panicked", msg));
+                        cell.outcome = outcome("", &cell.failures);
+                        cell
                     });
             eprintln!(
                 "chaos: {} -> {} ({:.1} s)",
@@ -601,14 +794,11 @@ fn run_cells(cells: &[(When, Option<Victim>)]) -> Vec<Cell> {
         .collect()
 }
 
-/// Prints the stall cells as a point x victim table, then every cell's
+/// Prints the cells at protocol moments as a moment x victim table, then every cell's
 /// notes, and the failed cells' failures and log tails.
 fn print_report(title: &str, cells: &[Cell]) {
     let mut out = format!("\n===== {title} =====\n");
-    let stalls: Vec<&Cell> = cells
-        .iter()
-        .filter(|c| matches!(c.when, When::StallAt(_)))
-        .collect();
+    let stalls: Vec<&Cell> = cells.iter().filter(|c| c.when.row().is_some()).collect();
     if !stalls.is_empty() {
         let width = stalls
             .iter()
@@ -616,16 +806,13 @@ fn print_report(title: &str, cells: &[Cell]) {
             .chain(Victim::ALL.iter().map(|v| v.name().len()))
             .max()
             .unwrap_or(10);
-        out += &format!("{:<10}", "stall at");
+        out += &format!("{:<10}", "moment");
         for v in Victim::ALL {
             out += &format!(" | {:<width$}", v.name());
         }
         out += "\n";
-        for p in POINTS {
-            let row: Vec<&&Cell> = stalls
-                .iter()
-                .filter(|c| matches!(c.when, When::StallAt(q) if q == p))
-                .collect();
+        for p in ROWS {
+            let row: Vec<&&Cell> = stalls.iter().filter(|c| c.when.row() == Some(p)).collect();
             if row.is_empty() {
                 continue;
             }
@@ -640,7 +827,7 @@ fn print_report(title: &str, cells: &[Cell]) {
             out += "\n";
         }
     }
-    for c in cells.iter().filter(|c| !matches!(c.when, When::StallAt(_))) {
+    for c in cells.iter().filter(|c| c.when.row().is_none()) {
         out += &format!("{:<40} -> {}\n", c.label(), c.outcome);
     }
     out += "\n";
@@ -733,7 +920,7 @@ fn chaos_full_matrix_and_random_kills() {
     // A migration nothing breaks: the invariant holds on the happy path too,
     // and its duration bounds the random moments.
     let mut results = run_cells(&[(When::Never, None)]);
-    let baseline = match results[0].migrate_exit {
+    let baseline = match results.first().and_then(|c| c.migrate_exit) {
         Some((0, took)) => took,
         _ => Duration::from_secs(2),
     };
@@ -746,6 +933,9 @@ fn chaos_full_matrix_and_random_kills() {
                 continue;
             }
             cells.push((When::StallAt(p), Some(v)));
+        }
+        if p == "Restore" {
+            cells.extend(Victim::ALL.map(|v| (When::Restoring, Some(v))));
         }
     }
     let seed = std::env::var("PHAUL_CHAOS_SEED")
