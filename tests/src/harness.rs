@@ -71,6 +71,9 @@ pub struct Serve {
     pub plugins: tempfile::TempDir,
     /// Its work-directory root (unless the extra arguments name another).
     pub work: tempfile::TempDir,
+    /// Where it keeps CRIU's logs, for versions that keep them apart from
+    /// the work directories (`PHAUL_LOG_DIR`; ignored by versions without).
+    pub logs: tempfile::TempDir,
     /// How it was started, so that [`Serve::restart`] can do it again.
     wrapper: Vec<String>,
     extra: Vec<String>,
@@ -101,16 +104,21 @@ impl Serve {
     ) -> Serve {
         let plugins = plugin_dir(plugins);
         let work = shm_dir("dst");
+        let logs = tempfile::Builder::new()
+            .prefix("phaul-test-dst-logs-")
+            .tempdir()
+            .expect("log directory");
         let wrapper: Vec<String> = wrapper.iter().map(|s| s.to_string()).collect();
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let log = log.map(Path::to_path_buf);
-        let (child, addr) =
-            spawn_serve(&wrapper, plugins.path(), work.path(), listen, &extra, &log);
+        let dirs = [plugins.path(), work.path(), logs.path()];
+        let (child, addr) = spawn_serve(&wrapper, dirs, listen, &extra, &log);
         Serve {
             child,
             addr,
             plugins,
             work,
+            logs,
             wrapper,
             extra,
             log,
@@ -140,14 +148,8 @@ impl Serve {
     /// free again at once.
     pub fn restart(&mut self) {
         self.kill();
-        let (child, addr) = spawn_serve(
-            &self.wrapper,
-            self.plugins.path(),
-            self.work.path(),
-            &self.addr,
-            &self.extra,
-            &self.log,
-        );
+        let dirs = [self.plugins.path(), self.work.path(), self.logs.path()];
+        let (child, addr) = spawn_serve(&self.wrapper, dirs, &self.addr, &self.extra, &self.log);
         assert_eq!(addr, self.addr, "the service came back on its address");
         self.child = child;
     }
@@ -168,14 +170,17 @@ impl Serve {
         let _ = self.child.wait();
     }
 
-    /// CRIU processes still working in this service's work directories.
+    /// CRIU processes still working in this service's work (or log)
+    /// directories.
     pub fn criu_processes(&self) -> Vec<i32> {
-        processes_with_cwd_under(self.work.path())
+        let mut p = processes_with_cwd_under(self.work.path());
+        p.extend(processes_with_cwd_under(self.logs.path()));
+        p
     }
 
     /// This service's CRIU workers (`criu swrk`), by worker name.
     pub fn criu_workers(&self) -> Vec<CriuWorker> {
-        criu_workers(self.work.path())
+        side_workers(self.pid(), &[self.work.path(), self.logs.path()])
     }
 }
 
@@ -185,11 +190,11 @@ impl Drop for Serve {
     }
 }
 
-/// Spawns `phaul serve` and reads the address it reports.
+/// Spawns `phaul serve` with its plugin, work and log directories and
+/// reads the address it reports.
 fn spawn_serve(
     wrapper: &[String],
-    plugins: &Path,
-    work: &Path,
+    [plugins, work, logs]: [&Path; 3],
     listen: &str,
     extra: &[String],
     log: &Option<PathBuf>,
@@ -211,7 +216,8 @@ fn spawn_serve(
     if log.is_some() {
         cmd.env("NO_COLOR", "1");
     }
-    cmd.args(extra)
+    cmd.env("PHAUL_LOG_DIR", logs)
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log_file(log));
@@ -222,17 +228,19 @@ fn spawn_serve(
         .expect("read serve's address");
     let Some(addr) = line.trim().strip_prefix("listening on ") else {
         let _ = child.kill();
-        let status = child.wait();
+        let status = child
+            .wait()
+            .map_or_else(|e| e.to_string(), |s| s.to_string());
         let said = log
             .as_ref()
             .and_then(|p| std::fs::read_to_string(p).ok())
             .map(|t| {
-                let lines: Vec<&str> = t.lines().collect();
-                lines[lines.len().saturating_sub(5)..].join("\n")
+                let lines: Vec<&str> = t.lines().filter(|l| !l.trim().is_empty()).collect();
+                lines[lines.len().saturating_sub(8)..].join("\n")
             })
             .unwrap_or_default();
         panic!(
-            "phaul serve --listen {listen} did not start (first line {line:?}, {status:?}){}{said}",
+            "phaul serve --listen {listen} did not start (first line {line:?}, {status}){}{said}",
             if said.is_empty() {
                 ""
             } else {
@@ -308,11 +316,11 @@ pub fn criu_workers(root: &Path) -> Vec<CriuWorker> {
         .collect()
 }
 
-/// Whether a CRIU worker under `root` is in the middle of a restore: it
-/// runs a restore request (CRIU calls itself `criu: restore ...` then) and
-/// has forked the first task of the copy, which is not the workload yet.
-pub fn restore_underway(root: &Path) -> bool {
-    criu_workers(root).iter().any(|w| {
+/// Whether one of `workers` is in the middle of a restore: it runs a
+/// restore request (CRIU calls itself `criu: restore ...` then) and has
+/// forked the tasks of the copy.
+pub fn restore_underway(workers: &[CriuWorker]) -> bool {
+    workers.iter().any(|w| {
         std::fs::read(format!("/proc/{}/cmdline", w.pid))
             .is_ok_and(|c| c.starts_with(b"criu: restore"))
             && !phaul_core::proc::tree(w.pid).iter().all(|&p| p == w.pid)
@@ -320,9 +328,10 @@ pub fn restore_underway(root: &Path) -> bool {
 }
 
 /// phaul's name for a CRIU worker, from the `criu-<name>.stderr` file its
-/// standard error goes to (empty when that cannot be read).
+/// standard error goes to; else what it is doing (`restore`, `pages`,
+/// `dump`, from the title CRIU gives itself); empty when neither tells.
 fn worker_name(pid: i32) -> String {
-    std::fs::read_link(format!("/proc/{pid}/fd/2"))
+    let from_stderr = std::fs::read_link(format!("/proc/{pid}/fd/2"))
         .ok()
         .and_then(|p| {
             let f = p.file_name()?.to_str()?.to_string();
@@ -331,8 +340,48 @@ fn worker_name(pid: i32) -> String {
                     .strip_suffix(".stderr")?
                     .to_string(),
             )
+        });
+    from_stderr.unwrap_or_else(|| {
+        let c = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        [
+            (&b"criu: restore"[..], "restore"),
+            (b"criu: page-server", "pages"),
+            (b"criu: dump", "dump"),
+        ]
+        .iter()
+        .find(|(title, _)| c.starts_with(title))
+        .map_or(String::new(), |(_, n)| n.to_string())
+    })
+}
+
+/// The CRIU workers of one side: CRIU processes whose parent is that side's
+/// phaul (`phaul_pid`), wherever their working directory is, plus workers
+/// working under `roots` (e.g. ones whose phaul died).
+pub fn side_workers(phaul_pid: i32, roots: &[&Path]) -> Vec<CriuWorker> {
+    let ours = std::fs::read_link("/proc/self/ns/pid").ok();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut pids: Vec<i32> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
+        .filter(|&pid| parent(pid) == Some(phaul_pid) && exists(pid))
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "criu")
         })
-        .unwrap_or_default()
+        .filter(|pid| std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok() == ours)
+        .collect();
+    for root in roots {
+        pids.extend(criu_workers(root).iter().map(|w| w.pid));
+    }
+    pids.sort_unstable();
+    pids.dedup();
+    pids.into_iter()
+        .map(|pid| CriuWorker {
+            pid,
+            name: worker_name(pid),
+        })
+        .collect()
 }
 
 /// Every process still working under `root` (CRIU workers and the tasks
@@ -724,6 +773,9 @@ pub struct Migration {
     child: Child,
     /// Its work-directory root.
     pub work: tempfile::TempDir,
+    /// Where it keeps CRIU's logs (`PHAUL_LOG_DIR`, for versions that keep
+    /// them apart from the work directories).
+    pub logs: tempfile::TempDir,
     /// Its journal directory.
     pub journal: PathBuf,
     out: tempfile::NamedTempFile,
@@ -743,8 +795,13 @@ impl Migration {
         log: Option<&Path>,
     ) -> Migration {
         let work = shm_dir("src");
+        let logs = tempfile::Builder::new()
+            .prefix("phaul-test-src-logs-")
+            .tempdir()
+            .expect("log directory");
         let out = tempfile::NamedTempFile::new().expect("stdout file");
         let mut cmd = Command::new(bin("phaul"));
+        cmd.env("PHAUL_LOG_DIR", logs.path());
         cmd.arg("--plugin-dir")
             .arg(plugins)
             .args([
@@ -773,6 +830,7 @@ impl Migration {
         Migration {
             child,
             work,
+            logs,
             journal: journal.to_path_buf(),
             out,
             status: None,
@@ -817,7 +875,14 @@ impl Migration {
 
     /// Its CRIU workers (`criu swrk`), by worker name.
     pub fn criu_workers(&self) -> Vec<CriuWorker> {
-        criu_workers(self.work.path())
+        side_workers(self.pid(), &[self.work.path(), self.logs.path()])
+    }
+
+    /// CRIU processes still working in its work (or log) directories.
+    pub fn criu_processes(&self) -> Vec<i32> {
+        let mut p = processes_with_cwd_under(self.work.path());
+        p.extend(processes_with_cwd_under(self.logs.path()));
+        p
     }
 }
 

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use phaul_tests::harness::{
     describe_processes_under, processes_with_cwd_under, reap, reap_strays, recover,
-    restore_underway, setup, temp_old_binaries, wait_for, workload_copies, Copies, CriuWorker,
-    Migration, Recovery, Serve, Workload,
+    restore_underway, setup, side_workers, temp_old_binaries, wait_for, workload_copies, Copies,
+    CriuWorker, Migration, Recovery, Serve, Workload,
 };
 use phaul_tests::plugin_dir;
 use phaul_tests::proxy::{Fault, Proxy};
@@ -185,10 +185,18 @@ struct Watch {
     looks: u64,
     /// Every copy's root pid ever seen (to clean up).
     seen: BTreeSet<i32>,
-    /// Looks at which two or more copies ran.
-    two_running: Vec<String>,
-    /// Looks at which no copy existed.
-    none_existing: Vec<String>,
+    /// Looks at which two or more copies ran: how many, and the first few.
+    two_running: (u64, Vec<String>),
+    /// Looks at which no copy existed: how many, and the first few.
+    none_existing: (u64, Vec<String>),
+}
+
+/// Counts a look and keeps the first few as examples.
+fn record(what: &mut (u64, Vec<String>), at: String) {
+    what.0 += 1;
+    if what.1.len() < 3 {
+        what.1.push(at);
+    }
 }
 
 /// Looks at the workload's copies over and over in a thread, from before
@@ -211,10 +219,10 @@ impl Watcher {
                 w.looks = n.fetch_add(1, Ordering::SeqCst) + 1;
                 w.seen.extend(c.pids());
                 let at = format!("{:.2} s: {c}", t0.elapsed().as_secs_f64());
-                if c.running().len() > 1 && w.two_running.len() < 5 {
-                    w.two_running.push(at);
-                } else if c.existing.is_empty() && w.none_existing.len() < 5 {
-                    w.none_existing.push(at);
+                if c.running().len() > 1 {
+                    record(&mut w.two_running, at);
+                } else if c.existing.is_empty() {
+                    record(&mut w.none_existing, at);
                 }
             }
             w
@@ -258,7 +266,8 @@ fn sigkill(pid: i32) {
     );
 }
 
-/// The worker to kill on a side: the first of `names` that runs, else any.
+/// The worker to kill on a side: the first of `names` that runs (`""`: a
+/// worker whose role cannot be told, e.g. an idle one), else any.
 fn pick_worker(workers: Vec<CriuWorker>, names: &[&str]) -> Option<CriuWorker> {
     names
         .iter()
@@ -285,45 +294,37 @@ fn exit_text(s: Option<std::process::ExitStatus>) -> String {
     }
 }
 
-/// Kills, on drop, whatever a cell may have left: every CRIU worker under
-/// the two work roots and every copy of the workload, then reaps them (this
-/// test process is their subreaper). It runs when a cell panics, too.
-struct Cleanup {
-    state: PathBuf,
-    roots: Vec<PathBuf>,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        // Workers, and tasks a dead CRIU left half restored.
-        for root in &self.roots {
-            for pid in processes_with_cwd_under(root) {
-                sigkill(pid);
-            }
+/// Kills whatever a cell may have left: every CRIU process under the
+/// roots (workers, and tasks a dead CRIU left half restored) and every copy
+/// of the workload whose state directory is `state`, then reaps them (this
+/// test process is their subreaper).
+fn kill_leftovers(state: &Path, roots: &[&Path]) {
+    for root in roots {
+        for pid in processes_with_cwd_under(root) {
+            sigkill(pid);
         }
-        let copies = workload_copies(&self.state);
-        for &pid in &copies {
-            phaul_core::proc::signal_tree(pid, nix::sys::signal::Signal::SIGKILL);
-        }
-        wait_for(Duration::from_secs(5), || {
-            reap_strays();
-            copies.iter().all(|&p| {
-                reap(p);
-                !Path::new(&format!("/proc/{p}")).exists()
-            }) && workload_copies(&self.state).is_empty()
-        });
     }
+    let copies = workload_copies(state);
+    for &pid in &copies {
+        phaul_core::proc::signal_tree(pid, nix::sys::signal::Signal::SIGKILL);
+    }
+    wait_for(Duration::from_secs(5), || {
+        reap_strays();
+        copies.iter().all(|&p| {
+            reap(p);
+            !Path::new(&format!("/proc/{p}")).exists()
+        }) && workload_copies(state).is_empty()
+    });
 }
 
-/// One cell's processes. Fields drop in order: the watcher stops, the
-/// commands and the service die, the proxy closes, then [`Cleanup`] and the
-/// workload take every copy down.
+/// One cell's processes. Dropping it (also when the cell panics) stops the
+/// watcher, kills the commands and the service, closes the proxy and then
+/// takes down every copy and CRIU process left.
 struct Run {
     watcher: Option<Watcher>,
     mig: Migration,
     serve: Serve,
     proxy: Proxy,
-    _cleanup: Cleanup,
     w: Workload,
     src_plugins: tempfile::TempDir,
     src_journal: PathBuf,
@@ -336,7 +337,29 @@ struct Run {
     t0: Instant,
 }
 
+impl Drop for Run {
+    fn drop(&mut self) {
+        if let Some(w) = self.watcher.take() {
+            w.finish();
+        }
+        self.mig.kill();
+        self.serve.kill();
+        self.proxy.cut();
+        kill_leftovers(&self.w.state, &self.roots());
+    }
+}
+
 impl Run {
+    /// Where the two sides' CRIU processes work.
+    fn roots(&self) -> [&Path; 4] {
+        [
+            self.mig.work.path(),
+            self.mig.logs.path(),
+            self.serve.work.path(),
+            self.serve.logs.path(),
+        ]
+    }
+
     /// A fresh workload, a journaled service behind a proxy (stalling at
     /// the cell's point, if it has one), the copy watcher, and the
     /// migration started in the background.
@@ -366,13 +389,6 @@ impl Run {
         );
         Run {
             watcher: Some(watcher),
-            _cleanup: Cleanup {
-                state: w.state.clone(),
-                roots: vec![
-                    mig.work.path().to_path_buf(),
-                    serve.work.path().to_path_buf(),
-                ],
-            },
             source_pid: w.pid,
             mig,
             serve,
@@ -417,7 +433,8 @@ impl Run {
                 let (serve, mig) = (&self.serve, &mut self.mig);
                 let end = Instant::now() + SURVIVOR_WAIT;
                 let caught = loop {
-                    if restore_underway(serve.work.path()) {
+                    // Only the service's children: one quick look at /proc.
+                    if restore_underway(&side_workers(serve.pid(), &[])) {
                         break true;
                     }
                     if mig.try_wait().is_some() || Instant::now() > end {
@@ -492,16 +509,17 @@ impl Run {
                 self.serve.kill();
                 there.then(|| format!("pid {pid}"))
             }
-            Victim::SourceCriu => pick_worker(self.mig.criu_workers(), &["source"]).map(|k| {
-                sigkill(k.pid);
-                format!("{} worker, pid {}", k.name, k.pid)
-            }),
-            Victim::DestCriu => {
-                pick_worker(self.serve.criu_workers(), &["restore", "pages"]).map(|k| {
+            Victim::SourceCriu => {
+                pick_worker(self.mig.criu_workers(), &["source", "dump"]).map(|k| {
                     sigkill(k.pid);
                     format!("{} worker, pid {}", k.name, k.pid)
                 })
             }
+            Victim::DestCriu => pick_worker(self.serve.criu_workers(), &["restore", "", "pages"])
+                .map(|k| {
+                    sigkill(k.pid);
+                    format!("{} worker, pid {}", k.name, k.pid)
+                }),
             Victim::Connection => Some("proxy cut".to_string()),
         }
     }
@@ -535,7 +553,10 @@ impl Run {
                 cell.notes.push(format!(
                     "destination CRIU processes still there {} s after the fault: {:?}",
                     SURVIVOR_WAIT.as_secs(),
-                    describe_processes_under(serve.work.path())
+                    [serve.work.path(), serve.logs.path()]
+                        .iter()
+                        .flat_map(|r| describe_processes_under(r))
+                        .collect::<Vec<_>>()
                 ));
                 cell.marks.push("destination CRIU hung");
             }
@@ -627,22 +648,29 @@ impl Run {
     /// Stops the watcher and adds what it saw to the cell.
     fn watched(&mut self, cell: &mut Cell) {
         let watch = self.watcher.take().expect("watching").finish();
-        for at in &watch.two_running {
-            cell.failures
-                .push(("two running", format!("two copies ran at {at}")));
-        }
-        for at in &watch.none_existing {
-            cell.failures
-                .push(("no copy existed", format!("no copy existed at {at}")));
-        }
+        let looks = watch.looks;
+        let mut report = |tag: &'static str, (n, examples): &(u64, Vec<String>), what: &str| {
+            if *n > 0 {
+                cell.failures.push((
+                    tag,
+                    format!(
+                        "{what} in {n} of {looks} looks, e.g. at {}",
+                        examples.join("; ")
+                    ),
+                ));
+            }
+        };
+        report("two running", &watch.two_running, "two copies ran");
+        report("no copy existed", &watch.none_existing, "no copy existed");
         cell.notes
             .push(format!("{} looks at the copies", watch.looks));
         for &pid in &watch.seen {
             self.w.seen(pid);
         }
-        let leftover: Vec<String> = describe_processes_under(self.mig.work.path())
-            .into_iter()
-            .chain(describe_processes_under(self.serve.work.path()))
+        let leftover: Vec<String> = self
+            .roots()
+            .iter()
+            .flat_map(|root| describe_processes_under(root))
             .collect();
         if !leftover.is_empty() {
             cell.notes
@@ -891,6 +919,11 @@ impl Rng {
     }
 }
 
+/// One chaos test at a time even under `cargo test` (threads of one
+/// process): they share this process as the subreaper of what they start,
+/// and cells must not compete for the two cores.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// How many random-moment kills the full test makes.
 const RANDOM_KILLS: usize = 6;
 
@@ -899,6 +932,7 @@ fn chaos_every_victim_at_restored_and_commit() {
     if !setup() {
         return;
     }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let cells: Vec<(When, Option<Victim>)> = ["Restored", "Commit"]
         .into_iter()
         .flat_map(|p| {
@@ -917,6 +951,7 @@ fn chaos_full_matrix_and_random_kills() {
     if !setup() {
         return;
     }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     // A migration nothing breaks: the invariant holds on the happy path too,
     // and its duration bounds the random moments.
     let mut results = run_cells(&[(When::Never, None)]);
