@@ -135,9 +135,6 @@ impl Serve {
     ) -> Serve {
         let journal = journal.to_str().expect("journal path is UTF-8");
         let mut args = vec!["--journal-dir", journal];
-        if temp_old_binaries() {
-            args.clear();
-        }
         args.extend_from_slice(extra);
         Self::start_on(&[], plugins, "127.0.0.1:0", &args, log)
     }
@@ -813,10 +810,9 @@ impl Migration {
                 "--json",
                 "--work-dir",
             ])
-            .arg(work.path());
-        if !temp_old_binaries() {
-            cmd.arg("--journal-dir").arg(journal);
-        }
+            .arg(work.path())
+            .arg("--journal-dir")
+            .arg(journal);
         if log.is_some() {
             cmd.env("NO_COLOR", "1");
         }
@@ -979,12 +975,4 @@ pub fn recover(plugins: &Path, journal: &Path, timeout_s: u64) -> Recovery {
         json,
         stderr: std::fs::read_to_string(err.path()).unwrap_or_default(),
     }
-}
-
-/// TEMPORARY, to be removed before the chaos tests are final: with
-/// `PHAUL_TESTS_TEMP_OLD_BINARIES` set, `--journal-dir` is not passed and the
-/// chaos tests skip `phaul recover`, so that their mechanics can be tried
-/// against binaries that have neither.
-pub fn temp_old_binaries() -> bool {
-    std::env::var_os("PHAUL_TESTS_TEMP_OLD_BINARIES").is_some()
 }

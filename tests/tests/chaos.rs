@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use phaul_tests::harness::{
     describe_processes_under, processes_with_cwd_under, reap, reap_strays, recover,
-    restore_underway, setup, side_workers, temp_old_binaries, wait_for, workload_copies, Copies,
-    CriuWorker, Migration, Recovery, Serve, Workload,
+    restore_underway, setup, side_workers, wait_for, workload_copies, Copies, CriuWorker,
+    Migration, Recovery, Serve, Workload,
 };
 use phaul_tests::plugin_dir;
 use phaul_tests::proxy::{Fault, Proxy};
@@ -569,11 +569,6 @@ impl Run {
     /// `phaul recover` on the source journal (it asks the destination),
     /// then on the destination journal.
     fn recover(&mut self, cell: &mut Cell, dir: &Path) {
-        if temp_old_binaries() {
-            cell.notes
-                .push("TEMP: phaul recover skipped (old binaries)".into());
-            return;
-        }
         let src = recover(self.src_plugins.path(), &self.src_journal, RECOVER_TIMEOUT);
         check_recovery(cell, "source", &src, dir);
         let dst = recover(
