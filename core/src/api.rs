@@ -217,7 +217,7 @@ impl Server {
         let mut worker = Worker::spawn(&cfg.criu, "server", &cfg.criu_dir()?, &[cfg.mem_fd])?;
         worker.version()?;
         Ok(Server {
-            pages: PageServers::new(worker, cfg.mem_fd, cfg.work_dir.clone()),
+            pages: PageServers::new(Box::new(worker), cfg.mem_fd, cfg.work_dir.clone()),
         })
     }
 

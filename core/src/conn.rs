@@ -118,11 +118,34 @@ impl Conn {
 
     /// Sets how long a read may block (None: forever).
     pub fn set_read_timeout(&self, t: Option<std::time::Duration>) -> io::Result<()> {
+        self.set_timeout(libc::SO_RCVTIMEO, t)
+    }
+
+    /// Sets how long a write may block (None: forever).
+    pub fn set_write_timeout(&self, t: Option<std::time::Duration>) -> io::Result<()> {
+        self.set_timeout(libc::SO_SNDTIMEO, t)
+    }
+
+    /// Bounds reads and writes by `deadline` (None: no bound). A deadline
+    /// already past still allows one millisecond, never "forever".
+    pub fn set_deadline(&self, deadline: Option<std::time::Instant>) -> io::Result<()> {
+        let t = deadline.map(|d| {
+            d.saturating_duration_since(std::time::Instant::now())
+                .max(std::time::Duration::from_millis(1))
+        });
+        self.set_read_timeout(t)?;
+        self.set_write_timeout(t)
+    }
+
+    fn set_timeout(&self, opt: libc::c_int, t: Option<std::time::Duration>) -> io::Result<()> {
         let tv = match t {
-            Some(d) => libc::timeval {
-                tv_sec: d.as_secs() as libc::time_t,
-                tv_usec: d.subsec_micros() as libc::suseconds_t,
-            },
+            Some(d) => {
+                let d = d.max(std::time::Duration::from_micros(1));
+                libc::timeval {
+                    tv_sec: d.as_secs() as libc::time_t,
+                    tv_usec: d.subsec_micros() as libc::suseconds_t,
+                }
+            }
             None => libc::timeval {
                 tv_sec: 0,
                 tv_usec: 0,
@@ -133,7 +156,7 @@ impl Conn {
             libc::setsockopt(
                 self.fd.as_raw_fd(),
                 libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
+                opt,
                 (&tv as *const libc::timeval).cast(),
                 std::mem::size_of::<libc::timeval>() as libc::socklen_t,
             )
@@ -142,6 +165,18 @@ impl Conn {
             return Err(io::Error::last_os_error());
         }
         Ok(())
+    }
+
+    /// Whether a read would not block (data, or the peer hung up), without
+    /// reading.
+    pub fn readable(&self) -> bool {
+        let mut p = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN | libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        unsafe { libc::poll(&mut p, 1, 0) > 0 }
     }
 
     /// Gives up the descriptor.

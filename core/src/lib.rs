@@ -12,6 +12,8 @@
 //!   the destination ([`engine::dest`]), with rollback on failure; its
 //!   documentation lists the phases and what a failure does in each;
 //! - [`server`] is the destination service;
+//! - [`journal`] is each side's durable record of its decisions, which
+//!   `phaul recover` and a restarted `phaul serve` read;
 //! - [`fsync`] synchronises directory trees between the hosts, live (phaul's rsync);
 //! - [`api`] is the library API for embedders (a config, a server, a client
 //!   and `migrate()`, in the shape of the Go phaul library).
@@ -24,6 +26,7 @@ pub mod criu;
 pub mod engine;
 pub mod error;
 pub mod fsync;
+pub mod journal;
 pub mod memchan;
 pub mod plugins;
 pub mod proc;

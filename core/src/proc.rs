@@ -65,3 +65,93 @@ pub fn signal_tree(root: i32, sig: nix::sys::signal::Signal) {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
     }
 }
+
+/// Fields of `/proc/PID/stat` after the command name (field 3 onwards).
+fn stat_fields(pid: i32) -> Option<Vec<String>> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = s.rsplit_once(") ")?;
+    Some(rest.split_whitespace().map(str::to_string).collect())
+}
+
+/// A process's start time (clock ticks since boot): with the pid, it names
+/// one process even after its pid is reused.
+pub fn start_time(pid: i32) -> Option<u64> {
+    stat_fields(pid)?.get(19)?.parse().ok()
+}
+
+/// The processes of the tree under `root`, each with its start time.
+pub fn tasks(root: i32) -> Vec<crate::journal::Task> {
+    tree(root)
+        .into_iter()
+        .filter_map(|pid| {
+            start_time(pid).map(|start_time| crate::journal::Task { pid, start_time })
+        })
+        .collect()
+}
+
+/// What became of a recorded process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskState {
+    /// Gone (or its pid now names another process, or a zombie).
+    Gone,
+    /// Stopped (SIGSTOP, or held by a tracer).
+    Stopped,
+    /// Running (or sleeping: anything that can make progress).
+    Running,
+}
+
+/// The state of `t`, checking that its pid still names the same process.
+pub fn task_state(t: &crate::journal::Task) -> TaskState {
+    let Some(f) = stat_fields(t.pid) else {
+        return TaskState::Gone;
+    };
+    let same = f.get(19).and_then(|s| s.parse::<u64>().ok()) == Some(t.start_time);
+    match f.first().map(String::as_str) {
+        _ if !same => TaskState::Gone,
+        Some("Z") | Some("X") | None => TaskState::Gone,
+        Some("T") | Some("t") => TaskState::Stopped,
+        Some(_) => TaskState::Running,
+    }
+}
+
+/// Sends `sig` to each recorded process that still is the one recorded
+/// (leaves first); returns how many were signalled.
+pub fn signal_tasks(tasks: &[crate::journal::Task], sig: nix::sys::signal::Signal) -> usize {
+    let mut n = 0;
+    for t in tasks.iter().rev() {
+        if task_state(t) != TaskState::Gone
+            && nix::sys::signal::kill(nix::unistd::Pid::from_raw(t.pid), sig).is_ok()
+        {
+            n += 1;
+        }
+    }
+    n
+}
+
+/// Whether any recorded process still exists (running or stopped).
+pub fn any_exists(tasks: &[crate::journal::Task]) -> bool {
+    tasks.iter().any(|t| task_state(t) != TaskState::Gone)
+}
+
+/// Kills the recorded processes and waits up to `timeout` for them to go.
+pub fn kill_tasks(tasks: &[crate::journal::Task], timeout: std::time::Duration) -> bool {
+    signal_tasks(tasks, nix::sys::signal::Signal::SIGKILL);
+    let end = std::time::Instant::now() + timeout;
+    while any_exists(tasks) {
+        if std::time::Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    true
+}
+
+/// `pid` as a [`crate::journal::Task`], if it exists.
+pub fn task(pid: i32) -> Option<crate::journal::Task> {
+    start_time(pid).map(|start_time| crate::journal::Task { pid, start_time })
+}
+
+/// This process, as a [`crate::journal::Task`].
+pub fn this_task() -> Option<crate::journal::Task> {
+    task(std::process::id() as i32)
+}

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use crate::conn::Conn;
 use crate::engine::dest::{serve_session, Control, DestOptions, DestSummary};
+use crate::engine::recover;
+use crate::journal::{Journal, JournalError};
 use crate::plugins::Registry;
 use crate::proto::{read_preamble, FrameReader, MigrationMode, Msg, Outcome, Refusal};
 
@@ -25,6 +27,9 @@ pub enum ServeError {
          tunnel the connection"
     )]
     NotLoopback(SocketAddr),
+    /// The journal cannot be used.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
     /// Binding failed.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -45,14 +50,27 @@ pub fn check_listen_addr(addr: SocketAddr) -> Result<(), ServeError> {
     }
 }
 
-/// Outcomes of recent sessions, for sources that lost their connection.
-#[derive(Debug, Default, Clone)]
-pub struct Outcomes(Arc<Mutex<HashMap<u64, Outcome>>>);
+/// Outcomes of sessions, for sources that lost their connection: the ones
+/// this service ran, from memory; older ones (a service that was
+/// restarted), from the journal, settled first if their phaul is gone.
+#[derive(Debug, Clone)]
+pub struct Outcomes {
+    recent: Arc<Mutex<HashMap<u64, Outcome>>>,
+    journal: Journal,
+}
 
 impl Outcomes {
+    /// Outcomes backed by `journal`.
+    pub fn new(journal: Journal) -> Self {
+        Self {
+            recent: Arc::default(),
+            journal,
+        }
+    }
+
     /// Records a session's outcome.
     pub fn set(&self, session: u64, o: Outcome) {
-        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         if m.len() > 1024 {
             m.clear();
         }
@@ -61,12 +79,13 @@ impl Outcomes {
 
     /// A session's outcome.
     pub fn get(&self, session: u64) -> Outcome {
-        self.0
+        let recent = self
+            .recent
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&session)
-            .copied()
-            .unwrap_or(Outcome::Unknown)
+            .copied();
+        recent.unwrap_or_else(|| recover::destination_outcome(&self.journal, session))
     }
 }
 
@@ -142,11 +161,12 @@ impl Server {
         check_listen_addr(addr)?;
         let listener =
             TcpListener::bind(addr).map_err(|source| ServeError::Bind { addr, source })?;
+        let journal = open_journal(&opts)?;
         Ok(Server {
             listener,
             registry,
             opts,
-            outcomes: Outcomes::default(),
+            outcomes: Outcomes::new(journal),
             pending: Arc::default(),
             busy: Arc::default(),
         })
@@ -271,6 +291,26 @@ fn route(
         }
         other => Err(format!("unexpected first message {}", other.name())),
     }
+}
+
+/// Opens the journal and settles the sessions a previous service left
+/// unfinished (their copies held, or committed and running).
+pub fn open_journal(opts: &DestOptions) -> Result<Journal, JournalError> {
+    let journal = Journal::open(&opts.journal_dir)?;
+    let (records, _) = journal.all()?;
+    for mut rec in records.into_iter().filter(|r| {
+        r.side == crate::journal::Side::Destination
+            && !r.state.is_final()
+            && !recover::owner_alive(r)
+    }) {
+        match recover::reconcile_destination(&journal, &mut rec) {
+            Ok(a) => {
+                tracing::info!(session = %a.session, "settled an unfinished migration: {}", a.message)
+            }
+            Err(e) => tracing::warn!("{e}"),
+        }
+    }
+    Ok(journal)
 }
 
 struct BusyGuard<'a>(&'a Mutex<Option<u64>>);

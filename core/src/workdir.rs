@@ -1,6 +1,9 @@
-//! Per-migration work directories: CRIU's logs and statistics, and the
-//! images. By default they live on tmpfs (`/dev/shm/phaul`), so no image
-//! byte touches a disk on either side.
+//! Per-migration work directories: the images, by default on tmpfs
+//! (`/dev/shm/phaul`) so that no image byte touches a disk on either side;
+//! and, apart from them, CRIU's logs and statistics under a log directory
+//! (`/var/log/phaul/<side>-<session>/` by default), which a failed
+//! migration keeps so that the message naming a log can be followed
+//! afterwards. Old logs are swept by age.
 
 use std::path::{Path, PathBuf};
 
@@ -9,19 +12,34 @@ use crate::error::Error;
 /// The default root of work directories.
 pub const DEFAULT_ROOT: &str = "/dev/shm/phaul";
 
+/// The default root of the kept CRIU logs.
+pub const DEFAULT_LOG_ROOT: &str = "/var/log/phaul";
+
+/// How long kept logs of failed migrations stay (a week).
+pub const LOG_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
 /// One side's directory for one migration; removed on drop unless kept.
+/// Its CRIU logs are removed only after a success.
 #[derive(Debug)]
 pub struct WorkDir {
     path: PathBuf,
+    logs: PathBuf,
     keep: bool,
+    succeeded: bool,
 }
 
 impl WorkDir {
-    /// Creates `<root>/<side>-<session>` (mode 0700) with `criu/` and
-    /// `images/` inside.
-    pub fn create(root: &Path, side: &str, session: u64) -> Result<WorkDir, Error> {
+    /// Creates `<root>/<side>-<session>` (mode 0700) with `images/` and
+    /// `meta/` inside, and `<log_root>/<side>-<session>` for CRIU's logs.
+    pub fn create(
+        root: &Path,
+        log_root: &Path,
+        side: &str,
+        session: u64,
+    ) -> Result<WorkDir, Error> {
         use std::os::unix::fs::DirBuilderExt;
         let path = root.join(format!("{side}-{session:016x}"));
+        let logs = log_root.join(format!("{side}-{session:016x}"));
         let mk = |p: &Path| {
             std::fs::DirBuilder::new()
                 .recursive(true)
@@ -33,7 +51,7 @@ impl WorkDir {
                     source,
                 })
         };
-        mk(&path.join("criu"))?;
+        mk(&logs)?;
         mk(&path.join("images"))?;
         mk(&path.join("meta"))?;
         std::fs::write(path.join(OWNER), std::process::id().to_string()).map_err(|source| {
@@ -49,7 +67,12 @@ impl WorkDir {
                 "work directory is not on tmpfs: images will touch the disk (use --work-dir on a tmpfs)"
             );
         }
-        Ok(WorkDir { path, keep: false })
+        Ok(WorkDir {
+            path,
+            logs,
+            keep: false,
+            succeeded: false,
+        })
     }
 
     /// The directory itself.
@@ -57,9 +80,10 @@ impl WorkDir {
         &self.path
     }
 
-    /// Where CRIU workers write logs and statistics.
+    /// Where CRIU workers write logs and statistics (kept after a
+    /// failure).
     pub fn criu(&self) -> PathBuf {
-        self.path.join("criu")
+        self.logs.clone()
     }
 
     /// Images of memory pass `iter`.
@@ -76,14 +100,50 @@ impl WorkDir {
     pub fn keep(&mut self, keep: bool) {
         self.keep = keep;
     }
+
+    /// The migration succeeded: its CRIU logs need not stay (unless the
+    /// directory is kept).
+    pub fn succeeded(&mut self) {
+        self.succeeded = true;
+    }
 }
 
 impl Drop for WorkDir {
     fn drop(&mut self) {
         if self.keep {
-            tracing::info!(path = %self.path.display(), "kept the work directory");
-        } else if let Err(e) = std::fs::remove_dir_all(&self.path) {
+            tracing::info!(path = %self.path.display(), logs = %self.logs.display(), "kept the work directory");
+            return;
+        }
+        if let Err(e) = std::fs::remove_dir_all(&self.path) {
             tracing::warn!(path = %self.path.display(), "cannot remove the work directory: {e}");
+        }
+        if self.succeeded {
+            let _ = std::fs::remove_dir_all(&self.logs);
+        } else {
+            tracing::info!(logs = %self.logs.display(), "kept CRIU's logs of the failed migration");
+        }
+    }
+}
+
+/// Removes kept logs (`<side>-<session>` directories under `log_root`)
+/// older than `max_age`.
+pub fn sweep_logs(log_root: &Path, max_age: std::time::Duration) {
+    let Ok(entries) = std::fs::read_dir(log_root) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let ours = name
+            .to_str()
+            .is_some_and(|n| n.starts_with("src-") || n.starts_with("dst-"));
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > max_age);
+        if ours && old {
+            let _ = std::fs::remove_dir_all(e.path());
         }
     }
 }
@@ -157,7 +217,7 @@ mod tests {
     #[test]
     fn stale_work_directories_of_dead_owners_are_swept() {
         let root = tempfile::tempdir().unwrap();
-        let live = WorkDir::create(root.path(), "dst", 1).unwrap();
+        let live = WorkDir::create(root.path(), &root.path().join("logs"), "dst", 1).unwrap();
         let dead = root.path().join("dst-dead");
         std::fs::create_dir_all(dead.join("images")).unwrap();
         // A pid that cannot exist.

@@ -251,15 +251,22 @@ pub type DriverBox = FfiDriver_TO<'static, RBox<()>>;
 
 thread_local! {
     static LAST_PANIC: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+    static IN_GUARD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// Installs (once) a panic hook in the plugin's own copy of std that
 /// records where a driver panicked instead of printing a backtrace: the
 /// engine reports the panic as an error, with that location, in one line.
+/// Panics outside driver hooks (a host that links a driver in-process)
+/// still reach the previous hook.
 fn install_quiet_panic_hook() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        std::panic::set_hook(Box::new(|info| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !IN_GUARD.with(|g| g.get()) {
+                return previous(info);
+            }
             let at = info
                 .location()
                 .map(|l| format!(" at {}:{}", l.file(), l.line()))
@@ -276,7 +283,10 @@ fn install_quiet_panic_hook() {
 /// [`export_driver!`]: crate::export_driver
 pub fn guard<T>(hook: &str, f: impl FnOnce() -> DriverResult<T>) -> RResult<T, DriverError> {
     install_quiet_panic_hook();
-    match catch_unwind(AssertUnwindSafe(f)) {
+    let outer = IN_GUARD.with(|g| g.replace(true));
+    let r = catch_unwind(AssertUnwindSafe(f));
+    IN_GUARD.with(|g| g.set(outer));
+    match r {
         Ok(result) => result.into(),
         Err(payload) => {
             let what = payload

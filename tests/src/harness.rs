@@ -71,6 +71,8 @@ pub struct Serve {
     pub plugins: tempfile::TempDir,
     /// Its work-directory root (unless the extra arguments name another).
     pub work: tempfile::TempDir,
+    /// Its journal directory (unless the extra arguments name another).
+    pub journal: tempfile::TempDir,
     /// Where it keeps CRIU's logs, for versions that keep them apart from
     /// the work directories (`PHAUL_LOG_DIR`; ignored by versions without).
     pub logs: tempfile::TempDir,
@@ -104,6 +106,7 @@ impl Serve {
     ) -> Serve {
         let plugins = plugin_dir(plugins);
         let work = shm_dir("dst");
+        let journal = tempfile::tempdir().expect("journal dir");
         let logs = tempfile::Builder::new()
             .prefix("phaul-test-dst-logs-")
             .tempdir()
@@ -111,13 +114,14 @@ impl Serve {
         let wrapper: Vec<String> = wrapper.iter().map(|s| s.to_string()).collect();
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let log = log.map(Path::to_path_buf);
-        let dirs = [plugins.path(), work.path(), logs.path()];
+        let dirs = [plugins.path(), work.path(), journal.path(), logs.path()];
         let (child, addr) = spawn_serve(&wrapper, dirs, listen, &extra, &log);
         Serve {
             child,
             addr,
             plugins,
             work,
+            journal,
             logs,
             wrapper,
             extra,
@@ -125,7 +129,8 @@ impl Serve {
         }
     }
 
-    /// Starts `phaul serve --journal-dir <journal>` on a free loopback port
+    /// Starts `phaul serve --journal-dir <journal>` (a journal the caller
+    /// keeps, e.g. to run `phaul recover` on it) on a free loopback port
     /// (kept by [`Serve::restart`]), logging to `log`.
     pub fn start_journaled(
         plugins: &[(&str, &str)],
@@ -145,7 +150,12 @@ impl Serve {
     /// free again at once.
     pub fn restart(&mut self) {
         self.kill();
-        let dirs = [self.plugins.path(), self.work.path(), self.logs.path()];
+        let dirs = [
+            self.plugins.path(),
+            self.work.path(),
+            self.journal.path(),
+            self.logs.path(),
+        ];
         let (child, addr) = spawn_serve(&self.wrapper, dirs, &self.addr, &self.extra, &self.log);
         assert_eq!(addr, self.addr, "the service came back on its address");
         self.child = child;
@@ -187,11 +197,12 @@ impl Drop for Serve {
     }
 }
 
-/// Spawns `phaul serve` with its plugin, work and log directories and
-/// reads the address it reports.
+/// Spawns `phaul serve` with its plugin, work, journal and log directories
+/// (work and journal unless `extra` names others) and reads the address it
+/// reports.
 fn spawn_serve(
     wrapper: &[String],
-    [plugins, work, logs]: [&Path; 3],
+    [plugins, work, journal, logs]: [&Path; 4],
     listen: &str,
     extra: &[String],
     log: &Option<PathBuf>,
@@ -209,6 +220,9 @@ fn spawn_serve(
         .args(["serve", "--listen", listen]);
     if !extra.iter().any(|a| a == "--work-dir") {
         cmd.arg("--work-dir").arg(work);
+    }
+    if !extra.iter().any(|a| a == "--journal-dir") {
+        cmd.arg("--journal-dir").arg(journal);
     }
     if log.is_some() {
         cmd.env("NO_COLOR", "1");
@@ -731,8 +745,9 @@ pub fn migrate(
     extra: &[&str],
 ) -> (Output, Option<Value>) {
     let work = shm_dir("src");
-    let out = Command::new(bin("phaul"))
-        .arg("--plugin-dir")
+    let journal = tempfile::tempdir().expect("journal dir");
+    let mut cmd = Command::new(bin("phaul"));
+    cmd.arg("--plugin-dir")
         .arg(plugins)
         .args([
             "migrate",
@@ -743,10 +758,11 @@ pub fn migrate(
             "--json",
             "--work-dir",
         ])
-        .arg(work.path())
-        .args(extra)
-        .output()
-        .expect("run phaul migrate");
+        .arg(work.path());
+    if !extra.contains(&"--journal-dir") {
+        cmd.arg("--journal-dir").arg(journal.path());
+    }
+    let out = cmd.args(extra).output().expect("run phaul migrate");
     let json = String::from_utf8_lossy(&out.stdout)
         .lines()
         .last()

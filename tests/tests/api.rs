@@ -196,6 +196,9 @@ fn serve_in_embedded_mode_takes_connections_from_its_caller() {
         mode: phaul_core::proto::MigrationMode::Live,
         no_start: false,
         fs_rules: Default::default(),
+        journal_dir: src_work.path().join("journal"),
+        log_dir: src_work.path().join("logs"),
+        freeze_timeout: None,
     };
     let connector = Connector::Given {
         control: ctl_src.into(),

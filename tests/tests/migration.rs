@@ -406,6 +406,86 @@ fn preflight_refusals_touch_nothing() {
     assert!(processes_with_cwd_under(serve.work.path()).is_empty());
 }
 
+/// A refusal that names what is taken, leaves the workload as it was and
+/// never reached the freeze (the journal, written before the freeze, stays
+/// empty).
+fn assert_refused_in_preflight(w: &Workload, serve: &Serve, extra: &[&str], expect: &[&str]) {
+    let before = w.report();
+    let journal = tempfile::tempdir().unwrap();
+    let j = journal.path().to_str().unwrap();
+    let mut args = vec!["--journal-dir", j];
+    args.extend_from_slice(extra);
+    let src = plugin_dir(PID);
+    let (out, json) = migrate(src.path(), "pid", w.pid, &serve.addr, &args);
+    assert_eq!(out.status.code(), Some(3), "refused in pre-flight");
+    let json = json.expect("--json failure");
+    assert_eq!(json["error"], "refused");
+    assert_eq!(json["phase"], "preflight");
+    assert_eq!(json["side"], "destination");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for e in expect {
+        assert!(stderr.contains(e), "the message says {e:?}: {stderr}");
+    }
+    assert_eq!(
+        std::fs::read_dir(journal.path()).unwrap().count(),
+        0,
+        "nothing was frozen"
+    );
+    let after = w.report();
+    w.assert_intact(&after);
+    assert!(after["counter"].as_u64() > before["counter"].as_u64());
+    assert!(wait_for(Duration::from_secs(5), || serve
+        .criu_processes()
+        .is_empty()));
+}
+
+#[test]
+fn a_tree_in_the_host_pid_namespace_is_refused_where_its_pids_are_taken() {
+    if !setup() {
+        return;
+    }
+    let serve = Serve::start(PID, &[]);
+    // No --pidns: CRIU would restore the same pids, which the source holds
+    // on this one machine.
+    let w = Workload::spawn_with(&[], &["--mem-mib", "16"]);
+    assert_refused_in_preflight(
+        &w,
+        &serve,
+        &[],
+        &[
+            &format!(
+                "process id {} of the workload is in use on the destination",
+                w.pid
+            ),
+            "own PID namespace",
+        ],
+    );
+}
+
+#[test]
+fn a_listening_address_taken_on_the_destination_is_refused_before_the_freeze() {
+    if !setup() {
+        return;
+    }
+    let serve = Serve::start(PID, &[]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    // Its own PID namespace, but the host's network: its listener is
+    // re-bound on the destination, where (on this one machine) the source's
+    // listener holds it.
+    let w = Workload::spawn(&["--mem-mib", "16", "--tcp-listen", &listen]);
+    assert_refused_in_preflight(
+        &w,
+        &serve,
+        &[],
+        &[&format!("TCP {listen} is in use on the destination")],
+    );
+}
+
 #[test]
 fn serve_refuses_non_loopback_addresses() {
     let out = Command::new(phaul_tests::bin("phaul"))

@@ -45,6 +45,7 @@ pub struct Worker {
     sock: OwnedFd,
     work_dir: PathBuf,
     work_fd: OwnedFd,
+    deadline: Option<Instant>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -82,24 +83,6 @@ fn log_level() -> i32 {
         .and_then(|v| v.parse().ok())
         .filter(|l| (0..=4).contains(l))
         .unwrap_or(2)
-}
-
-/// The last meaningful error line of a CRIU log, for one-line messages.
-/// CRIU's harmless `RLIMIT_NOFILE` complaint (root without
-/// CAP_SYS_RESOURCE) is skipped.
-pub fn last_error_line(log: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(log).ok()?;
-    text.lines()
-        .rev()
-        .find(|l| l.contains("Error") && !l.contains("RLIMIT_NOFILE"))
-        .map(|l| {
-            // Drop the "(00.123456) " timestamp prefix.
-            let l = l.trim();
-            match l.find(") ") {
-                Some(i) if l.starts_with('(') => l[i + 2..].to_string(),
-                _ => l.to_string(),
-            }
-        })
 }
 
 impl Worker {
@@ -156,6 +139,7 @@ impl Worker {
             sock: ours,
             work_dir: work_dir.to_path_buf(),
             work_fd,
+            deadline: None,
         })
     }
 
@@ -179,6 +163,21 @@ impl Worker {
     }
 
     fn recv(&self, during: &str) -> Result<Resp, CriuError> {
+        if let Some(d) = self.deadline {
+            let left = d.saturating_duration_since(Instant::now());
+            let mut p = libc::pollfd {
+                fd: self.sock.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            let n = unsafe { libc::poll(&mut p, 1, left.as_millis().min(i32::MAX as u128) as i32) };
+            if n == 0 {
+                return Err(CriuError::Timeout {
+                    during: during.to_string(),
+                });
+            }
+        }
         let mut buf = vec![0u8; 1 << 16];
         let n = recv(self.sock.as_raw_fd(), &mut buf, MsgFlags::MSG_TRUNC).map_err(|e| {
             CriuError::Io {
@@ -206,23 +205,15 @@ impl Worker {
 
     fn failure(&self, t: ReqType, resp: &Resp, log: Option<&str>) -> CriuError {
         let log_path = log.map(|l| self.work_dir.join(l));
-        let msg = resp
-            .cr_errmsg
-            .clone()
-            .or_else(|| log_path.as_deref().and_then(last_error_line))
-            .map(|m| format!(": {m}"))
-            .unwrap_or_default();
         CriuError::Failed {
             request: req_name(t),
-            errno: resp
-                .cr_errno
-                .filter(|e| *e != 0)
-                .map(|e| format!(" (errno {e}: {})", io::Error::from_raw_os_error(e)))
-                .unwrap_or_default(),
-            msg,
-            log: log_path
-                .map(|p| format!(" (log: {})", p.display()))
-                .unwrap_or_default(),
+            errno: resp.cr_errno.filter(|e| *e != 0),
+            line: resp.cr_errmsg.clone().or_else(|| {
+                log_path
+                    .as_deref()
+                    .and_then(super::diagnose::failing_line_in)
+            }),
+            log: log_path,
         }
     }
 
@@ -424,6 +415,11 @@ impl Worker {
             log_level: Some(log_level()),
             ..Default::default()
         }
+    }
+
+    /// Bounds every later wait for an answer (`None`: no bound).
+    pub fn set_deadline(&mut self, deadline: Option<Instant>) {
+        self.deadline = deadline;
     }
 
     /// This worker's work directory (CRIU logs and statistics).

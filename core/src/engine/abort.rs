@@ -1,18 +1,35 @@
 //! [`Abort`]: how Ctrl-C (or an embedder) stops a migration from another
 //! thread. Triggering it breaks the connections the engine is blocked on,
-//! so every wait ends at once and the engine rolls back — unless the
-//! migration has already committed, when aborting is refused.
+//! so every wait ends at once. Before the commit the engine then rolls
+//! back; after it, the engine stops waiting for the destination's answer
+//! and resolves the outcome by asking the destination on a new connection
+//! (a second trigger stops that too, leaving the source copy stopped for
+//! `phaul recover`).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Mutex;
 
 use crate::conn::Conn;
+
+/// What a trigger does, given where the migration stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Triggered {
+    /// Before the commit: the migration rolls back.
+    RollingBack,
+    /// After the commit: the engine asks the destination what became of
+    /// the migration instead of waiting for its answer.
+    Resolving,
+    /// A further trigger after the commit: stop asking; the source copy
+    /// stays stopped and `phaul recover` decides later.
+    GivingUp,
+}
 
 /// A shared abort switch for one migration.
 #[derive(Debug, Default)]
 pub struct Abort {
     reason: Mutex<Option<String>>,
     committed: AtomicBool,
+    after_commit: AtomicU32,
     watched: Mutex<Vec<Conn>>,
 }
 
@@ -22,14 +39,17 @@ impl Abort {
         Self::default()
     }
 
-    /// Requests an abort. Returns `false` (and does nothing) once the
-    /// migration has committed: from then on only the destination can fail
-    /// it, and the source must not resume on its own.
-    pub fn trigger(&self, reason: &str) -> bool {
-        if self.committed.load(Ordering::SeqCst) {
-            return false;
-        }
+    /// Requests an abort (see [`Triggered`] for what it does when).
+    pub fn trigger(&self, reason: &str) -> Triggered {
         let mut r = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+        let what = if self.committed.load(Ordering::SeqCst) {
+            match self.after_commit.fetch_add(1, Ordering::SeqCst) {
+                0 => Triggered::Resolving,
+                _ => Triggered::GivingUp,
+            }
+        } else {
+            Triggered::RollingBack
+        };
         if r.is_none() {
             *r = Some(reason.to_string());
         }
@@ -42,7 +62,7 @@ impl Abort {
         {
             c.shutdown();
         }
-        true
+        what
     }
 
     /// The abort reason, if triggered.
@@ -51,6 +71,12 @@ impl Abort {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// Whether resolving after the commit should stop (triggered twice
+    /// after it).
+    pub fn giving_up(&self) -> bool {
+        self.after_commit.load(Ordering::SeqCst) >= 2
     }
 
     /// Breaks `conn` when the abort is triggered (and at once if it
@@ -67,8 +93,8 @@ impl Abort {
         }
     }
 
-    /// Marks the commit point; later triggers are refused. Returns `false`
-    /// if an abort came first.
+    /// Marks the commit point. Returns `false` if an abort came first (the
+    /// migration must roll back instead).
     pub fn commit(&self) -> bool {
         let r = self.reason.lock().unwrap_or_else(|p| p.into_inner());
         if r.is_some() {
@@ -81,5 +107,24 @@ impl Abort {
     /// Whether the migration has committed.
     pub fn committed(&self) -> bool {
         self.committed.load(Ordering::SeqCst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn triggers_roll_back_before_the_commit_and_resolve_after_it() {
+        let a = Abort::new();
+        assert_eq!(a.trigger("first"), Triggered::RollingBack);
+        assert!(!a.commit(), "an abort before the commit wins");
+        let b = Abort::new();
+        assert!(b.commit());
+        assert_eq!(b.trigger("ctrl-c"), Triggered::Resolving);
+        assert!(!b.giving_up());
+        assert_eq!(b.trigger("ctrl-c again"), Triggered::GivingUp);
+        assert!(b.giving_up());
+        assert_eq!(b.reason().as_deref(), Some("ctrl-c"));
     }
 }

@@ -1,29 +1,49 @@
-//! The destination side of a live migration: pre-flight checks, page
-//! servers fed from the memory connection, receiving images, and the
-//! restore held at `post-restore` until the source commits. See the
-//! [module documentation](super) for the phases.
+//! The destination side of a migration as an explicit state machine: one
+//! [`State`] per stage of the session, one [`Session::step`] function that
+//! takes the state and the next message from the source, and one place
+//! that abandons ([`Session::abandon`]).
+//!
+//! ```text
+//! preflight ─► Receiving ──StartIter/File──► Receiving
+//!                 │ Restore (live)                 │ Start (restart)
+//!                 ▼                                ▼
+//!               Held ──Commit──► Done            Done
+//! ```
+//!
+//! In `Held` the restored copy exists but has never run: CRIU holds it at
+//! its `post-restore` notification with its network locked. Only `Commit`
+//! lets it run, and the journal records `Committing` before CRIU is told
+//! so. If this process dies while holding, CRIU loses its RPC peer and
+//! kills the copy (verified with CRIU 4.2.1); if the CRIU worker dies, the
+//! copy is stuck in CRIU's restorer and never runs — the abandon path (or
+//! a restarted service reading the journal) kills it.
 
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use phaul_plugin_api::{CriuOpts, RestoreContext, Side};
 
+use super::error::PeerError;
+use super::session::unexpected;
 use crate::conn::Conn;
 use crate::criu::rpc::ReqType;
-use crate::criu::{stats, Event, Worker};
+use crate::criu::{stats, Criu, CriuBinary, CriuError, Event, Launcher};
+use crate::journal::{self, Journal, Record, Task};
 use crate::plugins::{Driver, EngineHost, Registry};
-use crate::proto::{
-    FrameError, FrameReader, FrameWriter, Hello, MigrationMode, Msg, Outcome, Refusal, Welcome,
-};
+use crate::proc::{self, TaskState};
+use crate::proto::{FrameError, Hello, MigrationMode, Msg, Outcome, Refusal, Welcome};
 use crate::workdir::{free_bytes, WorkDir};
 use crate::{ABI_VERSION, PHAUL_VERSION};
 
 use super::criu_opts_to_rpc;
 use super::fs::DestSync;
 use super::pages::PageServers;
-use super::source::fs_roots;
+use super::session::fs_roots;
+
+pub use super::session::Control;
 
 /// How the destination service runs migrations.
 #[derive(Debug, Clone)]
@@ -34,8 +54,12 @@ pub struct DestOptions {
     pub criu: PathBuf,
     /// Keep images after every migration (the source can ask too).
     pub keep_images: bool,
-    /// How long to wait for the source's commit once restored.
+    /// How long a restored copy is held waiting for the source's commit.
     pub commit_timeout: Duration,
+    /// Where this side records its decisions ([`crate::journal`]).
+    pub journal_dir: PathBuf,
+    /// Where CRIU's logs go (kept after a failure; see [`crate::workdir`]).
+    pub log_dir: PathBuf,
 }
 
 /// What the destination did, for its log.
@@ -49,41 +73,69 @@ pub struct DestSummary {
     pub restore_time: Duration,
 }
 
-type Reader = FrameReader<Conn>;
-type Writer = FrameWriter<Conn>;
-
-/// A session's control channel.
-pub struct Control {
-    reader: Reader,
-    writer: Writer,
+/// Why the destination gave up a session.
+#[derive(Debug, thiserror::Error)]
+pub enum DestError {
+    /// Refused in pre-flight (the source was told why).
+    #[error("refused: {1}")]
+    Refused(Refusal, String),
+    /// The source failed, went away, aborted or broke the protocol.
+    #[error(transparent)]
+    Peer(#[from] PeerError),
+    /// CRIU failed (a page server, the restore).
+    #[error(transparent)]
+    Criu(#[from] CriuError),
+    /// A driver hook failed.
+    #[error(transparent)]
+    Driver(#[from] crate::Error),
+    /// The journal could not record a decision, so it was not taken.
+    #[error(transparent)]
+    Journal(#[from] journal::JournalError),
+    /// The source sent something this side will not do.
+    #[error("{0}")]
+    Protocol(String),
+    /// Receiving memory, files or images failed.
+    #[error("{0}")]
+    Transfer(String),
+    /// The source went away (or aborted) while this side restored.
+    #[error("the source gave up while this side was restoring")]
+    SourceGone,
+    /// The source did not commit in time.
+    #[error("no commit from the source within {0:?}; the restored copy is discarded")]
+    CommitTimeout(Duration),
 }
 
-impl Control {
-    /// Wraps a connection whose preamble has been read.
-    pub fn new(conn: Conn) -> std::io::Result<Self> {
-        Ok(Self {
-            reader: FrameReader::new(conn.try_clone()?),
-            writer: FrameWriter::new(conn),
-        })
+impl DestError {
+    /// The CRIU log explaining the failure, on this host.
+    pub fn criu_log(&self) -> Option<&std::path::Path> {
+        match self {
+            DestError::Criu(e) => e.log(),
+            _ => None,
+        }
     }
 
-    /// Reads the next frame.
-    pub fn read(&mut self) -> Result<Msg, FrameError> {
-        self.reader.read()
+    /// phaul's explanation, when it knows one.
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            DestError::Criu(e) => e.hint(),
+            _ => None,
+        }
     }
 
-    /// Sends a frame.
-    pub fn write(&mut self, m: &Msg) -> Result<(), FrameError> {
-        self.writer.write(m)
-    }
-
-    fn conn(&self) -> &Conn {
-        self.writer.get_ref()
+    /// Tells the source (its paths named as the destination's).
+    fn tell(&self, control: &mut Control) {
+        let reason = self
+            .to_string()
+            .replace("(CRIU log: ", "(CRIU log on the destination: ");
+        control.abort_with(&reason, self.criu_log(), self.hint());
     }
 }
 
-/// A refusal to send back in place of `Welcome`.
-struct Refuse(Refusal, String);
+type Result<T, E = DestError> = std::result::Result<T, E>;
+
+fn refuse(kind: Refusal) -> impl FnOnce(String) -> DestError {
+    move |s| DestError::Refused(kind, s)
+}
 
 fn version_mm(v: &str) -> (u32, u32) {
     let mut it = v.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
@@ -98,22 +150,8 @@ fn compatible(a: &str, b: &str) -> bool {
     am == bm && (am != 0 || an == bn)
 }
 
-struct Session<'a> {
-    hello: &'a Hello,
-    opts: &'a DestOptions,
-    driver: Driver,
-    mounted: bool,
-    work: WorkDir,
-    pages: Option<PageServers>,
-    restorer: Option<Worker>,
-    criu_version: Option<crate::criu::CriuVersion>,
-    /// The memory connection (the page servers read it directly).
-    mem: Option<Conn>,
-    fs: Option<DestSync>,
-}
-
 /// A file name the source may create: a plain name, no path.
-fn safe_name(name: &str) -> Result<&str, String> {
+fn safe_name(name: &str) -> Result<&str> {
     if name.is_empty()
         || name == "."
         || name == ".."
@@ -121,23 +159,75 @@ fn safe_name(name: &str) -> Result<&str, String> {
         || name.contains('\0')
         || name.len() > 255
     {
-        return Err(format!(
+        return Err(DestError::Protocol(format!(
             "the source sent an invalid image file name {name:?}"
-        ));
+        )));
     }
     Ok(name)
 }
 
+/// Where a session stands.
+pub enum State {
+    /// Accepted: memory passes, files and images arrive.
+    Receiving(Box<Receiving>),
+    /// Restored and held at CRIU's `post-restore` (never ran), waiting for
+    /// `Commit`.
+    Held(Box<Held>),
+    /// Finished: the workload runs here.
+    Done(DestSummary),
+}
+
+/// What a session has while it receives.
+pub struct Receiving {
+    /// Page servers, one per pass (live mode).
+    pages: Option<PageServers>,
+    /// The worker that will restore (live mode).
+    restorer: Option<Box<dyn Criu>>,
+    /// The memory connection (the page servers read it directly).
+    mem: Option<Conn>,
+    /// The file sync, while it runs.
+    fs: Option<DestSync>,
+    /// The root of a restore under way, once CRIU named it (at
+    /// `setup-namespaces`): if CRIU dies before `post-restore`, its
+    /// half-restored tree is stuck in CRIU's restorer and must be killed.
+    restoring: Option<Task>,
+}
+
+/// A restored copy, held.
+pub struct Held {
+    restorer: Box<dyn Criu>,
+    root: Task,
+    /// When the restore request went to CRIU.
+    started: Instant,
+    /// CRIU's working time so far.
+    worked: Duration,
+}
+
+/// One session on the destination.
+pub struct Session<'a> {
+    hello: &'a Hello,
+    opts: &'a DestOptions,
+    driver: Driver,
+    mounted: bool,
+    work: WorkDir,
+    journal: Journal,
+    record: Record,
+    criu_version: Option<crate::criu::CriuVersion>,
+}
+
 impl<'a> Session<'a> {
+    /// Pre-flight: every check before the source freezes anything.
     fn preflight(
-        registry: &Registry,
+        driver: Result<Driver, crate::Error>,
+        launcher: &Arc<dyn Launcher>,
         opts: &'a DestOptions,
         hello: &'a Hello,
         mem: Option<Conn>,
-    ) -> Result<Session<'a>, Refuse> {
+        fs: Option<Conn>,
+    ) -> Result<(Session<'a>, Receiving)> {
         let live = hello.mode == MigrationMode::Live;
         if !hello.force && !compatible(&hello.phaul_version, PHAUL_VERSION) {
-            return Err(Refuse(
+            return Err(DestError::Refused(
                 Refusal::Version,
                 format!(
                     "source phaul {} and destination phaul {PHAUL_VERSION} are not compatible (use --force to try anyway)",
@@ -146,7 +236,7 @@ impl<'a> Session<'a> {
             ));
         }
         if !compatible(&hello.abi_version, ABI_VERSION) {
-            return Err(Refuse(
+            return Err(DestError::Refused(
                 Refusal::Version,
                 format!(
                     "source plugin ABI {} and destination plugin ABI {ABI_VERSION} differ",
@@ -154,13 +244,11 @@ impl<'a> Session<'a> {
                 ),
             ));
         }
-        let mut driver = registry
-            .instantiate(&hello.htype)
-            .map_err(|e| Refuse(Refusal::Htype, e.to_string()))?;
+        let mut driver = driver.map_err(|e| DestError::Refused(Refusal::Htype, e.to_string()))?;
         let free = free_bytes(&opts.work_root);
         let need = hello.need_bytes + hello.need_bytes / 10;
         if free < need {
-            return Err(Refuse(
+            return Err(DestError::Refused(
                 Refusal::Space,
                 format!(
                     "the work directory {} has {} MiB free, the images need about {} MiB",
@@ -170,29 +258,38 @@ impl<'a> Session<'a> {
                 ),
             ));
         }
-        let mut work = WorkDir::create(&opts.work_root, "dst", hello.session)
-            .map_err(|e| Refuse(Refusal::Other, e.to_string()))?;
+        let other = |e: String| DestError::Refused(Refusal::Other, e);
+        let journal = Journal::open(&opts.journal_dir).map_err(|e| other(e.to_string()))?;
+        let mut work = WorkDir::create(&opts.work_root, &opts.log_dir, "dst", hello.session)
+            .map_err(|e| other(e.to_string()))?;
         work.keep(opts.keep_images || hello.keep_images);
-        let other = |e: crate::criu::CriuError| Refuse(Refusal::Other, e.to_string());
+        let criu_err = |e: CriuError| other(e.to_string());
         // CRIU only in live mode: its workers start now, before anything
         // is frozen, so their start-up is not part of the downtime.
-        let mut criu = None;
+        let mut rx = Receiving {
+            pages: None,
+            restorer: None,
+            mem: None,
+            fs: None,
+            restoring: None,
+        };
+        let mut criu_version = None;
         if live {
-            // The page servers read straight from the memory connection.
-            let mem = mem.ok_or_else(|| {
-                Refuse(
-                    Refusal::Other,
-                    "the source opened no memory connection".into(),
-                )
-            })?;
+            if !hello.force {
+                super::checks::check_pids(&hello.pids).map_err(refuse(Refusal::InUse))?;
+                super::checks::check_sockets(&hello.bound).map_err(refuse(Refusal::InUse))?;
+            }
+            let mem = mem.ok_or_else(|| other("the source opened no memory connection".into()))?;
             let ps_fd = mem.as_raw_fd();
-            let mut pages =
-                Worker::spawn(&opts.criu, "pages", &work.criu(), &[ps_fd]).map_err(other)?;
-            let restorer =
-                Worker::spawn(&opts.criu, "restore", &work.criu(), &[]).map_err(other)?;
-            let version = pages.version().map_err(other)?;
+            let mut pages = launcher
+                .spawn("pages", &work.criu(), &[ps_fd])
+                .map_err(criu_err)?;
+            let restorer = launcher
+                .spawn("restore", &work.criu(), &[])
+                .map_err(criu_err)?;
+            let version = pages.version().map_err(criu_err)?;
             if let Some(src) = hello.criu_version.filter(|v| !hello.force && version < *v) {
-                return Err(Refuse(
+                return Err(DestError::Refused(
                     Refusal::Criu,
                     format!("destination CRIU {version} is older than source CRIU {src} (upgrade it, or --force)"),
                 ));
@@ -200,35 +297,27 @@ impl<'a> Session<'a> {
             if !hello.force {
                 let cpu_dir = work.path().join("cpuinfo");
                 std::fs::create_dir_all(&cpu_dir)
-                    .map_err(|e| Refuse(Refusal::Other, e.to_string()))?;
-                std::fs::write(cpu_dir.join("cpuinfo.img"), &hello.cpuinfo)
-                    .map_err(|e| Refuse(Refusal::Other, e.to_string()))?;
+                    .and_then(|()| std::fs::write(cpu_dir.join("cpuinfo.img"), &hello.cpuinfo))
+                    .map_err(|e| other(e.to_string()))?;
                 pages.cpuinfo_check(&cpu_dir).map_err(|e| {
-                    Refuse(
+                    DestError::Refused(
                         Refusal::Cpu,
                         format!("this CPU cannot run the source's processes ({e}); --force skips the check"),
                     )
                 })?;
             }
-            let images_root = work.path().join("images");
-            criu = Some((
-                PageServers::new(pages, ps_fd, images_root),
-                restorer,
-                version,
-                mem,
-            ));
+            rx.pages = Some(PageServers::new(pages, ps_fd, work.path().join("images")));
+            rx.restorer = Some(restorer);
+            rx.mem = Some(mem);
+            criu_version = Some(version);
         }
         let host = EngineHost::new(
             &hello.htype,
-            &opts.criu.display().to_string(),
-            &criu
-                .as_ref()
-                .map_or("none".to_string(), |c| c.2.to_string()),
-            std::sync::Arc::new(|_| {
-                Err("feature checks are only available on the source".to_string())
-            }),
+            &launcher.binary().display().to_string(),
+            &criu_version.map_or("none".to_string(), |c| c.to_string()),
+            Arc::new(|_| Err("feature checks are only available on the source".to_string())),
         );
-        let drv_err = |e: crate::Error| Refuse(Refusal::Driver, e.to_string());
+        let drv = refuse(Refusal::Driver);
         driver
             .init(super::init_context(
                 Side::Destination,
@@ -238,10 +327,14 @@ impl<'a> Session<'a> {
                 &work,
                 host,
             ))
-            .map_err(drv_err)?;
-        let ours = fs_roots(&driver.fs_sync().map_err(drv_err)?);
+            .map_err(|e| drv(e.to_string()))?;
+        let ours = fs_roots(
+            &driver
+                .fs_sync()
+                .map_err(|e| refuse(Refusal::Driver)(e.to_string()))?,
+        );
         if ours != hello.fs_roots {
-            return Err(Refuse(
+            return Err(DestError::Refused(
                 Refusal::Driver,
                 format!(
                     "the source syncs {:?} but this side's {} driver expects {:?}",
@@ -249,104 +342,203 @@ impl<'a> Session<'a> {
                 ),
             ));
         }
-        let (pages, restorer, criu_version, mem) = match criu {
-            Some((p, r, v, s)) => (Some(p), Some(r), Some(v), Some(s)),
-            None => (None, None, None, None),
+        if !hello.fs_roots.is_empty() {
+            let fs = fs.ok_or_else(|| other("the source opened no file connection".into()))?;
+            let roots = hello.fs_roots.iter().map(PathBuf::from).collect();
+            rx.fs = Some(DestSync::start(fs, roots).map_err(other)?);
+        }
+        let mode = match hello.mode {
+            MigrationMode::Live => "live",
+            MigrationMode::Restart => "restart",
         };
+        let mut record = Record::new(
+            hello.session,
+            journal::Side::Destination,
+            &hello.htype,
+            &hello.id,
+            mode,
+        );
+        record.owner = proc::this_task();
+        journal
+            .write(&mut record)
+            .map_err(|e| other(e.to_string()))?;
         let mut s = Session {
             hello,
             opts,
             driver,
             mounted: false,
             work,
-            pages,
-            restorer,
+            journal,
+            record,
             criu_version,
-            mem,
-            fs: None,
         };
-        s.driver.mount().map_err(drv_err)?;
+        s.driver
+            .mount()
+            .map_err(|e| refuse(Refusal::Driver)(e.to_string()))?;
         s.mounted = true;
-        Ok(s)
+        Ok((s, rx))
+    }
+
+    /// One step: the state and the source's next message give the next
+    /// state. Any error abandons the session ([`Session::abandon`]).
+    fn step(
+        &mut self,
+        state: State,
+        msg: Msg,
+        control: &mut Control,
+    ) -> Result<State, (State, DestError)> {
+        match (state, msg) {
+            (State::Receiving(mut rx), Msg::StartIter { iter, parent }) => {
+                let r = match rx.pages.as_mut() {
+                    Some(p) => p
+                        .start(iter, parent)
+                        .map_err(DestError::Transfer)
+                        .and_then(|()| Ok(control.send(&Msg::IterReady { iter })?)),
+                    None => Err(DestError::Protocol(
+                        "a memory pass in restart mode, or after the restore began".into(),
+                    )),
+                };
+                ok_or(r, State::Receiving(rx))
+            }
+            (State::Receiving(mut rx), Msg::File { name, mode, size }) => {
+                let r = self.receive_file(&mut rx, control, &name, mode, size);
+                ok_or(r, State::Receiving(rx))
+            }
+            (State::Receiving(mut rx), Msg::Restore { iter, meta_files })
+                if self.hello.mode == MigrationMode::Live =>
+            {
+                match self.restore(&mut rx, iter, &meta_files, control.conn()) {
+                    Ok(held) => match control.send(&Msg::Restored) {
+                        Ok(()) => Ok(State::Held(Box::new(held))),
+                        Err(e) => Err((State::Held(Box::new(held)), e.into())),
+                    },
+                    Err(e) => Err((State::Receiving(rx), e)),
+                }
+            }
+            (State::Held(held), Msg::Commit) => self.commit(*held, control),
+            (State::Receiving(mut rx), Msg::Start { meta_files })
+                if self.hello.mode == MigrationMode::Restart =>
+            {
+                match self.start(&mut rx, &meta_files) {
+                    Ok(sum) => {
+                        if let Err(e) = control.send(&Msg::Started { pid: sum.pid }) {
+                            tracing::warn!(
+                                "the workload started (pid {}) but the source did not hear it: {e}",
+                                sum.pid
+                            );
+                        }
+                        Ok(State::Done(sum))
+                    }
+                    Err(e) => Err((State::Receiving(rx), e)),
+                }
+            }
+            (
+                state,
+                Msg::Abort {
+                    reason,
+                    criu_log,
+                    hint,
+                },
+            ) => Err((
+                state,
+                PeerError::Aborted {
+                    peer: "source",
+                    reason,
+                    criu_log,
+                    hint,
+                }
+                .into(),
+            )),
+            (state, other) => {
+                let expected = match state {
+                    State::Receiving(_) => "StartIter, File or Restore",
+                    State::Held(_) => "Commit",
+                    State::Done(_) => "nothing",
+                };
+                let e = unexpected(&other, expected, "source");
+                Err((state, e.into()))
+            }
+        }
     }
 
     fn receive_file(
         &mut self,
+        rx: &mut Receiving,
         control: &mut Control,
         name: &str,
         mode: u32,
         size: u64,
-    ) -> Result<(), String> {
+    ) -> Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
         let name = safe_name(name)?;
         // Live: images (and meta files) join the last pass's pages.
         // Restart: only meta files travel.
         let dir = if self.hello.mode == MigrationMode::Live {
-            let pages = self
-                .pages
-                .as_ref()
-                .ok_or("the source sent an image after the restore began")?;
+            let pages = rx.pages.as_ref().ok_or_else(|| {
+                DestError::Protocol("the source sent an image after the restore began".into())
+            })?;
             if pages.last() == 0 {
-                return Err("the source sent an image before any memory pass".into());
+                return Err(DestError::Protocol(
+                    "the source sent an image before any memory pass".into(),
+                ));
             }
             pages.dir(pages.last())
         } else {
             self.work.meta()
         };
         let path = dir.join(name);
+        let transfer = |what: String| DestError::Transfer(what);
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(mode & 0o777)
             .open(&path)
-            .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+            .map_err(|e| transfer(format!("cannot create {}: {e}", path.display())))?;
         let mut got = 0u64;
         while got < size {
-            match control.read() {
-                Ok(Msg::Chunk(data)) => {
+            match control.recv("a file chunk")? {
+                Msg::Chunk(data) => {
                     got += data.len() as u64;
                     if got > size {
-                        return Err(format!(
+                        return Err(DestError::Protocol(format!(
                             "the source sent more than the announced {size} bytes of {name}"
-                        ));
+                        )));
                     }
                     f.write_all(&data)
-                        .map_err(|e| format!("writing {}: {e}", path.display()))?;
+                        .map_err(|e| transfer(format!("writing {}: {e}", path.display())))?;
                 }
-                Ok(other) => {
-                    return Err(format!("expected a chunk of {name}, got {}", other.name()))
-                }
-                Err(e) => return Err(format!("receiving {name}: {e}")),
+                other => return Err(unexpected(&other, "Chunk", "source").into()),
             }
         }
         Ok(())
     }
 
-    /// Restores, holding at `post-restore` until the source commits.
-    /// Returns the restored root's pid and the time CRIU worked (the
-    /// restore request's wall time less the wait for the commit).
+    /// Restores up to CRIU's `post-restore` and records the held copy.
     fn restore(
         &mut self,
-        control: &mut Control,
+        rx: &mut Receiving,
         iter: u32,
         meta: &[String],
-    ) -> Result<(i32, Duration), String> {
-        let mut pages = self
+        control: &Conn,
+    ) -> Result<Held> {
+        let mut pages = rx
             .pages
             .take()
-            .ok_or("the source asked to restore twice")?;
+            .ok_or_else(|| DestError::Protocol("the source asked to restore twice".into()))?;
         if iter != pages.last() {
-            return Err(format!(
+            return Err(DestError::Protocol(format!(
                 "the source asked to restore pass {iter}, the last pass was {}",
                 pages.last()
-            ));
+            )));
         }
-        pages.wait(Duration::from_secs(60))?;
+        pages
+            .wait(Duration::from_secs(60))
+            .map_err(DestError::Transfer)?;
         // Memory is complete: the page-server worker and the memory
         // connection are done.
         drop(pages);
-        self.files_complete()?;
-        if let Some(m) = self.mem.take() {
+        files_complete(rx)?;
+        if let Some(m) = rx.mem.take() {
             m.shutdown();
         }
         let images = self.work.images(iter);
@@ -354,142 +546,198 @@ impl<'a> Session<'a> {
         for m in meta {
             let m = safe_name(m)?;
             std::fs::rename(images.join(m), meta_dir.join(m))
-                .map_err(|e| format!("meta file {m}: {e}"))?;
+                .map_err(|e| DestError::Transfer(format!("meta file {m}: {e}")))?;
         }
         self.driver
-            .meta_files_in(&meta_dir.display().to_string(), meta)
-            .map_err(|e| e.to_string())?;
+            .meta_files_in(&meta_dir.display().to_string(), meta)?;
         let mut copts = CriuOpts {
             tcp_established: self.hello.tcp_established,
             ..CriuOpts::default()
         };
-        self.driver
-            .adjust_restore_opts(&mut copts)
-            .map_err(|e| e.to_string())?;
-        let outcome = self
-            .driver
-            .restore(&RestoreContext {
-                images_dir: images.display().to_string().into(),
-                opts: copts.clone(),
-            })
-            .map_err(|e| e.to_string())?;
+        self.driver.adjust_restore_opts(&mut copts)?;
+        let outcome = self.driver.restore(&RestoreContext {
+            images_dir: images.display().to_string().into(),
+            opts: copts.clone(),
+        })?;
         if outcome.handled {
-            return Err("drivers that restore through their own tooling are not supported by this engine yet".into());
+            return Err(DestError::Protocol("drivers that restore through their own tooling are not supported by this engine yet".into()));
         }
-        let w = self.restorer.as_mut().ok_or("the restore worker is gone")?;
+        let mut w = rx
+            .restorer
+            .take()
+            .ok_or_else(|| DestError::Protocol("the restore worker is gone".into()))?;
         let mut o = w.opts(&images, "restore.log");
         o.notify_scripts = Some(true);
         criu_opts_to_rpc(&copts, &mut o);
         let started = Instant::now();
-        // Time spent waiting for the source's commit is not CRIU's.
-        let mut held = Duration::ZERO;
-        w.start(ReqType::Restore, o).map_err(|e| e.to_string())?;
-        let mut committed = false;
-        let mut failure: Option<String> = None;
+        w.start(ReqType::Restore, o)?;
+        // CRIU restores; the source only waits. Anything it sends now (an
+        // abort) or its hanging up ends the restore.
+        let limit = started + self.opts.commit_timeout.max(Duration::from_secs(60));
         loop {
-            let w = self.restorer.as_mut().expect("restore worker");
-            match w.next_event(ReqType::Restore).map_err(|e| e.to_string())? {
-                Event::Notify { script, .. } => {
+            w.set_deadline(Some(limit.min(Instant::now() + Duration::from_millis(200))));
+            let ev = match w.next_event(ReqType::Restore) {
+                Err(CriuError::Timeout { .. }) if Instant::now() < limit => {
+                    if control.readable() {
+                        return Err(DestError::SourceGone);
+                    }
+                    continue;
+                }
+                other => other?,
+            };
+            match ev {
+                Event::Notify { script, pid } => {
                     tracing::debug!(%script, "CRIU notification");
-                    let ok = match script.as_str() {
-                        "post-restore" => {
-                            let t = Instant::now();
-                            let verdict = self.await_commit(control);
-                            held = t.elapsed();
-                            match verdict {
-                                Ok(()) => {
-                                    committed = true;
-                                    true
-                                }
-                                Err(e) => {
-                                    failure = Some(e);
-                                    false
-                                }
+                    if script == "post-restore" {
+                        w.set_deadline(None);
+                        let root = pid.and_then(proc::task).ok_or_else(|| {
+                            DestError::Protocol(
+                                "CRIU's post-restore notification named no live root task".into(),
+                            )
+                        });
+                        let root = match root {
+                            Ok(r) => r,
+                            Err(e) => {
+                                let _ = w.answer_notify(false);
+                                return Err(e);
                             }
+                        };
+                        self.record.tasks = vec![root];
+                        if let Err(e) = self.journal.set(
+                            &mut self.record,
+                            journal::State::Restored,
+                            "restored and held, never ran",
+                        ) {
+                            let _ = w.answer_notify(false);
+                            return Err(e.into());
                         }
-                        "network-unlock" => {
-                            if let Err(e) = self.driver.net_unlock() {
-                                tracing::warn!("{e}");
-                            }
-                            true
+                        return Ok(Held {
+                            restorer: w,
+                            root,
+                            started,
+                            worked: started.elapsed(),
+                        });
+                    }
+                    if let Some(t) = pid.filter(|p| *p > 0).and_then(proc::task) {
+                        rx.restoring.get_or_insert(t);
+                    }
+                    if script == "network-unlock" {
+                        if let Err(e) = self.driver.net_unlock() {
+                            tracing::warn!("{e}");
                         }
-                        _ => true,
-                    };
-                    self.restorer
-                        .as_mut()
-                        .expect("restore worker")
-                        .answer_notify(ok)
-                        .map_err(|e| e.to_string())?;
+                    }
+                    w.answer_notify(true)?;
                 }
                 Event::Done(resp) => {
-                    let w = self.restorer.as_ref().expect("restore worker");
-                    if let Some(f) = failure {
-                        return Err(f);
-                    }
-                    w.check_done(ReqType::Restore, &resp, "restore.log")
-                        .map_err(|e| e.to_string())?;
-                    if !committed {
-                        return Err(
-                            "CRIU finished the restore without a post-restore notification".into(),
-                        );
-                    }
-                    let pid = resp.restore.map_or(0, |r| r.pid);
-                    if let Some(mut w) = self.restorer.take() {
-                        w.wait_exit(Duration::from_secs(5));
-                    }
-                    return Ok((pid, started.elapsed().saturating_sub(held)));
+                    w.check_done(ReqType::Restore, &resp, "restore.log")?;
+                    return Err(DestError::Protocol(
+                        "CRIU finished the restore without a post-restore notification".into(),
+                    ));
                 }
             }
         }
     }
 
-    /// Waits until the file sync (if any) finished its final pass.
-    fn files_complete(&mut self) -> Result<(), String> {
-        if let Some(fs) = self.fs.take() {
-            let passes = fs.finished(Duration::from_secs(60))?;
-            tracing::info!(passes = passes.len(), "file sync complete");
+    /// `Commit` arrived: record it, let CRIU release the copy, report
+    /// `Resumed`. If CRIU fails now, its copy is killed and the source
+    /// (stopped, intact) resumes on our `Abort`.
+    fn commit(
+        &mut self,
+        mut held: Held,
+        control: &mut Control,
+    ) -> Result<State, (State, DestError)> {
+        if let Err(e) = self.journal.set(
+            &mut self.record,
+            journal::State::Committing,
+            "the source committed; letting the copy run",
+        ) {
+            return Err((State::Held(Box::new(held)), e.into()));
         }
-        Ok(())
+        let t = Instant::now();
+        let r = (|| -> Result<i32> {
+            let w = &mut held.restorer;
+            w.answer_notify(true)?;
+            w.set_deadline(Some(Instant::now() + Duration::from_secs(60)));
+            loop {
+                match w.next_event(ReqType::Restore)? {
+                    Event::Notify { script, .. } => {
+                        if script == "network-unlock" {
+                            if let Err(e) = self.driver.net_unlock() {
+                                tracing::warn!("{e}");
+                            }
+                        }
+                        w.answer_notify(true)?;
+                    }
+                    Event::Done(resp) => {
+                        w.check_done(ReqType::Restore, &resp, "restore.log")?;
+                        w.wait_exit(Duration::from_secs(5));
+                        return Ok(resp.restore.map_or(held.root.pid, |r| r.pid));
+                    }
+                }
+            }
+        })();
+        let pid = match r {
+            Ok(pid) => pid,
+            Err(e) => return Err((State::Held(Box::new(held)), e)),
+        };
+        let took = held.worked + t.elapsed();
+        if let Err(e) = self.journal.set(
+            &mut self.record,
+            journal::State::Migrated,
+            "the workload runs here",
+        ) {
+            tracing::error!("{e}");
+        }
+        let restore_stats = stats::read_restore(&self.work.criu()).ok();
+        if let Err(e) = control.send(&Msg::Resumed {
+            pid,
+            stats: restore_stats,
+            restore_us: took.as_micros() as u64,
+        }) {
+            tracing::warn!("the workload runs (pid {pid}) but the source did not hear it: {e}");
+        }
+        tracing::debug!(
+            held_ms = held.started.elapsed().as_millis() as u64,
+            "released"
+        );
+        Ok(State::Done(self.complete(pid, took)))
     }
 
     /// Restart mode: installs the meta files and starts the workload.
-    fn start(&mut self, meta: &[String]) -> Result<i32, String> {
-        self.files_complete()?;
+    fn start(&mut self, rx: &mut Receiving, meta: &[String]) -> Result<DestSummary> {
+        let started = Instant::now();
+        files_complete(rx)?;
         for m in meta {
             safe_name(m)?;
         }
         self.driver
-            .meta_files_in(&self.work.meta().display().to_string(), meta)
-            .map_err(|e| e.to_string())?;
-        if self.hello.no_start {
+            .meta_files_in(&self.work.meta().display().to_string(), meta)?;
+        self.journal.set(
+            &mut self.record,
+            journal::State::Committing,
+            "starting the workload",
+        )?;
+        let pid = if self.hello.no_start {
             tracing::info!("--no-start: the workload stays stopped here");
-            return Ok(0);
+            0
+        } else {
+            self.driver.start()?
+        };
+        if let Err(e) = self
+            .journal
+            .set(&mut self.record, journal::State::Migrated, "started here")
+        {
+            tracing::error!("{e}");
         }
-        self.driver.start().map_err(|e| e.to_string())
-    }
-
-    /// Tells the source the copy is ready and waits for its verdict.
-    fn await_commit(&mut self, control: &mut Control) -> Result<(), String> {
-        control
-            .write(&Msg::Restored)
-            .map_err(|e| format!("telling the source: {e}"))?;
-        let _ = control
-            .conn()
-            .set_read_timeout(Some(self.opts.commit_timeout));
-        let r = control.read();
-        let _ = control.conn().set_read_timeout(None);
-        match r {
-            Ok(Msg::Commit) => Ok(()),
-            Ok(Msg::Abort { reason }) => Err(format!("the source aborted: {reason}")),
-            Ok(other) => Err(format!("expected Commit, got {}", other.name())),
-            Err(e) => Err(format!("no commit from the source: {e}")),
-        }
+        Ok(self.complete(pid, started.elapsed()))
     }
 
     fn complete(&mut self, pid: i32, took: Duration) -> DestSummary {
+        self.work.succeeded();
         if let Err(e) = self.driver.migration_complete() {
             tracing::warn!("{e}");
         }
+        self.journal.prune(7 * 24 * 3600);
         DestSummary {
             session: self.hello.session,
             pid,
@@ -497,15 +745,52 @@ impl<'a> Session<'a> {
         }
     }
 
-    fn rollback(&mut self) {
-        if let Some(mut p) = self.pages.take() {
-            p.kill();
+    /// The one place that gives a session up: whatever the state holds is
+    /// undone (page servers killed, a held copy discarded and made sure to
+    /// be gone), the driver rolls back, and the journal says so.
+    fn abandon(&mut self, state: State) {
+        match state {
+            State::Receiving(mut rx) => {
+                if let Some(mut p) = rx.pages.take() {
+                    p.kill();
+                }
+                if let Some(m) = rx.mem.take() {
+                    m.shutdown();
+                }
+                // A restore whose CRIU failed or died: nothing of it may
+                // stay (CRIU kills its tree when it can; if it died, the
+                // tree is stuck in its restorer).
+                drop(rx.restorer.take());
+                if let Some(root) = rx.restoring.take() {
+                    let tree = match proc::task_state(&root) {
+                        TaskState::Gone => Vec::new(),
+                        _ => proc::tasks(root.pid),
+                    };
+                    if !tree.is_empty() {
+                        tracing::warn!(pid = root.pid, "killing the half-restored copy");
+                        proc::kill_tasks(&tree, Duration::from_secs(10));
+                    }
+                }
+            }
+            State::Held(mut held) => {
+                // CRIU kills its copy when told no (or when it loses us);
+                // a CRIU that died leaves the copy stuck in its restorer.
+                let _ = held.restorer.answer_notify(false);
+                held.restorer
+                    .set_deadline(Some(Instant::now() + Duration::from_secs(10)));
+                while let Ok(Event::Notify { .. }) = held.restorer.next_event(ReqType::Restore) {
+                    let _ = held.restorer.answer_notify(false);
+                }
+                let tree = match proc::task_state(&held.root) {
+                    TaskState::Gone => Vec::new(),
+                    _ => proc::tasks(held.root.pid),
+                };
+                if !proc::kill_tasks(&tree, Duration::from_secs(10)) {
+                    tracing::error!(pid = held.root.pid, "the discarded copy did not go away");
+                }
+            }
+            State::Done(_) => return,
         }
-        if let Some(m) = self.mem.take() {
-            m.shutdown();
-        }
-        drop(self.pages.take());
-        drop(self.restorer.take());
         if self.mounted {
             if let Err(e) = self.driver.umount() {
                 tracing::warn!("{e}");
@@ -514,46 +799,86 @@ impl<'a> Session<'a> {
         if let Err(e) = self.driver.migration_fail() {
             tracing::warn!("{e}");
         }
+        if let Err(e) = self.journal.set(
+            &mut self.record,
+            journal::State::RolledBack,
+            "discarded; the workload stays on the source",
+        ) {
+            tracing::error!("{e}");
+        }
     }
 }
 
-/// Runs one migration on the destination, from its `Hello` on. `mem` is
-/// the memory connection (already attached); `record` learns the outcome
-/// as it changes, for sources that lose the connection and ask later.
+fn ok_or(r: Result<()>, state: State) -> Result<State, (State, DestError)> {
+    match r {
+        Ok(()) => Ok(state),
+        Err(e) => Err((state, e)),
+    }
+}
+
+/// Waits until the file sync (if any) finished its final pass.
+fn files_complete(rx: &mut Receiving) -> Result<()> {
+    if let Some(fs) = rx.fs.take() {
+        let passes = fs
+            .finished(Duration::from_secs(60))
+            .map_err(DestError::Transfer)?;
+        tracing::info!(passes = passes.len(), "file sync complete");
+    }
+    Ok(())
+}
+
+/// Runs one migration on the destination, from its `Hello` on. `mem` and
+/// `fs` are the memory and file connections (already attached);
+/// `record` learns the outcome as it changes, for sources that lose the
+/// connection and ask later.
 pub fn serve_session(
     registry: &Registry,
+    opts: &DestOptions,
+    hello: &Hello,
+    control: Control,
+    mem: Option<Conn>,
+    fs: Option<Conn>,
+    record: &dyn Fn(Outcome),
+) -> Result<DestSummary, String> {
+    let launcher: Arc<dyn Launcher> = Arc::new(CriuBinary(opts.criu.clone()));
+    serve_with(
+        registry.instantiate(&hello.htype),
+        &launcher,
+        opts,
+        hello,
+        control,
+        mem,
+        fs,
+        record,
+    )
+    .map_err(|e| e.to_string())
+}
+
+/// [`serve_session`] with a given driver and CRIU launcher (the unit tests
+/// hand in a scripted CRIU).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn serve_with(
+    driver: Result<Driver, crate::Error>,
+    launcher: &Arc<dyn Launcher>,
     opts: &DestOptions,
     hello: &Hello,
     mut control: Control,
     mem: Option<Conn>,
     fs: Option<Conn>,
     record: &dyn Fn(Outcome),
-) -> Result<DestSummary, String> {
+) -> Result<DestSummary, DestError> {
     record(Outcome::InProgress);
-    let prepared = Session::preflight(registry, opts, hello, mem).and_then(|mut s| {
-        let missing = |what: &str| {
-            Refuse(
-                Refusal::Other,
-                format!("the source opened no {what} connection"),
-            )
-        };
-        if !hello.fs_roots.is_empty() {
-            let fs = fs.ok_or_else(|| missing("file"))?;
-            let roots = hello.fs_roots.iter().map(PathBuf::from).collect();
-            s.fs = Some(DestSync::start(fs, roots).map_err(|e| Refuse(Refusal::Other, e))?);
-        }
-        Ok(s)
-    });
-    let mut s = match prepared {
-        Ok(s) => s,
-        Err(Refuse(kind, reason)) => {
+    let (mut s, rx) = match Session::preflight(driver, launcher, opts, hello, mem, fs) {
+        Ok(p) => p,
+        Err(e) => {
+            let (kind, reason) = match &e {
+                DestError::Refused(k, r) => (*k, r.clone()),
+                other => (Refusal::Other, other.to_string()),
+            };
             tracing::warn!("refused: {reason}");
-            let _ = control.write(&Msg::Refused {
-                kind,
-                reason: reason.clone(),
-            });
+            let _ = control.write(&Msg::Refused { kind, reason });
             record(Outcome::RolledBack);
-            return Err(format!("refused: {reason}"));
+            return Err(e);
         }
     };
     let welcome = Welcome {
@@ -561,69 +886,59 @@ pub fn serve_session(
         criu_version: s.criu_version,
         free_bytes: free_bytes(&opts.work_root),
     };
-    let r = (|| -> Result<DestSummary, String> {
-        control
-            .write(&Msg::Welcome(welcome))
-            .map_err(|e| e.to_string())?;
-        loop {
-            let msg = control.read().map_err(|e| match e {
-                FrameError::Closed => "the source closed the connection".to_string(),
-                e => e.to_string(),
-            })?;
-            match msg {
-                Msg::StartIter { iter, parent } => {
-                    s.pages
-                        .as_mut()
-                        .ok_or("a memory pass in restart mode, or after the restore began")?
-                        .start(iter, parent)?;
-                    control
-                        .write(&Msg::IterReady { iter })
-                        .map_err(|e| e.to_string())?;
-                }
-                Msg::File { name, mode, size } => {
-                    s.receive_file(&mut control, &name, mode, size)?
-                }
-                Msg::Restore { iter, meta_files } if hello.mode == MigrationMode::Live => {
-                    // On error the caller tells the source, which may still resume its copy.
-                    let (pid, took) = s.restore(&mut control, iter, &meta_files)?;
-                    record(Outcome::Resumed);
-                    let restore_stats = stats::read_restore(&s.work.criu()).ok();
-                    if let Err(e) = control.write(&Msg::Resumed {
-                        pid,
-                        stats: restore_stats,
-                        restore_us: took.as_micros() as u64,
-                    }) {
-                        tracing::warn!(
-                            "the workload runs (pid {pid}) but the source did not hear it: {e}"
-                        );
+    let mut state = State::Receiving(Box::new(rx));
+    if let Err(e) = control.send(&Msg::Welcome(welcome)) {
+        s.abandon(state);
+        record(Outcome::RolledBack);
+        return Err(e.into());
+    }
+    loop {
+        // A held copy waits for the commit only so long; the source's
+        // own deadline is shorter or equal.
+        let deadline = match &state {
+            State::Held(h) => Some(h.started + h.worked + opts.commit_timeout),
+            _ => None,
+        };
+        control.set_deadline(deadline);
+        let msg = match control.recv(match &state {
+            State::Held(_) => "Commit",
+            _ => "the next message",
+        }) {
+            Ok(m) => m,
+            Err(e) => {
+                let e = match (&state, &e) {
+                    (
+                        State::Held(_),
+                        PeerError::Recv {
+                            source: FrameError::Io(_),
+                            ..
+                        },
+                    ) if deadline.is_some_and(|d| Instant::now() >= d) => {
+                        DestError::CommitTimeout(opts.commit_timeout)
                     }
-                    return Ok(s.complete(pid, took));
-                }
-                Msg::Start { meta_files } if hello.mode == MigrationMode::Restart => {
-                    let started = Instant::now();
-                    let pid = s.start(&meta_files)?;
-                    record(Outcome::Resumed);
-                    if let Err(e) = control.write(&Msg::Started { pid }) {
-                        tracing::warn!(
-                            "the workload started (pid {pid}) but the source did not hear it: {e}"
-                        );
-                    }
-                    return Ok(s.complete(pid, started.elapsed()));
-                }
-                Msg::Abort { reason } => return Err(format!("the source aborted: {reason}")),
-                other => return Err(format!("unexpected {} from the source", other.name())),
+                    _ => e.into(),
+                };
+                tracing::warn!("rolling back: {e}");
+                e.tell(&mut control);
+                s.abandon(state);
+                record(Outcome::RolledBack);
+                return Err(e);
             }
-        }
-    })();
-    match r {
-        Ok(sum) => Ok(sum),
-        Err(e) => {
-            tracing::warn!("rolling back: {e}");
-            let _ = control.write(&Msg::Abort { reason: e.clone() });
-            s.rollback();
-            record(Outcome::RolledBack);
-            Err(e)
-        }
+        };
+        state = match s.step(state, msg, &mut control) {
+            Ok(State::Done(sum)) => {
+                record(Outcome::Resumed);
+                return Ok(sum);
+            }
+            Ok(next) => next,
+            Err((state, e)) => {
+                tracing::warn!("rolling back: {e}");
+                e.tell(&mut control);
+                s.abandon(state);
+                record(Outcome::RolledBack);
+                return Err(e);
+            }
+        };
     }
 }
 

@@ -2,7 +2,46 @@
 //! host ([`source::migrate`]) to a destination service
 //! ([`dest::serve_session`]), with an htype driver on each side.
 //!
+//! # The invariant
+//!
+//! **After any migration attempt, whatever single process dies — the
+//! source `phaul`, the destination `phaul`, either CRIU worker — or the
+//! connection breaks, and whenever, at most one copy of the workload runs
+//! and at least one copy exists. When a copy is left stopped because the
+//! outcome cannot be decided locally, `phaul recover` ([`recover`])
+//! resolves it.**
+//!
+//! What makes it true:
+//!
+//! - Before the source sends `Commit` it records `Committing` in its
+//!   journal ([`crate::journal`], fsynced) and queues SIGSTOP to every task
+//!   of the frozen tree. CRIU resumes a tree whose RPC peer dies at
+//!   `post-dump`, so from this point a dying source `phaul` leaves its
+//!   copy stopped, never running. Only a confirmed rollback (the
+//!   destination says it discarded its copy) sends SIGCONT; only the
+//!   destination's `Resumed` (or its answer to a query) kills it.
+//! - The destination's copy is held at CRIU's `post-restore` (restored,
+//!   network locked, never ran) until `Commit` arrives. If the destination
+//!   `phaul` dies while holding, CRIU loses its RPC peer and kills the copy;
+//!   if the destination's CRIU dies, the copy is stuck in CRIU's restorer
+//!   and never runs, and the abandon path kills it. The destination records
+//!   `Restored` before it says so and `Committing` before it lets CRIU
+//!   release the copy, so a restarted `phaul serve` answers "what became
+//!   of session S" from its journal: a held copy that never ran is
+//!   discarded, a committed copy that is alive runs there.
+//! - "Unknown" is never read as "discarded": a source that cannot get a
+//!   definite answer leaves its copy stopped and says how to decide.
+//! - Every wait while the workload is frozen has a deadline
+//!   (`--freeze-timeout`): before the commit its expiry rolls back, after
+//!   it the source asks the destination. Ctrl-C before the commit rolls
+//!   back; after it, it makes the source ask instead of wait.
+//!
 //! # Phases, and what a failure does in each
+//!
+//! The source moves through types ([`source`]): pre-flight, connected,
+//! copied, frozen, restored, committed; the destination through the states
+//! of [`dest::State`], one step function and one abandon path. Errors are
+//! typed per phase ([`error`]); which phase failed decides the outcome.
 //!
 //! 1. **Pre-flight** (nothing frozen, nothing changed). The source loads
 //!    the driver, validates the workload, starts its CRIU worker, checks
@@ -10,45 +49,53 @@
 //!    handshake; the destination checks protocol, phaul and plugin ABI
 //!    versions, that the htype exists, that its CRIU is the same or newer,
 //!    the CPU (CRIU `cpuinfo check`), and free space, then initialises its
-//!    driver and starts its own CRIU workers (so their start-up is not
-//!    paid while the workload is frozen). *Failure*: the migration is
-//!    refused with a message naming the mismatch; exit code 3.
+//!    driver, starts its own CRIU workers (so their start-up is not paid
+//!    while the workload is frozen) and records the session. *Failure*:
+//!    the migration is refused with a message naming the mismatch; exit
+//!    code 3.
 //! 2. **Memory passes** (workload running). With pre-dumps, each pass
 //!    copies memory to a destination page server while the workload runs,
 //!    until a stop rule fires ([`iter`]). *Failure*: the workload never
 //!    stopped; the destination discards its images; exit code 4.
-//! 3. **Final dump** (workload frozen, network locked). CRIU freezes the
-//!    tree, streams the remaining pages to the destination and stops at
-//!    its `post-dump` notification, which the source holds unanswered
-//!    while the remaining images go over and the destination restores up
-//!    to its own `post-restore` notification (restored, network still
-//!    locked, not running). *Failure* (destination dies, connection drops,
-//!    restore fails, a driver hook fails, Ctrl-C): the source answers
-//!    `post-dump` with failure, CRIU resumes the tree and unlocks its
-//!    network exactly as it was; the destination answers `post-restore`
-//!    with failure, CRIU kills its copy; exit code 4.
-//! 4. **Commit**. The source sends `Commit` and from then on never resumes
-//!    its copy on its own. The destination lets its copy run and reports
-//!    `Resumed`. *Failure*: if the destination cannot resume, it says so and
-//!    discards its copy, and the source — still frozen — resumes; exit 4.
-//! 5. **Point of no return**: the source receives `Resumed`, answers
-//!    `post-dump` with success and CRIU kills the source copy (TCP sockets
-//!    stay in repair mode, so peers see no reset). *Failure* after this
-//!    point cannot be undone: exit code 5. If the connection breaks between
-//!    `Commit` and `Resumed`, the source asks the destination on a new
-//!    connection what became of the session; if nobody can tell, the
-//!    source copy is left stopped (SIGSTOP) for an operator rather than
-//!    risking two running copies.
+//! 3. **Final dump** (workload frozen, network locked). The source records
+//!    the tree, CRIU freezes it, streams the remaining pages and stops at
+//!    `post-dump` ([`dump`]), where the engine holds it while the remaining
+//!    images go over and the destination restores up to its own
+//!    `post-restore`. *Failure* (destination dies, connection drops,
+//!    restore fails, a driver hook fails, the freeze deadline, Ctrl-C): the
+//!    source answers `post-dump` with failure, CRIU resumes the tree and
+//!    unlocks its network exactly as it was; the destination's copy is
+//!    killed; exit code 4.
+//! 4. **Commit**. The source records `Committing`, stops its tree (SIGSTOP)
+//!    and sends `Commit`; the destination records it, lets its copy run and
+//!    reports `Resumed`. *Failure*: if the destination cannot let its copy
+//!    run, it discards it and says so, and the source resumes; exit 4.
+//! 5. **Point of no return**: the source receives `Resumed`, records
+//!    `Migrated`, answers `post-dump` with success and CRIU kills the
+//!    source copy (TCP sockets stay in repair mode, so peers see no reset).
+//!    If the answer does not come, the source asks the destination on new
+//!    connections (for `--resolve-timeout`); without a definite answer the
+//!    source copy stays stopped and the migration ends *undecided* (exit 5)
+//!    until `phaul recover` asks again.
 
 pub mod abort;
+pub mod checks;
 pub mod dest;
+pub mod dump;
+pub mod error;
 pub mod fs;
 pub mod iter;
 pub mod pages;
 pub mod predump;
+pub mod recover;
 pub mod report;
 pub mod restart;
+pub mod session;
 pub mod source;
+#[cfg(test)]
+mod tests;
+
+pub use error::MigrationError;
 
 use std::net::SocketAddr;
 
@@ -96,20 +143,6 @@ impl Connector {
             Connector::Given { .. } => "given connections".to_string(),
         }
     }
-}
-
-/// How a migration failed, which decides the exit code.
-#[derive(Debug, thiserror::Error)]
-pub enum MigrationError {
-    /// Refused before anything was frozen; nothing changed.
-    #[error("refused: {0}")]
-    Refused(String),
-    /// Failed and rolled back: the source workload runs as before.
-    #[error("failed, the source workload was resumed: {0}")]
-    RolledBack(String),
-    /// Failed after the commit: the source copy is gone or stopped.
-    #[error("failed after the point of no return: {0}")]
-    AfterCommit(String),
 }
 
 /// What a driver instance is initialised with.

@@ -6,17 +6,24 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::criu::Worker;
+use crate::criu::Criu;
 
 /// Page servers for successive passes, sharing one CRIU worker and one
 /// page-server socket (inherited by the worker as `ps_fd`).
-#[derive(Debug)]
 pub struct PageServers {
-    worker: Worker,
+    worker: Box<dyn Criu>,
     ps_fd: RawFd,
     images_root: PathBuf,
     last: u32,
     running: Option<(i32, OwnedFd)>,
+}
+
+impl std::fmt::Debug for PageServers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PageServers")
+            .field("last", &self.last)
+            .finish()
+    }
 }
 
 fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
@@ -41,7 +48,7 @@ fn wait_pidfd(fd: &OwnedFd, timeout: Duration) -> bool {
 
 impl PageServers {
     /// Page servers writing under `images_root/<pass>`.
-    pub fn new(worker: Worker, ps_fd: RawFd, images_root: PathBuf) -> Self {
+    pub fn new(worker: Box<dyn Criu>, ps_fd: RawFd, images_root: PathBuf) -> Self {
         Self {
             worker,
             ps_fd,
@@ -52,8 +59,8 @@ impl PageServers {
     }
 
     /// The worker (for checks before the first pass).
-    pub fn worker(&mut self) -> &mut Worker {
-        &mut self.worker
+    pub fn worker(&mut self) -> &mut dyn Criu {
+        &mut *self.worker
     }
 
     /// The directory of pass `iter`.

@@ -13,7 +13,7 @@ use super::criu_opts_to_rpc;
 use super::iter::{decide, Decision, PassStats, StopReason, StopRules};
 use super::report::{PassReport, Progress};
 use crate::criu::rpc::{PageServerInfo, ReqType};
-use crate::criu::{stats, Event, Worker};
+use crate::criu::{stats, Criu, Event};
 use crate::memchan::MemChannel;
 
 /// The destination half of an iteration, as the source sees it.
@@ -27,7 +27,7 @@ pub trait Remote {
 /// What the loop needs from its caller.
 pub struct PreDumpLoop<'a> {
     /// The source's CRIU worker.
-    pub criu: &'a mut Worker,
+    pub criu: &'a mut dyn Criu,
     /// The root task.
     pub pid: i32,
     /// The page-server socket as the worker knows it.

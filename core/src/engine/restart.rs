@@ -3,123 +3,140 @@
 //! destination (driver `start`). No CRIU is involved and the processes
 //! start afresh — this is a restart, not a live move. If the destination
 //! cannot start it, the source starts it again.
+//!
+//! The phases: live passes (nothing stopped; a failure abandons), the
+//! stop and final sync (a failure starts the workload again here), `Start`
+//! (the commit: from here only the destination's answer, or its answer to
+//! a query, decides whether the source starts it again).
 
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use super::abort::Abort;
+use super::error::{
+    CommitError, CopyError, HandOverError, MigrationError, PeerError, RollbackCause,
+};
 use super::fs::SourceSync;
 use super::iter::StopReason;
-use super::report::{Progress, Report};
-use super::source::{
-    connect, fs_bytes, fs_roots, handshake, hello, open_control, prepare, query, recv, refused,
-    send_file, Prepared, SourceOptions,
+use super::report::Report;
+use super::session::{
+    self, connect, fs_bytes, fs_roots, handshake, hello, prepare, send_file, unexpected, Control,
+    Prepared, Verdict,
 };
-use super::{Connector, MigrationError};
+use super::source::Env;
+use super::Connector;
 use crate::plugins::Driver;
 use crate::proc;
-use crate::proto::{Msg, Outcome};
+use crate::proto::Msg;
 use crate::workdir::WorkDir;
 
+/// How the hand-over ended when it did not succeed.
+enum Failed {
+    /// The destination certainly does not run the workload.
+    Safe(RollbackCause),
+    /// Nobody can tell.
+    Unsure(CommitError),
+}
+
 /// The source side of a restart-mode migration.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn source(
-    opts: &SourceOptions,
-    connector: &Connector,
-    progress: Arc<dyn Progress>,
-    abort: &Abort,
-    session: u64,
+    env: &Env,
     driver: Driver,
     mut work: WorkDir,
-    started: Instant,
 ) -> Result<Report, MigrationError> {
+    let opts = env.opts;
     work.keep(opts.keep_images);
     let Prepared {
         mut driver,
         pid,
         fs,
         ..
-    } = prepare(driver, opts, &work, "none")?;
+    } = prepare(driver, opts, &work, &env.launcher, "none")?;
     let roots = fs_roots(&fs);
     let shared = fs.kind == phaul_plugin_api::FsSyncKind::SharedStorage;
-    let mut snapshotted = false;
-    let conns = connect(connector, session, false, !roots.is_empty()).map_err(refused)?;
+    let conns = connect(env.connector, env.session, false, !roots.is_empty())
+        .map_err(super::error::PreflightError::from)?;
     for c in std::iter::once(&conns.control).chain(conns.fs.iter()) {
-        abort.watch(c);
+        env.abort.watch(c);
     }
-    let mut control = open_control(conns.control);
-    handshake(&mut control, hello(opts, session, &roots))?;
+    let mut control = Control::with_peer(conns.control, "destination").map_err(|e| {
+        super::error::PreflightError::Check(format!("cannot use the control connection: {e}"))
+    })?;
+    handshake(&mut control, hello(opts, env.session, &roots))?;
     let mut sync = conns
         .fs
         .map(|c| SourceSync::start(c, roots.iter().map(PathBuf::from).collect(), opts.fs_rules));
 
     // Live passes: nothing has stopped yet, a failure just abandons.
-    let live = (|| -> Result<(), String> {
+    let live = (|| -> Result<(), CopyError> {
         if let Some(s) = sync.as_mut() {
-            progress.phase("syncing files");
-            s.wait_converged()?;
+            env.progress.phase("syncing files");
+            s.wait_converged().map_err(CopyError::FileSync)?;
         }
-        match abort.reason() {
-            Some(r) => Err(r),
+        match env.abort.reason() {
+            Some(r) => Err(CopyError::Interrupted(r)),
             None => Ok(()),
         }
     })();
     if let Err(e) = live {
-        let _ = control.1.write(&Msg::Abort { reason: e.clone() });
+        control.abort(&e.to_string());
         if let Err(e) = driver.migration_fail() {
             tracing::warn!("{e}");
         }
-        return Err(MigrationError::RolledBack(e));
+        return Err(e.into());
     }
 
     // Stop, final sync, hand over.
-    progress.phase("stopping the workload");
+    env.progress.phase("stopping the workload");
     let stopped_at = Instant::now();
     let mut fs_report = None;
     let mut image_bytes = 0;
-    // Err((why, safe)): `safe` says whether the destination certainly does
-    // not run the workload, so the source may start it again.
-    let handed = (|| -> Result<i32, (String, bool)> {
-        let safe = |e: String| (e, true);
-        driver.net_lock().map_err(|e| safe(e.to_string()))?;
-        driver.stop().map_err(|e| safe(e.to_string()))?;
+    let mut snapshotted = false;
+    let handed = (|| -> Result<i32, Failed> {
+        let safe = |e: HandOverError| Failed::Safe(e.into());
+        driver.net_lock().map_err(|e| safe(e.into()))?;
+        driver.stop().map_err(|e| safe(e.into()))?;
         if let Some(s) = sync.take() {
-            progress.phase("final file sync");
-            fs_report = Some(s.final_pass().map_err(safe)?);
+            env.progress.phase("final file sync");
+            fs_report = Some(
+                s.final_pass()
+                    .map_err(|e| safe(HandOverError::FileSync(e)))?,
+            );
         }
         if shared {
-            driver.storage_snapshot().map_err(|e| safe(e.to_string()))?;
+            driver.storage_snapshot().map_err(|e| safe(e.into()))?;
             snapshotted = true;
         }
         let meta_dir = work.meta();
         let meta = driver
             .meta_files_out(&meta_dir.display().to_string())
-            .map_err(|e| safe(e.to_string()))?;
+            .map_err(|e| safe(e.into()))?;
         for m in &meta {
             image_bytes += send_file(&mut control, &meta_dir.join(m)).map_err(safe)?;
         }
-        if !abort.commit() {
-            return Err(safe(abort.reason().unwrap_or_else(|| "aborted".into())));
+        if !env.abort.commit() {
+            let r = env.abort.reason().unwrap_or_else(|| "aborted".into());
+            return Err(safe(HandOverError::Interrupted(r)));
         }
-        progress.phase("starting on the destination");
-        if let Err(e) = control.1.write(&Msg::Start { meta_files: meta }) {
-            return resolve(
-                connector,
-                session,
-                opts.resolve_timeout,
-                format!("sending Start: {e}"),
-            );
+        env.progress.phase("starting on the destination");
+        if let Err(e) = control.send(&Msg::Start { meta_files: meta }) {
+            return resolve(env, format!("{e}"));
         }
-        match recv(&mut control, abort, "Started") {
+        match control.recv("Started") {
             Ok(Msg::Started { pid }) => Ok(pid),
-            Ok(other) => Err(safe(format!("expected Started, got {}", other.name()))),
-            Err(e) if e.starts_with("the destination aborted") => Err(safe(e)),
-            Err(e) => resolve(connector, session, opts.resolve_timeout, e),
+            // The destination says it did not start it.
+            Err(PeerError::Aborted { reason, .. }) => {
+                Err(Failed::Safe(CommitError::Discarded(reason).into()))
+            }
+            Ok(other) => resolve(
+                env,
+                unexpected(&other, "Started", "destination").to_string(),
+            ),
+            Err(e) => resolve(env, e.to_string()),
         }
     })();
     match handed {
         Ok(new_pid) => {
+            work.succeeded();
             if snapshotted {
                 if let Err(e) = driver.storage_commit() {
                     tracing::warn!("{e}");
@@ -129,13 +146,13 @@ pub(crate) fn source(
                 tracing::warn!("{e}");
             }
             Ok(Report {
-                session: format!("{session:016x}"),
+                session: format!("{:016x}", env.session),
                 htype: opts.htype.clone(),
                 id: opts.id.clone(),
                 mode: "restart",
-                destination: connector.describe(),
+                destination: env.connector.describe(),
                 destination_pid: new_pid,
-                total_time_us: started.elapsed().as_micros() as u64,
+                total_time_us: env.started.elapsed().as_micros() as u64,
                 frozen_time_us: stopped_at.elapsed().as_micros() as u64,
                 restore_time_us: 0,
                 criu_dump_time_us: 0,
@@ -153,12 +170,12 @@ pub(crate) fn source(
                 fs_stop_reason: fs_report.map(|r| r.1),
             })
         }
-        Err((e, false)) => Err(MigrationError::AfterCommit(format!(
+        Err(Failed::Unsure(e)) => Err(MigrationError::AfterCommit(format!(
             "{e}. The workload is stopped on the source (its files are synced); if the \
              destination runs it, nothing is left to do; otherwise start it again there or here"
         ))),
-        Err((e, true)) => {
-            let _ = control.1.write(&Msg::Abort { reason: e.clone() });
+        Err(Failed::Safe(e)) => {
+            control.abort(&e.to_string());
             if snapshotted {
                 if let Err(e) = driver.storage_rollback() {
                     tracing::error!("could not put the shared storage back to its snapshot: {e}");
@@ -171,9 +188,10 @@ pub(crate) fn source(
                 Err(MigrationError::RolledBack(e))
             } else {
                 match driver.start() {
-                    Ok(p) => Err(MigrationError::RolledBack(format!(
-                        "{e}; the workload was started again on the source (pid {p})"
-                    ))),
+                    Ok(p) => {
+                        tracing::warn!("the workload was started again on the source (pid {p})");
+                        Err(MigrationError::RolledBack(e))
+                    }
                     Err(e2) => Err(MigrationError::AfterCommit(format!(
                         "{e}; and starting the workload again on the source failed: {e2}"
                     ))),
@@ -190,26 +208,19 @@ pub(crate) fn source(
 /// The connection broke after `Start`: ask the destination whether it
 /// started the workload (its answer decides whether the source restarts
 /// it).
-fn resolve(
-    connector: &Connector,
-    session: u64,
-    timeout: Duration,
-    why: String,
-) -> Result<i32, (String, bool)> {
+fn resolve(env: &Env, why: String) -> Result<i32, Failed> {
     tracing::warn!("{why}; asking the destination whether it started the workload");
-    let Connector::Tcp(addr) = connector else {
-        return Err((why, false));
+    let Connector::Tcp(addr) = env.connector else {
+        return Err(Failed::Unsure(CommitError::Undecided { why }));
     };
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        match query(addr, session) {
-            Ok(Outcome::Resumed) => return Ok(0),
-            Ok(Outcome::RolledBack) | Ok(Outcome::Unknown) => return Err((why, true)),
-            Ok(Outcome::InProgress) | Err(_) => std::thread::sleep(Duration::from_millis(200)),
-        }
+    match session::ask(addr, env.session, env.opts.resolve_timeout, Some(env.abort)) {
+        Verdict::Runs => Ok(0),
+        Verdict::Discarded => Err(Failed::Safe(
+            CommitError::Discarded(format!("{why}; the destination did not start it")).into(),
+        )),
+        Verdict::Unknown => Err(Failed::Unsure(CommitError::Unknown { why })),
+        Verdict::NoAnswer(last) => Err(Failed::Unsure(CommitError::Undecided {
+            why: format!("{why} ({last})"),
+        })),
     }
-    Err((
-        format!("{why}; the destination did not say whether it started the workload"),
-        false,
-    ))
 }

@@ -1,31 +1,50 @@
-//! The source side of a live migration: pre-flight, memory passes, the
-//! final dump held at `post-dump` while the destination restores, and the
-//! commit or the rollback. See the [module documentation](super) for the
-//! phases and what a failure does in each.
+//! The source side of a live migration, as a sequence of phases, each a
+//! type that owns what the next step needs ([`migrate`] reads top to
+//! bottom):
+//!
+//! ```text
+//! preflight ──► Live (connected) ──copy──► Copied ──freeze──► Frozen
+//!    │refused          │rolled back          │rolled back       │
+//!                                                   hand_over ──► Restored
+//!                                                                    │commit
+//!                       Migrated ◄──complete── Committed ◄───────────┘
+//! ```
+//!
+//! Before [`Committed`] every failure resumes the source (exit 4). From
+//! it on the source tree has a SIGSTOP queued, so it cannot run again
+//! without a decision: the destination's `Resumed` (or its answer to a
+//! query) kills it; the destination's confirmed discard resumes it; no
+//! answer leaves it stopped for `phaul recover`. See the
+//! [module documentation](super) for the invariant.
 
-use std::io::Read;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use phaul_plugin_api::{CriuOpts, DumpContext, FsSyncKind, Side};
+use phaul_plugin_api::{Capabilities, CriuOpts, DumpContext, FsSyncKind};
 
 use super::abort::Abort;
+use super::dump::{DumpHooks, FinalDump, HeldDump};
+use super::error::{
+    CommitError, CopyError, HandOverError, MigrationError, PeerError, PreflightError,
+};
 use super::fs::SourceSync;
 use super::iter::{PassStats, StopReason, StopRules};
 use super::predump::{PreDumpLoop, Remote};
 use super::report::{PassReport, Progress, Report};
-use super::{criu_opts_to_rpc, Connector, MigrationError, PreDump};
-use crate::conn::Conn;
-use crate::criu::rpc::{self, ReqType};
-use crate::criu::{stats, Event, Worker};
-use crate::memchan::MemChannel;
-use crate::plugins::{Driver, EngineHost, Registry};
-use crate::proto::{
-    FrameReader, FrameWriter, Hello, MigrationMode, Msg, Outcome, Refusal, Welcome,
+use super::session::{
+    self, connect, fs_roots, handshake, hello, prepare, send_file, unexpected, Control, Prepared,
+    Verdict,
 };
+use super::{criu_opts_to_rpc, Connector, PreDump};
+use crate::criu::rpc;
+use crate::criu::{stats, Criu, CriuBinary, Launcher};
+use crate::journal::{self, Journal, Record, Task};
+use crate::memchan::MemChannel;
+use crate::plugins::{Driver, Registry};
+use crate::proc;
+use crate::proto::{Hello, MigrationMode, Msg};
 use crate::workdir::WorkDir;
-use crate::{proc, ABI_VERSION, PHAUL_VERSION};
 
 /// Everything the source needs to know about a migration.
 #[derive(Debug, Clone)]
@@ -61,246 +80,22 @@ pub struct SourceOptions {
     pub no_start: bool,
     /// Stop rules of the file-sync passes.
     pub fs_rules: crate::fsync::FsStopRules,
+    /// Where this side records its decisions ([`crate::journal`]).
+    pub journal_dir: PathBuf,
+    /// Where CRIU's logs go (kept after a failure; see [`crate::workdir`]).
+    pub log_dir: PathBuf,
+    /// The longest the workload may stay frozen before the commit (the
+    /// migration then rolls back) or wait for the destination's answer
+    /// after it (then the outcome is resolved); `None`:
+    /// [`default_freeze_timeout`] of the workload's size.
+    pub freeze_timeout: Option<Duration>,
 }
 
-/// Size of the chunks image files travel in.
-const CHUNK: usize = 1 << 20;
-
-pub(crate) type Control = (FrameReader<Conn>, FrameWriter<Conn>);
-
-struct Source<'a> {
-    opts: &'a SourceOptions,
-    connector: &'a Connector,
-    progress: Arc<dyn Progress>,
-    abort: &'a Abort,
-    session: u64,
-    driver: Driver,
-    work: WorkDir,
-    criu: Option<Worker>,
-    ps_fd: i32,
-    control: Control,
-    mem: MemChannel,
-    pid: i32,
-    passes: Vec<PassReport>,
-    image_bytes: u64,
-    frozen_at: Option<Instant>,
-    criu_dump_us: u64,
-    /// CRIU's statistics of the final dump, once it ended.
-    criu_dump: Option<stats::DumpStats>,
-    /// The tree's resident memory before the migration (the size estimate
-    /// of the final pass).
-    need_bytes: u64,
-    fs: Option<SourceSync>,
-    fs_report: Option<(Vec<crate::fsync::PassStats>, String)>,
-    /// Files were copied (inodes change): CRIU must resolve inotify
-    /// watches by path.
-    irmap: bool,
-    /// The files are on shared storage: snapshot it before the hand-over,
-    /// put it back if the migration fails.
-    shared_storage: bool,
-    snapshotted: bool,
-}
-
-pub(crate) fn refused(e: impl std::fmt::Display) -> MigrationError {
-    MigrationError::Refused(e.to_string())
-}
-
-pub(crate) fn open_control(conn: Conn) -> Control {
-    let reader = FrameReader::new(conn.try_clone().expect("dup control socket"));
-    (reader, FrameWriter::new(conn))
-}
-
-/// The connections of one migration.
-pub(crate) struct Conns {
-    pub control: Conn,
-    pub mem: Option<Conn>,
-    pub fs: Option<Conn>,
-}
-
-/// Connects (or takes the embedder's connections) and writes the preambles
-/// and attach frames: always a control connection, a memory connection in
-/// live mode, a file connection when directories are synced.
-pub(crate) fn connect(
-    connector: &Connector,
-    session: u64,
-    mem: bool,
-    fs: bool,
-) -> Result<Conns, String> {
-    let dial = |what: &str| -> Result<Conn, String> {
-        match connector {
-            Connector::Tcp(addr) => {
-                std::net::TcpStream::connect_timeout(addr, Duration::from_secs(10))
-                    .map(Conn::from)
-                    .map_err(|e| match what {
-                        "control" => format!(
-                            "cannot connect to {addr}: {e} (is `phaul serve` running there?)"
-                        ),
-                        _ => format!("cannot open the {what} connection to {addr}: {e}"),
-                    })
-            }
-            Connector::Given { .. } => unreachable!("given connections are not dialled"),
-        }
-    };
-    let given = |c: Option<&Conn>, what: &str| -> Result<Conn, String> {
-        c.ok_or_else(|| format!("no {what} connection was given"))?
-            .try_clone()
-            .map_err(|e| e.to_string())
-    };
-    let (control, mem, fs) = match connector {
-        Connector::Tcp(_) => (
-            dial("control")?,
-            if mem { Some(dial("memory")?) } else { None },
-            if fs { Some(dial("file")?) } else { None },
-        ),
-        Connector::Given {
-            control,
-            mem: m,
-            fs: f,
-        } => (
-            given(Some(control), "control")?,
-            if mem {
-                Some(given(Some(m), "memory")?)
-            } else {
-                None
-            },
-            if fs {
-                Some(given(f.as_ref(), "file")?)
-            } else {
-                None
-            },
-        ),
-    };
-    for c in std::iter::once(&control).chain(mem.iter()).chain(fs.iter()) {
-        c.set_nodelay();
-        crate::proto::write_preamble(&mut &*c).map_err(|e| e.to_string())?;
-    }
-    if let Some(m) = &mem {
-        FrameWriter::new(m)
-            .write(&Msg::AttachMemory { session })
-            .map_err(|e| e.to_string())?;
-    }
-    if let Some(f) = &fs {
-        FrameWriter::new(f)
-            .write(&Msg::AttachFs { session })
-            .map_err(|e| e.to_string())?;
-    }
-    Ok(Conns { control, mem, fs })
-}
-
-/// The handshake for `opts`; the live mode adds what CRIU said.
-pub(crate) fn hello(opts: &SourceOptions, session: u64, roots: &[String]) -> Hello {
-    Hello {
-        session,
-        phaul_version: PHAUL_VERSION.into(),
-        abi_version: ABI_VERSION.into(),
-        criu_version: None,
-        htype: opts.htype.clone(),
-        id: opts.id.clone(),
-        mode: opts.mode,
-        options: opts.options.clone(),
-        cpuinfo: Vec::new(),
-        need_bytes: 0,
-        force: opts.force,
-        tcp_established: opts.tcp_established,
-        keep_images: opts.keep_images,
-        fs_roots: roots.to_vec(),
-        no_start: opts.no_start,
-    }
-}
-
-/// Sends the handshake and reads the answer.
-pub(crate) fn handshake(control: &mut Control, hello: Hello) -> Result<Welcome, MigrationError> {
-    control
-        .1
-        .write(&Msg::Hello(Box::new(hello)))
-        .map_err(|e| refused(format!("sending the handshake: {e}")))?;
-    match control.0.read::<Msg>() {
-        Ok(Msg::Welcome(w)) => {
-            tracing::info!(
-                destination_phaul = %w.phaul_version,
-                destination_criu = %w.criu_version.map_or("none".to_string(), |v| v.to_string()),
-                free_mib = w.free_bytes >> 20,
-                "destination accepted the migration"
-            );
-            Ok(w)
-        }
-        Ok(Msg::Refused { kind, reason }) => Err(MigrationError::Refused(format!(
-            "the destination refused ({}): {reason}",
-            refusal_name(kind)
-        ))),
-        Ok(other) => Err(refused(format!(
-            "the destination answered the handshake with {}",
-            other.name()
-        ))),
-        Err(e) => Err(refused(format!(
-            "no handshake answer from the destination: {e}"
-        ))),
-    }
-}
-
-/// The driver, initialised, with what the engine needs from it.
-pub(crate) struct Prepared {
-    pub driver: Driver,
-    pub info: phaul_plugin_api::DriverInfo,
-    pub pid: i32,
-    pub fs: phaul_plugin_api::FsSyncSpec,
-}
-
-/// Initialises the source driver and asks it about the workload.
-pub(crate) fn prepare(
-    mut driver: Driver,
-    opts: &SourceOptions,
-    work: &WorkDir,
-    criu_version: &str,
-) -> Result<Prepared, MigrationError> {
-    let host = EngineHost::new(
-        &opts.htype,
-        &opts.criu.display().to_string(),
-        criu_version,
-        feature_checker(opts.criu.clone(), work.criu()),
-    );
-    driver
-        .init(super::init_context(
-            Side::Source,
-            opts.mode,
-            &opts.id,
-            &opts.options,
-            work,
-            host,
-        ))
-        .map_err(refused)?;
-    let info = driver.info().map_err(refused)?;
-    let needed = match opts.mode {
-        MigrationMode::Live => (phaul_plugin_api::Capabilities::LIVE, "live"),
-        MigrationMode::Restart => (phaul_plugin_api::Capabilities::RESTART, "restart"),
-    };
-    if !info.capabilities.contains(needed.0) {
-        return Err(refused(format!(
-            "the {} driver does not support {} mode",
-            opts.htype, needed.1
-        )));
-    }
-    let pid = driver.root_task_pid().map_err(refused)?;
-    if !proc::alive(pid) {
-        return Err(refused(format!(
-            "the workload's root task {pid} does not exist"
-        )));
-    }
-    let fs = driver.fs_sync().map_err(refused)?;
-    Ok(Prepared {
-        driver,
-        info,
-        pid,
-        fs,
-    })
-}
-
-/// The roots the driver wants synced (empty unless it names paths).
-pub(crate) fn fs_roots(fs: &phaul_plugin_api::FsSyncSpec) -> Vec<String> {
-    match fs.kind {
-        FsSyncKind::Paths => fs.paths.iter().map(|p| p.to_string()).collect(),
-        _ => Vec::new(),
-    }
+/// The freeze deadline when none is given: 10 s plus 4 s per GiB of the
+/// tree's resident memory — a few seconds above what a dump and restore of
+/// that size take on a slow host (about 4 s per GiB measured here).
+pub fn default_freeze_timeout(rss_bytes: u64) -> Duration {
+    Duration::from_secs(10) + Duration::from_secs_f64(4.0 * rss_bytes as f64 / (1u64 << 30) as f64)
 }
 
 /// Migrates one workload to the destination behind `connector`.
@@ -311,52 +106,121 @@ pub fn migrate(
     progress: Arc<dyn Progress>,
     abort: &Abort,
 ) -> Result<Report, MigrationError> {
-    let started = Instant::now();
-    let session: u64 = rand_session();
+    let driver = registry
+        .instantiate(&opts.htype)
+        .map_err(PreflightError::from)?;
+    let launcher: Arc<dyn Launcher> = Arc::new(CriuBinary(opts.criu.clone()));
+    migrate_with(driver, launcher, opts, connector, progress, abort)
+}
+
+/// [`migrate`] with a given driver instance and CRIU launcher (the unit
+/// tests hand in a scripted CRIU).
+pub(crate) fn migrate_with(
+    driver: Driver,
+    launcher: Arc<dyn Launcher>,
+    opts: &SourceOptions,
+    connector: &Connector,
+    progress: Arc<dyn Progress>,
+    abort: &Abort,
+) -> Result<Report, MigrationError> {
+    let session = session::rand_session();
     let span = tracing::info_span!("migrate", session = %format!("{session:016x}"));
     let _g = span.enter();
-    let driver = registry.instantiate(&opts.htype).map_err(refused)?;
-    let work = WorkDir::create(&opts.work_root, "src", session).map_err(refused)?;
+    let env = Env {
+        opts,
+        connector,
+        progress,
+        abort,
+        session,
+        started: Instant::now(),
+        launcher,
+    };
+    let work = WorkDir::create(&opts.work_root, &opts.log_dir, "src", session)
+        .map_err(PreflightError::from)?;
+    let journal = Journal::open(&opts.journal_dir).map_err(PreflightError::from)?;
     if opts.mode == MigrationMode::Restart {
-        return super::restart::source(
-            opts, connector, progress, abort, session, driver, work, started,
-        );
+        return super::restart::source(&env, driver, work);
     }
 
-    // --- Pre-flight: nothing is touched if any of this fails. -----------
-    // A probe worker answers the questions; the dump worker, started once
-    // the memory connection exists (CRIU inherits it), only dumps.
-    let mut criu = Worker::spawn(&opts.criu, "probe", &work.criu(), &[]).map_err(refused)?;
-    let criu_version = criu.version().map_err(refused)?;
-    let Prepared {
-        driver,
-        info,
-        pid,
-        fs,
-    } = prepare(driver, opts, &work, &criu_version.to_string())?;
-    if opts.tcp_established
-        && !info
-            .capabilities
-            .contains(phaul_plugin_api::Capabilities::TCP_ESTABLISHED)
-    {
-        return Err(refused(format!(
+    let pre = preflight(&env, driver, &work)?;
+    let mut live = Live::connect(env, pre, work, journal)?;
+    let copied = match live.copy() {
+        Ok(c) => c,
+        Err(e) => return Err(live.abandon(e.into())),
+    };
+    let frozen = match live.freeze(copied) {
+        Ok(f) => f,
+        Err(e) => return Err(live.abandon(e.into())),
+    };
+    let restored = match live.hand_over(&frozen) {
+        Ok(r) => r,
+        Err(e) => return Err(live.roll_back(frozen, e)),
+    };
+    let committed = match live.commit(frozen, restored) {
+        Ok(c) => c,
+        Err(failed) => {
+            let (frozen, e) = *failed;
+            return Err(live.roll_back(frozen, e));
+        }
+    };
+    live.complete(committed)
+}
+
+/// What every phase of one migration sees.
+pub(crate) struct Env<'a> {
+    pub opts: &'a SourceOptions,
+    pub connector: &'a Connector,
+    pub progress: Arc<dyn Progress>,
+    pub abort: &'a Abort,
+    pub session: u64,
+    pub started: Instant,
+    pub launcher: Arc<dyn Launcher>,
+}
+
+/// Pre-flight done (nothing frozen, nothing changed): the driver knows the
+/// workload, CRIU answered the questions.
+struct Preflight {
+    prepared: Prepared,
+    criu_version: crate::criu::CriuVersion,
+    use_pre_dump: Result<(), String>,
+    cpuinfo: Vec<u8>,
+    need_bytes: u64,
+    roots: Vec<String>,
+    pids: Vec<i32>,
+    bound: Vec<super::checks::BoundSocket>,
+}
+
+/// Pre-flight: a probe worker answers the questions (the dump worker,
+/// started once the memory connection exists since CRIU inherits it, only
+/// dumps). Any failure refuses the migration with nothing touched.
+fn preflight(env: &Env, driver: Driver, work: &WorkDir) -> Result<Preflight, PreflightError> {
+    let opts = env.opts;
+    let mut criu = env.launcher.spawn("probe", &work.criu(), &[])?;
+    let criu_version = criu.version()?;
+    let prepared = prepare(driver, opts, work, &env.launcher, &criu_version.to_string())?;
+    let caps = prepared.info.capabilities;
+    if opts.tcp_established && !caps.contains(Capabilities::TCP_ESTABLISHED) {
+        return Err(PreflightError::Check(format!(
             "--tcp-established: the {} driver cannot migrate established TCP connections",
             opts.htype
         )));
     }
-    let mem_track = criu.mem_track().map_err(refused)?;
-    let can_pre_dump = info
-        .capabilities
-        .contains(phaul_plugin_api::Capabilities::PRE_DUMP);
-    let use_pre_dump = match (opts.pre_dump, mem_track, can_pre_dump) {
+    let mem_track = criu.mem_track()?;
+    let use_pre_dump = match (
+        opts.pre_dump,
+        mem_track,
+        caps.contains(Capabilities::PRE_DUMP),
+    ) {
         (PreDump::Never, ..) => Err("disabled by --no-pre-dump".to_string()),
-        (PreDump::Force, false, _) => return Err(refused(
-            "--pre-dump: this kernel cannot track dirty memory (CRIU's mem_track feature check \
-                 failed: no soft-dirty bits), so pre-dumps are impossible; run without --pre-dump",
-        )),
-        (PreDump::Force, true, false) | (PreDump::Auto, true, false) => {
-            Err(format!("the {} driver cannot pre-dump", opts.htype))
+        (PreDump::Force, false, _) => {
+            return Err(PreflightError::Check(
+                "--pre-dump: this kernel cannot track dirty memory (CRIU's mem_track feature \
+                 check failed: no soft-dirty bits), so pre-dumps are impossible; run without \
+                 --pre-dump"
+                    .into(),
+            ))
         }
+        (_, true, false) => Err(format!("the {} driver cannot pre-dump", opts.htype)),
         (_, true, true) => Ok(()),
         (PreDump::Auto, false, _) => Err(
             "this kernel cannot track dirty memory (no soft-dirty); memory moves in one final dump"
@@ -368,158 +232,213 @@ pub fn migrate(
         Err(why) => tracing::info!("pre-dumps: off, {why}"),
     }
     let cpu_dir = work.path().join("cpuinfo");
-    std::fs::create_dir_all(&cpu_dir).map_err(refused)?;
-    criu.cpuinfo_dump(&cpu_dir).map_err(refused)?;
-    let cpuinfo = std::fs::read(cpu_dir.join("cpuinfo.img")).map_err(refused)?;
-    let need_bytes = proc::tree_rss(pid);
-    let roots = fs_roots(&fs);
-
-    let conns = connect(connector, session, true, !roots.is_empty()).map_err(refused)?;
-    let mem = conns.mem.expect("memory connection in live mode");
-    for c in std::iter::once(&conns.control)
-        .chain(std::iter::once(&mem))
-        .chain(conns.fs.iter())
-    {
-        abort.watch(c);
-    }
-    let mut control = open_control(conns.control);
-    handshake(
-        &mut control,
-        Hello {
-            criu_version: Some(criu_version),
-            cpuinfo,
-            need_bytes,
-            ..hello(opts, session, &roots)
-        },
-    )?;
-    if let Some(r) = abort.reason() {
-        return Err(refused(r));
-    }
-    let fs_sync = conns
-        .fs
-        .map(|c| SourceSync::start(c, roots.iter().map(PathBuf::from).collect(), opts.fs_rules));
-    drop(criu);
-    let mem = MemChannel::new(mem);
-    let ps_fd = mem.raw_fd();
-    let criu = Worker::spawn(&opts.criu, "source", &work.criu(), &[ps_fd]).map_err(refused)?;
-    let mut src = Source {
-        opts,
-        connector,
-        progress,
-        abort,
-        session,
-        driver,
-        work,
-        criu: Some(criu),
-        ps_fd,
-        control,
-        mem,
-        pid,
-        passes: Vec::new(),
-        image_bytes: 0,
-        frozen_at: None,
-        criu_dump_us: 0,
-        criu_dump: None,
+    let io = |e: std::io::Error| PreflightError::Check(format!("{}: {e}", cpu_dir.display()));
+    std::fs::create_dir_all(&cpu_dir).map_err(io)?;
+    criu.cpuinfo_dump(&cpu_dir)?;
+    let cpuinfo = std::fs::read(cpu_dir.join("cpuinfo.img")).map_err(io)?;
+    let need_bytes = proc::tree_rss(prepared.pid);
+    let roots = fs_roots(&prepared.fs);
+    let pids = super::checks::restore_pids(prepared.pid);
+    let bound = super::checks::bound_sockets(prepared.pid);
+    Ok(Preflight {
+        prepared,
+        criu_version,
+        use_pre_dump,
+        cpuinfo,
         need_bytes,
-        fs: fs_sync,
-        fs_report: None,
-        irmap: !roots.is_empty() && !fs.inodes_persistent,
-        shared_storage: fs.kind == FsSyncKind::SharedStorage,
-        snapshotted: false,
-    };
-    let result = src.run(use_pre_dump);
-    src.finish(result, started)
-}
-
-fn refusal_name(k: Refusal) -> &'static str {
-    match k {
-        Refusal::Version => "version mismatch",
-        Refusal::Criu => "CRIU version",
-        Refusal::Htype => "htype",
-        Refusal::Cpu => "CPU",
-        Refusal::Space => "disk space",
-        Refusal::Busy => "busy",
-        Refusal::Driver => "driver",
-        Refusal::Other => "error",
-    }
-}
-
-fn rand_session() -> u64 {
-    let mut b = [0u8; 8];
-    if std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut b))
-        .is_err()
-    {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        return t.as_nanos() as u64 ^ u64::from(std::process::id()) << 32;
-    }
-    u64::from_le_bytes(b)
-}
-
-/// `criu_feature` for drivers: a short-lived worker per question.
-fn feature_checker(binary: PathBuf, dir: PathBuf) -> crate::plugins::FeatureCheck {
-    Arc::new(move |name: &str| {
-        let mut w = Worker::spawn(&binary, "feature", &dir, &[]).map_err(|e| e.to_string())?;
-        let q = match name {
-            "mem_track" => rpc::Features {
-                mem_track: Some(true),
-                ..Default::default()
-            },
-            "lazy_pages" => rpc::Features {
-                lazy_pages: Some(true),
-                ..Default::default()
-            },
-            "pidfd_store" => rpc::Features {
-                pidfd_store: Some(true),
-                ..Default::default()
-            },
-            other => return Err(format!("unknown CRIU feature `{other}`")),
-        };
-        let f = w.feature(q).map_err(|e| e.to_string())?;
-        Ok(f.mem_track
-            .or(f.lazy_pages)
-            .or(f.pidfd_store)
-            .unwrap_or(false))
+        roots,
+        pids,
+        bound,
     })
 }
 
-/// How the final dump ended.
-enum DumpEnd {
-    /// The destination runs the workload; the source copy is gone.
-    Migrated {
-        dest_pid: i32,
-        restore: Option<stats::RestoreStats>,
-        restore_us: u64,
-        /// When the destination's `Resumed` arrived.
-        resumed_at: Instant,
-    },
+/// Counters for the report.
+#[derive(Default)]
+struct Stats {
+    passes: Vec<PassReport>,
+    image_bytes: u64,
+    criu_dump_us: u64,
+    criu_dump: Option<stats::DumpStats>,
+    fs_report: Option<(Vec<crate::fsync::PassStats>, String)>,
+    stop_reason: Option<StopReason>,
 }
 
-impl Source<'_> {
-    fn criu(&mut self) -> &mut Worker {
-        self.criu
-            .as_mut()
-            .expect("CRIU worker present until the final dump ends")
+/// The live source after the destination accepted: what every later phase
+/// uses.
+struct Live<'a> {
+    env: Env<'a>,
+    driver: Driver,
+    work: WorkDir,
+    journal: Journal,
+    record: Record,
+    control: Control,
+    mem: MemChannel,
+    ps_fd: i32,
+    /// The dump worker (until the final dump takes it).
+    dumper: Option<Box<dyn Criu>>,
+    fs: Option<SourceSync>,
+    /// The file connection, to bound the final pass by the freeze deadline.
+    fs_conn: Option<crate::conn::Conn>,
+    pid: i32,
+    need_bytes: u64,
+    use_pre_dump: Result<(), String>,
+    freeze_timeout: Duration,
+    /// Files were copied (inodes change): CRIU resolves inotify watches by
+    /// path.
+    irmap: bool,
+    /// The files are on shared storage: snapshot before the hand-over,
+    /// put back if the migration fails.
+    shared_storage: bool,
+    snapshotted: bool,
+    stats: Stats,
+}
+
+/// Memory passes done while the workload ran.
+struct Copied {
+    last_pre: Option<u32>,
+}
+
+/// Frozen at CRIU's `post-dump`: every image is written, the pages are at
+/// the destination.
+struct Frozen {
+    dump: HeldDump,
+    iter: u32,
+}
+
+/// The destination restored its copy and holds it (not running, network
+/// locked), waiting for `Commit`.
+struct Restored;
+
+/// `Commit` is sent (or its sending failed half-way); the source tree has
+/// a SIGSTOP queued, so it cannot run again without a decision.
+struct Committed {
+    dump: HeldDump,
+    tasks: Vec<Task>,
+    /// The commit could not be confirmed sent: resolve at once.
+    broken: Option<PeerError>,
+}
+
+/// Driver hooks and progress during the final dump.
+struct Hooks<'d> {
+    driver: &'d mut Driver,
+    progress: &'d dyn Progress,
+}
+
+impl DumpHooks for Hooks<'_> {
+    fn freezing(&mut self) {
+        self.progress.phase("frozen");
+    }
+    fn net_lock(&mut self) -> Result<(), crate::Error> {
+        self.driver.net_lock()
+    }
+    fn net_unlock(&mut self) {
+        if let Err(e) = self.driver.net_unlock() {
+            tracing::warn!("{e}");
+        }
+    }
+}
+
+impl<'a> Live<'a> {
+    /// Connects, sends the handshake, starts the file sync and the dump
+    /// worker. Still pre-flight: a failure refuses.
+    fn connect(
+        env: Env<'a>,
+        pre: Preflight,
+        work: WorkDir,
+        journal: Journal,
+    ) -> Result<Live<'a>, PreflightError> {
+        let Preflight {
+            prepared,
+            criu_version,
+            use_pre_dump,
+            cpuinfo,
+            need_bytes,
+            roots,
+            pids,
+            bound,
+        } = pre;
+        let opts = env.opts;
+        let conns = connect(env.connector, env.session, true, !roots.is_empty())?;
+        let mem = conns.mem.expect("memory connection in live mode");
+        for c in std::iter::once(&conns.control)
+            .chain(std::iter::once(&mem))
+            .chain(conns.fs.iter())
+        {
+            env.abort.watch(c);
+        }
+        let mut control = Control::with_peer(conns.control, "destination").map_err(|e| {
+            PreflightError::Check(format!("cannot use the control connection: {e}"))
+        })?;
+        control.set_deadline(Some(Instant::now() + Duration::from_secs(60)));
+        handshake(
+            &mut control,
+            Hello {
+                criu_version: Some(criu_version),
+                cpuinfo,
+                need_bytes,
+                pids,
+                bound,
+                ..hello(opts, env.session, &roots)
+            },
+        )?;
+        control.set_deadline(None);
+        if let Some(r) = env.abort.reason() {
+            return Err(PreflightError::Interrupted(r));
+        }
+        let fs_conn = conns.fs.as_ref().and_then(|c| c.try_clone().ok());
+        let fs = conns.fs.map(|c| {
+            SourceSync::start(c, roots.iter().map(PathBuf::from).collect(), opts.fs_rules)
+        });
+        let mem = MemChannel::new(mem);
+        let ps_fd = mem.raw_fd();
+        let dumper = env.launcher.spawn("source", &work.criu(), &[ps_fd])?;
+        let mut record = Record::new(
+            env.session,
+            journal::Side::Source,
+            &opts.htype,
+            &opts.id,
+            "live",
+        );
+        record.peer = match env.connector {
+            Connector::Tcp(a) => Some(a.to_string()),
+            Connector::Given { .. } => None,
+        };
+        record.owner = proc::this_task();
+        let Prepared {
+            driver,
+            pid,
+            fs: spec,
+            ..
+        } = prepared;
+        Ok(Live {
+            freeze_timeout: opts
+                .freeze_timeout
+                .unwrap_or_else(|| default_freeze_timeout(need_bytes)),
+            env,
+            driver,
+            work,
+            journal,
+            record,
+            control,
+            mem,
+            ps_fd,
+            dumper: Some(dumper),
+            fs,
+            fs_conn,
+            pid,
+            need_bytes,
+            use_pre_dump,
+            irmap: !roots.is_empty() && !spec.inodes_persistent,
+            shared_storage: spec.kind == FsSyncKind::SharedStorage,
+            snapshotted: false,
+            stats: Stats::default(),
+        })
     }
 
-    fn send(&mut self, msg: &Msg) -> Result<(), String> {
-        self.control
-            .1
-            .write(msg)
-            .map_err(|e| format!("sending {} to the destination: {e}", msg.name()))
-    }
-
-    fn recv(&mut self, waiting_for: &str) -> Result<Msg, String> {
-        recv(&mut self.control, self.abort, waiting_for)
-    }
-
-    fn run(
-        &mut self,
-        use_pre_dump: Result<(), String>,
-    ) -> Result<(DumpEnd, StopReason, bool), String> {
-        let (last_pre, reason) = match use_pre_dump {
+    /// Memory passes (pre-dumps, when the kernel tracks dirty memory) and
+    /// the live file-sync passes, while the workload runs.
+    fn copy(&mut self) -> Result<Copied, CopyError> {
+        let last_pre = match std::mem::replace(&mut self.use_pre_dump, Ok(())) {
             Ok(()) => {
                 let work = &self.work;
                 let images = |n: u32| work.images(n);
@@ -527,72 +446,79 @@ impl Source<'_> {
                 let mut adjust =
                     |o: &mut CriuOpts| driver.adjust_dump_opts(o).map_err(|e| e.to_string());
                 let mut lp = PreDumpLoop {
-                    criu: self.criu.as_mut().expect("worker"),
+                    criu: &mut **self.dumper.as_mut().expect("dump worker before the freeze"),
                     pid: self.pid,
                     ps_fd: self.ps_fd,
                     images: &images,
                     adjust: &mut adjust,
-                    rules: self.opts.rules,
-                    restore_estimate: self.opts.restore_estimate,
+                    rules: self.env.opts.rules,
+                    restore_estimate: self.env.opts.restore_estimate,
                     channel: Some(&mut self.mem),
-                    progress: self.progress.clone(),
+                    progress: self.env.progress.clone(),
                 };
                 let mut remote = ControlRemote {
                     control: &mut self.control,
-                    abort: self.abort,
+                    abort: self.env.abort,
                 };
-                let (reports, n, r) = lp.run(&mut remote)?;
-                self.passes.extend(reports);
-                (Some(n), r)
+                let (reports, n, r) = lp.run(&mut remote).map_err(CopyError::Pass)?;
+                self.stats.passes.extend(reports);
+                self.stats.stop_reason = Some(r);
+                Some(n)
             }
-            Err(why) => (None, StopReason::NoPreDump { why }),
+            Err(why) => {
+                self.stats.stop_reason = Some(StopReason::NoPreDump { why });
+                None
+            }
         };
         if let Some(fs) = self.fs.as_mut() {
-            self.progress.phase("syncing files");
-            fs.wait_converged()?;
+            self.env.progress.phase("syncing files");
+            fs.wait_converged().map_err(CopyError::FileSync)?;
         }
-        let iter = last_pre.map_or(1, |n| n + 1);
-        let end = self.final_dump(iter, last_pre)?;
-        Ok((end, reason, last_pre.is_some()))
+        if let Some(r) = self.env.abort.reason() {
+            return Err(CopyError::Interrupted(r));
+        }
+        Ok(Copied { last_pre })
     }
 
-    /// The final dump. CRIU freezes the tree, sends the pages, writes the
-    /// other images and stops at `post-dump`; we hold it there while the
-    /// images go across and the destination restores, then answer.
-    fn final_dump(&mut self, iter: u32, parent: Option<u32>) -> Result<DumpEnd, String> {
+    /// The final dump up to `post-dump`: CRIU freezes the tree, streams the
+    /// remaining pages and writes the other images. A failure here means
+    /// CRIU resumed the tree already.
+    fn freeze(&mut self, copied: Copied) -> Result<Frozen, HandOverError> {
+        let parent = copied.last_pre;
+        let iter = parent.map_or(1, |n| n + 1);
         ControlRemote {
             control: &mut self.control,
-            abort: self.abort,
+            abort: self.env.abort,
         }
-        .start_iter(iter, parent)?;
+        .start_iter(iter, parent)
+        .map_err(HandOverError::Dump)?;
         let dir = self.work.images(iter);
-        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(&dir).map_err(|source| HandOverError::Io {
+            what: dir.display().to_string(),
+            source,
+        })?;
         let mut copts = CriuOpts {
-            tcp_established: self.opts.tcp_established,
+            tcp_established: self.env.opts.tcp_established,
             force_irmap: self.irmap,
             ..CriuOpts::default()
         };
-        self.driver
-            .adjust_dump_opts(&mut copts)
-            .map_err(|e| e.to_string())?;
-        let outcome = self
-            .driver
-            .dump(&DumpContext {
-                images_dir: dir.display().to_string().into(),
-                parent_images_dir: parent
-                    .map(|p| self.work.images(p).display().to_string().into())
-                    .into(),
-                pid: self.pid,
-                opts: copts.clone(),
-            })
-            .map_err(|e| e.to_string())?;
+        self.driver.adjust_dump_opts(&mut copts)?;
+        let outcome = self.driver.dump(&DumpContext {
+            images_dir: dir.display().to_string().into(),
+            parent_images_dir: parent
+                .map(|p| self.work.images(p).display().to_string().into())
+                .into(),
+            pid: self.pid,
+            opts: copts.clone(),
+        })?;
         if outcome.handled {
-            return Err(
+            return Err(HandOverError::Dump(
                 "drivers that dump through their own tooling are not supported by this engine yet"
                     .into(),
-            );
+            ));
         }
-        let mut o = self.criu.as_ref().expect("worker").opts(&dir, "dump.log");
+        let criu = self.dumper.take().expect("dump worker before the freeze");
+        let mut o = criu.opts(&dir, "dump.log");
         o.pid = Some(self.pid);
         o.notify_scripts = Some(true);
         o.ps = Some(rpc::PageServerInfo {
@@ -605,239 +531,407 @@ impl Source<'_> {
         }
         criu_opts_to_rpc(&copts, &mut o);
 
-        self.progress.pass_started(iter, "dump", self.need_bytes);
+        // The tree is about to freeze: record it first.
+        self.record.tasks = proc::tasks(self.pid);
+        self.journal
+            .set(&mut self.record, journal::State::Started, "final dump")?;
+        self.env
+            .progress
+            .pass_started(iter, "dump", self.need_bytes);
         let before = self.mem.sent();
-        let t = Instant::now();
-        self.mem.watch(self.progress.clone(), before);
-        self.criu()
-            .start(ReqType::Dump, o)
-            .map_err(|e| e.to_string())?;
-
-        let mut failure: Option<String> = None;
-        let mut migrated: Option<DumpEnd> = None;
-        let mut pass_done = false;
-        loop {
-            let ev = match self.criu().next_event(ReqType::Dump) {
-                Ok(ev) => ev,
-                Err(e) => {
-                    // CRIU died: if we had committed, the destination runs
-                    // the workload; make sure the source copy is gone.
-                    if migrated.is_some() {
-                        proc::signal_tree(self.pid, nix::sys::signal::Signal::SIGKILL);
-                        break;
-                    }
-                    return Err(failure.unwrap_or_else(|| e.to_string()));
-                }
-            };
-            match ev {
-                Event::Notify { script, .. } => {
-                    tracing::debug!(%script, "CRIU notification");
-                    let ok = match script.as_str() {
-                        // CRIU seizes the tree right after `pre-dump`.
-                        "pre-dump" => {
-                            self.frozen_at = Some(Instant::now());
-                            self.progress.phase("frozen");
-                            true
-                        }
-                        "network-lock" => self
-                            .driver
-                            .net_lock()
-                            .map_err(|e| failure.get_or_insert(e.to_string()).clone())
-                            .is_ok(),
-                        "network-unlock" => {
-                            if let Err(e) = self.driver.net_unlock() {
-                                tracing::warn!("{e}");
-                            }
-                            true
-                        }
-                        "post-dump" => {
-                            self.criu_dump_us = t.elapsed().as_micros() as u64;
-                            self.mem.unwatch();
-                            let pass = PassStats {
-                                pages_written: 0,
-                                bytes: self.mem.sent() - before,
-                                duration: t.elapsed(),
-                            };
-                            self.progress.pass_finished(&pass);
-                            self.passes.push(PassReport::new(iter, "dump", &pass, None));
-                            pass_done = true;
-                            match self.hand_over(iter) {
-                                Ok(end) => {
-                                    migrated = Some(end);
-                                    true
-                                }
-                                Err(e) => {
-                                    tracing::warn!("rolling back: {e}");
-                                    // The storage goes back before the tree
-                                    // resumes on it.
-                                    self.rollback_storage();
-                                    failure.get_or_insert(e);
-                                    false
-                                }
-                            }
-                        }
-                        _ => true,
-                    };
-                    if let Err(e) = self.criu().answer_notify(ok) {
-                        if migrated.is_some() {
-                            proc::signal_tree(self.pid, nix::sys::signal::Signal::SIGKILL);
-                            break;
-                        }
-                        return Err(failure.unwrap_or_else(|| e.to_string()));
-                    }
-                }
-                Event::Done(resp) => {
-                    if !pass_done {
-                        self.mem.unwatch();
-                    }
-                    if migrated.is_some() {
-                        if !resp.success {
-                            tracing::warn!("CRIU reported a failure after the commit; making sure the source copy is gone");
-                            proc::signal_tree(self.pid, nix::sys::signal::Signal::SIGKILL);
-                        }
-                        break;
-                    }
-                    let err = self
-                        .criu
-                        .as_ref()
-                        .expect("worker")
-                        .check_done(ReqType::Dump, &resp, "dump.log")
-                        .err()
-                        .map(|e| e.to_string());
-                    return Err(failure
-                        .or(err)
-                        .unwrap_or_else(|| "the dump ended without a commit".into()));
+        self.mem.watch(self.env.progress.clone(), before);
+        let deadline = Instant::now() + self.freeze_timeout;
+        let held = FinalDump::start(criu, o)
+            .map_err(HandOverError::from)
+            .and_then(|d| {
+                d.until_post_dump(
+                    &mut Hooks {
+                        driver: &mut self.driver,
+                        progress: &*self.env.progress,
+                    },
+                    Some(deadline),
+                )
+            });
+        self.mem.unwatch();
+        let dump = held.map_err(|e| match e {
+            HandOverError::Criu(crate::criu::CriuError::Timeout { .. }) => {
+                HandOverError::FreezeTimeout {
+                    limit: self.freeze_timeout,
+                    during: "CRIU dumped the workload",
                 }
             }
-        }
-        // The final dump was the worker's last request.
-        if let Some(mut w) = self.criu.take() {
-            w.wait_exit(Duration::from_secs(5));
-        }
-        self.criu_dump = stats::read_dump(&self.work.criu()).ok();
-        if let (Some(last), Some(s)) = (self.passes.last_mut(), self.criu_dump.as_ref()) {
-            last.pages_written = s.pages_written;
-            last.pages_skipped_parent = s.pages_skipped_parent;
-            last.pages_scanned = s.pages_scanned;
-        }
-        migrated.ok_or_else(|| "the dump ended without a commit".into())
+            e => e,
+        })?;
+        self.stats.criu_dump_us = dump.dump_time.as_micros() as u64;
+        let pass = PassStats {
+            pages_written: 0,
+            bytes: self.mem.sent() - before,
+            duration: dump.dump_time,
+        };
+        self.env.progress.pass_finished(&pass);
+        self.stats
+            .passes
+            .push(PassReport::new(iter, "dump", &pass, None));
+        Ok(Frozen { dump, iter })
     }
 
-    /// Inside the `post-dump` hold (tree frozen, pages already at the
-    /// destination): send the images, let the destination restore, commit.
-    /// An `Err` before the commit means "resume the source".
-    fn hand_over(&mut self, iter: u32) -> Result<DumpEnd, String> {
-        if let Some(r) = self.abort.reason() {
-            return Err(r);
+    /// While frozen: the final file pass, the storage snapshot, the images
+    /// and meta files, and the destination's restore up to its hold.
+    fn hand_over(&mut self, frozen: &Frozen) -> Result<Restored, HandOverError> {
+        let deadline = frozen.dump.frozen_at + self.freeze_timeout;
+        self.control.set_deadline(Some(deadline));
+        let (limit, abort) = (self.freeze_timeout, self.env.abort);
+        let timeout = |e: PeerError, during| match (e, abort.reason()) {
+            (_, Some(r)) => HandOverError::Interrupted(r),
+            (PeerError::Recv { .. } | PeerError::Send { .. }, None)
+                if Instant::now() >= deadline =>
+            {
+                HandOverError::FreezeTimeout { limit, during }
+            }
+            (e, None) => e.into(),
+        };
+        if let Some(r) = self.env.abort.reason() {
+            return Err(HandOverError::Interrupted(r));
         }
         if let Some(fs) = self.fs.take() {
-            self.progress.phase("final file sync");
-            self.fs_report = Some(fs.final_pass()?);
+            self.env.progress.phase("final file sync");
+            if let Some(c) = &self.fs_conn {
+                let _ = c.set_deadline(Some(deadline));
+            }
+            let report = fs.final_pass().map_err(|e| match abort.reason() {
+                Some(r) => HandOverError::Interrupted(r),
+                None if Instant::now() >= deadline => HandOverError::FreezeTimeout {
+                    limit,
+                    during: "the final file sync",
+                },
+                None => HandOverError::FileSync(e),
+            })?;
+            self.stats.fs_report = Some(report);
         }
         if self.shared_storage {
-            self.progress.phase("snapshotting shared storage");
-            self.driver.storage_snapshot().map_err(|e| e.to_string())?;
+            self.env.progress.phase("snapshotting shared storage");
+            self.driver.storage_snapshot()?;
             self.snapshotted = true;
         }
         let meta_dir = self.work.meta();
         let meta = self
             .driver
-            .meta_files_out(&meta_dir.display().to_string())
-            .map_err(|e| e.to_string())?;
-        let images = self.work.images(iter);
+            .meta_files_out(&meta_dir.display().to_string())?;
+        let images = self.work.images(frozen.iter);
+        let io = |source| HandOverError::Io {
+            what: images.display().to_string(),
+            source,
+        };
         let mut files: Vec<PathBuf> = std::fs::read_dir(&images)
-            .map_err(|e| e.to_string())?
+            .map_err(io)?
             .flatten()
             .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
             .map(|e| e.path())
             .collect();
         files.sort();
         files.extend(meta.iter().map(|m| meta_dir.join(m)));
-        self.progress.phase("sending images");
+        self.env.progress.phase("sending images");
         for f in &files {
-            self.send_file(f)?;
+            self.stats.image_bytes += send_file(&mut self.control, f).map_err(|e| match e {
+                HandOverError::Peer(p) => timeout(p, "sending the images"),
+                e => e,
+            })?;
         }
-        self.send(&Msg::Restore {
-            iter,
-            meta_files: meta,
-        })?;
-        self.progress.phase("restoring on the destination");
-        match self.recv("Restored")? {
-            Msg::Restored => {}
-            other => return Err(format!("expected Restored, got {}", other.name())),
+        self.control
+            .send(&Msg::Restore {
+                iter: frozen.iter,
+                meta_files: meta,
+            })
+            .map_err(|e| timeout(e, "sending the restore request"))?;
+        self.env.progress.phase("restoring on the destination");
+        match self.control.recv("Restored") {
+            Ok(Msg::Restored) => Ok(Restored),
+            Ok(other) => Err(unexpected(&other, "Restored", "destination").into()),
+            Err(e) => Err(timeout(e, "the destination restored")),
         }
-        // The commit: from here on the source never resumes on its own.
-        if !self.abort.commit() {
-            return Err(self.abort.reason().unwrap_or_else(|| "aborted".into()));
+    }
+
+    /// The commit: record it, stop the frozen tree so that it cannot run
+    /// again on its own (a SIGSTOP queued to every task; CRIU resuming the
+    /// tree leaves it stopped), then send `Commit`. A failure before the
+    /// SIGSTOP hands the frozen dump back for a rollback.
+    fn commit(
+        &mut self,
+        frozen: Frozen,
+        _restored: Restored,
+    ) -> Result<Committed, Box<(Frozen, HandOverError)>> {
+        if !self.env.abort.commit() {
+            let r = self.env.abort.reason().unwrap_or_else(|| "aborted".into());
+            return Err(Box::new((frozen, HandOverError::Interrupted(r))));
         }
-        if let Err(e) = self.send(&Msg::Commit) {
-            return self.resolve(e);
+        // The tree is frozen: this is every task it has.
+        let tasks = proc::tasks(self.pid);
+        self.record.tasks = tasks.clone();
+        if let Err(e) = self.journal.set(
+            &mut self.record,
+            journal::State::Committing,
+            "the source tree is stopped and Commit sent",
+        ) {
+            return Err(Box::new((frozen, e.into())));
         }
-        match self.control.0.read::<Msg>() {
+        proc::signal_tasks(&tasks, nix::sys::signal::Signal::SIGSTOP);
+        let broken = self.control.send(&Msg::Commit).err();
+        Ok(Committed {
+            dump: frozen.dump,
+            tasks,
+            broken,
+        })
+    }
+
+    /// Waits for the destination's `Resumed` (or resolves the outcome by
+    /// asking it) and finishes accordingly.
+    fn complete(mut self, mut c: Committed) -> Result<Report, MigrationError> {
+        let answer = match c.broken.take() {
+            Some(e) => Err(e),
+            None => self.control.recv("Resumed"),
+        };
+        let verdict = match answer {
             Ok(Msg::Resumed {
                 pid,
                 stats,
                 restore_us,
-            }) => Ok(DumpEnd::Migrated {
-                dest_pid: pid,
-                restore: stats,
-                restore_us,
-                resumed_at: Instant::now(),
-            }),
-            // The destination could not resume its copy and discarded it:
-            // the source copy is still intact, so it resumes.
-            Ok(Msg::Abort { reason }) => Err(format!(
-                "the destination failed to resume the workload: {reason}"
+            }) => {
+                return Ok(self.migrated(c, pid, stats, restore_us));
+            }
+            // The destination could not let its copy run and discarded it.
+            Err(PeerError::Aborted { reason, .. }) => {
+                return Err(self.resume(c, CommitError::Discarded(reason)));
+            }
+            Ok(other) => self.resolve(unexpected(&other, "Resumed", "destination").to_string()),
+            Err(e) => {
+                let why = match self.env.abort.reason() {
+                    Some(r) => format!("{r} after the commit"),
+                    None => format!("lost the destination after the commit: {e}"),
+                };
+                self.resolve(why)
+            }
+        };
+        match verdict {
+            (Verdict::Runs, _) => {
+                tracing::info!("the destination runs the workload: completing the migration");
+                Ok(self.migrated(c, 0, None, 0))
+            }
+            (Verdict::Discarded, why) => Err(self.resume(
+                c,
+                CommitError::Discarded(format!("{why}; the destination says so")),
             )),
-            Ok(other) => self.resolve(format!("expected Resumed, got {}", other.name())),
-            Err(e) => self.resolve(format!("lost the destination after the commit: {e}")),
+            (Verdict::Unknown, why) => Err(self.undecided(c, CommitError::Unknown { why })),
+            (Verdict::NoAnswer(last), why) => Err(self.undecided(
+                c,
+                CommitError::Undecided {
+                    why: format!("{why} ({last})"),
+                },
+            )),
         }
     }
 
-    /// After the commit the connection broke: ask the destination, on a new
-    /// connection, whether its copy runs. Resumed -> kill ours; rolled
-    /// back -> resume ours; no answer -> leave ours stopped for an operator.
-    fn resolve(&mut self, why: String) -> Result<DumpEnd, String> {
+    /// After the commit the connection broke: ask the destination, on new
+    /// connections, what became of the session.
+    fn resolve(&self, why: String) -> (Verdict, String) {
         tracing::warn!("{why}; asking the destination what became of the migration");
-        let deadline = Instant::now() + self.opts.resolve_timeout;
-        let Connector::Tcp(addr) = self.connector else {
-            return self.undecided(why);
+        self.env.progress.phase("asking the destination");
+        let verdict = match self.env.connector {
+            Connector::Tcp(addr) => session::ask(
+                addr,
+                self.env.session,
+                self.env.opts.resolve_timeout,
+                Some(self.env.abort),
+            ),
+            Connector::Given { .. } => {
+                Verdict::NoAnswer("the connections were handed in, none can be opened".into())
+            }
         };
-        while Instant::now() < deadline {
-            match query(addr, self.session) {
-                Ok(Outcome::Resumed) => {
-                    tracing::info!("the destination runs the workload: completing the migration");
-                    return Ok(DumpEnd::Migrated {
-                        dest_pid: 0,
-                        restore: None,
-                        restore_us: 0,
-                        resumed_at: Instant::now(),
-                    });
-                }
-                Ok(Outcome::RolledBack) | Ok(Outcome::Unknown) => {
-                    return Err(format!("{why}; the destination discarded its copy"));
-                }
-                Ok(Outcome::InProgress) | Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        (verdict, why)
+    }
+
+    /// The destination runs the workload: record it, let CRIU kill the
+    /// source copy, make sure it is gone, and report.
+    fn migrated(
+        mut self,
+        c: Committed,
+        dest_pid: i32,
+        restore: Option<stats::RestoreStats>,
+        restore_us: u64,
+    ) -> Report {
+        let resumed_at = Instant::now();
+        if let Err(e) = self
+            .journal
+            .set(&mut self.record, journal::State::Migrated, "")
+        {
+            tracing::error!("{e}");
+        }
+        let frozen_at = c.dump.frozen_at;
+        let work_criu = c.dump.work_dir().to_path_buf();
+        let mut hooks = Hooks {
+            driver: &mut self.driver,
+            progress: &*self.env.progress,
+        };
+        if let Err(e) = c.dump.release(true, &mut hooks, Duration::from_secs(30)) {
+            tracing::warn!("CRIU reported a failure after the commit ({e}); making sure the source copy is gone");
+        }
+        if !proc::kill_tasks(&c.tasks, Duration::from_secs(10)) {
+            tracing::error!("the source copy (pid {}) did not go away", self.pid);
+        }
+        self.stats.criu_dump = stats::read_dump(&work_criu).ok();
+        if let (Some(last), Some(s)) = (self.stats.passes.last_mut(), self.stats.criu_dump.as_ref())
+        {
+            last.pages_written = s.pages_written;
+            last.pages_skipped_parent = s.pages_skipped_parent;
+            last.pages_scanned = s.pages_scanned;
+        }
+        self.work.keep(self.env.opts.keep_images);
+        self.work.succeeded();
+        if let Err(e) = self.driver.umount() {
+            tracing::warn!("{e}");
+        }
+        if self.snapshotted {
+            if let Err(e) = self.driver.storage_commit() {
+                tracing::warn!("{e}");
             }
         }
-        self.undecided(why)
+        if let Err(e) = self.driver.migration_complete() {
+            tracing::warn!("{e}");
+        }
+        // Acknowledged bytes where the channel is TCP; CRIU's own count of
+        // pages otherwise.
+        let memory_bytes = match self.mem.counts_bytes() {
+            true => self.mem.sent(),
+            false => self
+                .stats
+                .passes
+                .iter()
+                .map(|p| p.pages_written * super::iter::PAGE_SIZE)
+                .sum(),
+        };
+        self.mem.shutdown();
+        self.journal.prune(7 * 24 * 3600);
+        let opts = self.env.opts;
+        Report {
+            session: format!("{:016x}", self.env.session),
+            htype: opts.htype.clone(),
+            id: opts.id.clone(),
+            mode: "live",
+            destination: self.env.connector.describe(),
+            destination_pid: dest_pid,
+            total_time_us: self.env.started.elapsed().as_micros() as u64,
+            frozen_time_us: resumed_at.saturating_duration_since(frozen_at).as_micros() as u64,
+            restore_time_us: restore_us,
+            criu_dump_time_us: self.stats.criu_dump_us,
+            pre_dump: self.stats.passes.iter().any(|p| p.kind == "pre-dump"),
+            stop_reason: self
+                .stats
+                .stop_reason
+                .take()
+                .unwrap_or(StopReason::NoPreDump {
+                    why: "no passes".into(),
+                }),
+            iterations: std::mem::take(&mut self.stats.passes),
+            memory_bytes,
+            image_bytes: self.stats.image_bytes,
+            bytes_on_wire: memory_bytes
+                + self.stats.image_bytes
+                + session::fs_bytes(&self.stats.fs_report),
+            criu_dump: self.stats.criu_dump.take(),
+            criu_restore: restore,
+            fs_passes: self
+                .stats
+                .fs_report
+                .as_ref()
+                .map(|r| r.0.clone())
+                .unwrap_or_default(),
+            fs_stop_reason: self.stats.fs_report.take().map(|r| r.1),
+        }
     }
 
-    /// Neither side can tell: stop the source tree (SIGSTOP) so it cannot
-    /// run twice, and let CRIU detach from it.
-    fn undecided(&mut self, why: String) -> Result<DumpEnd, String> {
-        proc::signal_tree(self.pid, nix::sys::signal::Signal::SIGSTOP);
-        Err(format!(
-            "{why}. The destination could not be asked whether it runs the workload, so the source \
-             tree (pid {}) is left STOPPED: if the destination runs it, kill the source copy \
-             (kill -KILL {}); otherwise resume it (kill -CONT {})",
-            self.pid, self.pid, self.pid
-        ))
+    /// After the commit the destination confirmed it does not run the
+    /// workload: put the storage back, let the stopped tree run again.
+    fn resume(mut self, c: Committed, cause: CommitError) -> MigrationError {
+        tracing::warn!("resuming the source copy: {cause}");
+        self.rollback_storage();
+        let mut hooks = Hooks {
+            driver: &mut self.driver,
+            progress: &*self.env.progress,
+        };
+        if let Err(e) = c.dump.release(false, &mut hooks, Duration::from_secs(30)) {
+            tracing::warn!("CRIU did not confirm resuming the tree: {e}");
+        }
+        proc::signal_tasks(&c.tasks, nix::sys::signal::Signal::SIGCONT);
+        self.finish_rollback(cause.into())
     }
 
-    fn send_file(&mut self, path: &std::path::Path) -> Result<(), String> {
-        self.image_bytes += send_file(&mut self.control, path)?;
-        Ok(())
+    /// Nobody can tell whether the destination runs the workload: the tree
+    /// stays stopped (CRIU lets go of it; the queued SIGSTOP holds it), the
+    /// journal says `Committing`, and `phaul recover` decides later.
+    fn undecided(mut self, c: Committed, cause: CommitError) -> MigrationError {
+        drop(c.dump);
+        proc::signal_tasks(&c.tasks, nix::sys::signal::Signal::SIGSTOP);
+        self.work.keep(true);
+        self.mem.shutdown();
+        MigrationError::Undecided {
+            cause,
+            pid: self.pid,
+        }
+    }
+
+    /// A failure while frozen, before the commit: the storage goes back
+    /// before the tree resumes on it, then CRIU resumes the tree and
+    /// unlocks its network exactly as it was.
+    fn roll_back(mut self, frozen: Frozen, e: HandOverError) -> MigrationError {
+        tracing::warn!("rolling back: {e}");
+        self.control.abort(&e.to_string());
+        self.rollback_storage();
+        let mut hooks = Hooks {
+            driver: &mut self.driver,
+            progress: &*self.env.progress,
+        };
+        if let Err(e) = frozen
+            .dump
+            .release(false, &mut hooks, Duration::from_secs(30))
+        {
+            tracing::warn!("CRIU did not confirm resuming the tree: {e}");
+        }
+        self.finish_rollback(e.into())
+    }
+
+    /// A failure before the freeze, or a dump that failed by itself (CRIU
+    /// resumed the tree already).
+    fn abandon(mut self, cause: super::error::RollbackCause) -> MigrationError {
+        tracing::warn!("abandoning the migration: {cause}");
+        self.control.abort(&cause.to_string());
+        self.rollback_storage();
+        self.finish_rollback(cause)
+    }
+
+    fn finish_rollback(mut self, cause: super::error::RollbackCause) -> MigrationError {
+        self.mem.shutdown();
+        drop(self.dumper.take());
+        if let Err(e) = self.driver.migration_fail() {
+            tracing::warn!("{e}");
+        }
+        self.work.keep(self.env.opts.keep_images);
+        if !proc::alive(self.pid) {
+            self.journal_final(journal::State::RolledBack, "the source copy vanished");
+            return MigrationError::AfterCommit(format!(
+                "{cause}; and the source workload (pid {}) is no longer running",
+                self.pid
+            ));
+        }
+        self.journal_final(journal::State::RolledBack, &cause.to_string());
+        MigrationError::RolledBack(cause)
+    }
+
+    fn journal_final(&mut self, state: journal::State, note: &str) {
+        if self.record.updated == 0 {
+            return; // Never written: nothing was frozen.
+        }
+        if let Err(e) = self.journal.set(&mut self.record, state, note) {
+            tracing::error!("{e}");
+        }
     }
 
     /// Puts shared storage back to its snapshot (once).
@@ -847,111 +941,6 @@ impl Source<'_> {
                 tracing::error!("could not put the shared storage back to its snapshot: {e}");
             }
         }
-    }
-
-    /// Turns the outcome into a report or a classified error, running the
-    /// driver's completion or rollback hooks.
-    fn finish(
-        mut self,
-        result: Result<(DumpEnd, StopReason, bool), String>,
-        started: Instant,
-    ) -> Result<Report, MigrationError> {
-        self.work.keep(self.opts.keep_images);
-        let committed = self.abort.committed();
-        match result {
-            Ok((
-                DumpEnd::Migrated {
-                    dest_pid,
-                    restore,
-                    restore_us,
-                    resumed_at,
-                },
-                stop_reason,
-                pre_dump,
-            )) => {
-                let frozen = self.frozen_at.map_or(0, |t| {
-                    resumed_at.saturating_duration_since(t).as_micros() as u64
-                });
-                if let Err(e) = self.driver.umount() {
-                    tracing::warn!("{e}");
-                }
-                if self.snapshotted {
-                    if let Err(e) = self.driver.storage_commit() {
-                        tracing::warn!("{e}");
-                    }
-                }
-                if let Err(e) = self.driver.migration_complete() {
-                    tracing::warn!("{e}");
-                }
-                // Acknowledged bytes where the channel is TCP; CRIU's own
-                // count of pages otherwise.
-                let memory_bytes = match self.mem.counts_bytes() {
-                    true => self.mem.sent(),
-                    false => self
-                        .passes
-                        .iter()
-                        .map(|p| p.pages_written * super::iter::PAGE_SIZE)
-                        .sum(),
-                };
-                self.mem.shutdown();
-                let criu_dump = self.criu_dump.take();
-                Ok(Report {
-                    session: format!("{:016x}", self.session),
-                    htype: self.opts.htype.clone(),
-                    id: self.opts.id.clone(),
-                    mode: "live",
-                    destination: self.connector.describe(),
-                    destination_pid: dest_pid,
-                    total_time_us: started.elapsed().as_micros() as u64,
-                    frozen_time_us: frozen,
-                    restore_time_us: restore_us,
-                    criu_dump_time_us: self.criu_dump_us,
-                    pre_dump,
-                    stop_reason,
-                    iterations: self.passes,
-                    memory_bytes,
-                    image_bytes: self.image_bytes,
-                    bytes_on_wire: memory_bytes + self.image_bytes + fs_bytes(&self.fs_report),
-                    criu_dump,
-                    criu_restore: restore,
-                    fs_passes: self
-                        .fs_report
-                        .as_ref()
-                        .map(|r| r.0.clone())
-                        .unwrap_or_default(),
-                    fs_stop_reason: self.fs_report.map(|r| r.1),
-                })
-            }
-            Err(e) if committed => Err(MigrationError::AfterCommit(e)),
-            Err(e) => {
-                // CRIU resumed the tree (it answers a failed dump that way);
-                // tell the destination, undo the driver's work.
-                let _ = self.control.1.write(&Msg::Abort { reason: e.clone() });
-                self.mem.shutdown();
-                drop(self.criu.take());
-                if let Err(e) = self.driver.migration_fail() {
-                    tracing::warn!("{e}");
-                }
-                if !proc::alive(self.pid) {
-                    return Err(MigrationError::AfterCommit(format!(
-                        "{e}; and the source workload (pid {}) is no longer running",
-                        self.pid
-                    )));
-                }
-                Err(MigrationError::RolledBack(e))
-            }
-        }
-    }
-}
-
-pub(crate) fn recv(control: &mut Control, abort: &Abort, waiting_for: &str) -> Result<Msg, String> {
-    match control.0.read::<Msg>() {
-        Ok(Msg::Abort { reason }) => Err(format!("the destination aborted: {reason}")),
-        Ok(m) => Ok(m),
-        Err(e) => Err(match abort.reason() {
-            Some(r) => r,
-            None => format!("waiting for {waiting_for} from the destination: {e}"),
-        }),
     }
 }
 
@@ -964,17 +953,20 @@ struct ControlRemote<'c> {
 
 impl Remote for ControlRemote<'_> {
     fn start_iter(&mut self, iter: u32, parent: Option<u32>) -> Result<(), String> {
-        let m = Msg::StartIter { iter, parent };
+        let e = |e: PeerError| match self.abort.reason() {
+            Some(r) => r,
+            None => e.to_string(),
+        };
         self.control
-            .1
-            .write(&m)
-            .map_err(|e| format!("sending StartIter to the destination: {e}"))?;
-        match recv(self.control, self.abort, "IterReady")? {
-            Msg::IterReady { iter: i } if i == iter => Ok(()),
-            other => Err(format!(
+            .send(&Msg::StartIter { iter, parent })
+            .map_err(e)?;
+        match self.control.recv("IterReady") {
+            Ok(Msg::IterReady { iter: i }) if i == iter => Ok(()),
+            Ok(other) => Err(format!(
                 "expected IterReady for pass {iter}, got {}",
                 other.name()
             )),
+            Err(err) => Err(e(err)),
         }
     }
 
@@ -982,66 +974,5 @@ impl Remote for ControlRemote<'_> {
         // The destination waits for the pass's page server to finish
         // before it starts the next one or restores.
         Ok(())
-    }
-}
-
-/// Sends one file (an image or a meta file) in chunks; returns its size.
-pub(crate) fn send_file(control: &mut Control, path: &std::path::Path) -> Result<u64, String> {
-    use std::os::unix::fs::PermissionsExt;
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| format!("bad file name {}", path.display()))?
-        .to_string();
-    let send = |c: &mut Control, m: &Msg| {
-        c.1.write(m)
-            .map_err(|e| format!("sending {} to the destination: {e}", m.name()))
-    };
-    let mut f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let meta = f.metadata().map_err(|e| e.to_string())?;
-    send(
-        control,
-        &Msg::File {
-            name,
-            mode: meta.permissions().mode() & 0o7777,
-            size: meta.len(),
-        },
-    )?;
-    let mut buf = vec![0u8; CHUNK];
-    let mut sent = 0u64;
-    loop {
-        let n = f.read(&mut buf).map_err(|e| e.to_string())?;
-        if n == 0 {
-            break;
-        }
-        sent += n as u64;
-        send(control, &Msg::Chunk(buf[..n].to_vec()))?;
-    }
-    if sent != meta.len() {
-        return Err(format!("{} changed size while being sent", path.display()));
-    }
-    Ok(sent)
-}
-
-/// File bytes sent by the sync passes.
-pub(crate) fn fs_bytes(r: &Option<(Vec<crate::fsync::PassStats>, String)>) -> u64 {
-    r.as_ref()
-        .map_or(0, |(p, _)| p.iter().map(|s| s.bytes_sent).sum())
-}
-
-/// Asks the destination at `addr` what became of `session`.
-pub(crate) fn query(addr: &std::net::SocketAddr, session: u64) -> Result<Outcome, String> {
-    let c = std::net::TcpStream::connect_timeout(addr, Duration::from_secs(2))
-        .map_err(|e| e.to_string())?;
-    let c = Conn::from(c);
-    c.set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(|e| e.to_string())?;
-    crate::proto::write_preamble(&mut &c).map_err(|e| e.to_string())?;
-    let (mut r, mut w) = open_control(c);
-    w.write(&Msg::Query { session })
-        .map_err(|e| e.to_string())?;
-    match r.read::<Msg>().map_err(|e| e.to_string())? {
-        Msg::Status { outcome, .. } => Ok(outcome),
-        other => Err(format!("unexpected {}", other.name())),
     }
 }

@@ -49,6 +49,16 @@ pub struct Hello {
     pub fs_roots: Vec<String>,
     /// Restart mode: leave the workload stopped on the destination.
     pub no_start: bool,
+    /// Live mode: the ids the tree's processes will be restored with, when
+    /// they must be free on the destination (empty for a tree in its own
+    /// PID namespace).
+    pub pids: Vec<i32>,
+    /// Live mode: the tree's listening TCP and bound UDP sockets, when it
+    /// shares the host's network namespace.
+    pub bound: Vec<crate::engine::checks::BoundSocket>,
+    /// Only check: the destination runs its pre-flight and answers, then
+    /// the source ends the session (`--dry-run`).
+    pub dry_run: bool,
 }
 
 /// The destination accepts the migration.
@@ -77,6 +87,9 @@ pub enum Refusal {
     Space,
     /// Another migration is running.
     Busy,
+    /// Something the workload needs is taken on the destination (a
+    /// process id, an address).
+    InUse,
     /// The destination driver refused (init or mount failed).
     Driver,
     /// Anything else.
@@ -182,8 +195,13 @@ pub enum Msg {
     },
     /// Either side: stop and roll back.
     Abort {
-        /// Why.
+        /// Why, in one line.
         reason: String,
+        /// The sender's CRIU log that explains it (a path on the sender's
+        /// host, kept after the migration).
+        criu_log: Option<String>,
+        /// The sender's explanation and what to do, when it knows one.
+        hint: Option<String>,
     },
     /// Source -> destination, on a fresh connection: what happened to a
     /// session whose connection broke?

@@ -8,5 +8,7 @@ pub const FAILURE: u8 = 1;
 pub const REFUSED: u8 = 3;
 /// The migration failed and was rolled back: the source workload runs.
 pub const ROLLED_BACK: u8 = 4;
-/// The migration failed after the point of no return.
+/// The migration failed after the point of no return, or its outcome is
+/// undecided (the source copy is stopped: run `phaul recover`); for
+/// `phaul recover`, a session is still undecided.
 pub const AFTER_COMMIT: u8 = 5;

@@ -45,7 +45,8 @@ Examples:
   2  usage error
   3  refused by pre-flight checks: nothing was frozen, nothing changed
   4  failed and rolled back: the source workload runs as before
-  5  failed after the point of no return (see the message)"))]
+  5  the source workload does not run again: failed after the point of no
+     return, or undecided (the source copy is left stopped; run `phaul recover`)"))]
 pub struct MigrateArgs {
     /// The kind of workload (see `phaul htypes`).
     pub htype: String,
@@ -105,7 +106,8 @@ pub struct MigrateArgs {
     /// Stop pre-dumping when the predicted frozen time is below this.
     #[arg(long, value_name = "MS", default_value_t = 300)]
     pub downtime_target: u64,
-    /// Skip the CPU and version compatibility checks.
+    /// Skip the CPU, version, process-id and address checks of the
+    /// destination (try anyway).
     #[arg(long)]
     pub force: bool,
     /// Keep the images on both sides.
@@ -118,6 +120,20 @@ pub struct MigrateArgs {
     /// the destination whether it runs the workload, seconds.
     #[arg(long, value_name = "S", default_value_t = 60)]
     pub resolve_timeout: u64,
+    /// The longest the workload may stay frozen, seconds: before the
+    /// commit its expiry rolls the migration back, after it the outcome is
+    /// resolved by asking the destination. Default: 10 s plus 4 s per GiB
+    /// of the workload's resident memory (a few seconds above a dump and
+    /// restore of that size).
+    #[arg(long, value_name = "S")]
+    pub freeze_timeout: Option<f64>,
+    /// Where CRIU's logs go: kept after a failed migration (the error names
+    /// them), removed after a successful one, swept after a week.
+    #[arg(long, value_name = "DIR", env = "PHAUL_LOG_DIR", default_value = phaul_core::workdir::DEFAULT_LOG_ROOT)]
+    pub log_dir: PathBuf,
+    /// Where this side durably records its decisions, for `phaul recover`.
+    #[arg(long, value_name = "DIR", env = "PHAUL_JOURNAL_DIR", default_value = phaul_core::journal::DEFAULT_DIR)]
+    pub journal_dir: PathBuf,
     /// Print the summary as one JSON object on standard output.
     #[arg(long)]
     pub json: bool,
@@ -156,6 +172,7 @@ pub fn run(dirs: &[PathBuf], quiet: bool, args: MigrateArgs) -> anyhow::Result<E
         );
     }
     phaul_core::workdir::sweep_stale(&args.work_dir, "src");
+    phaul_core::workdir::sweep_logs(&args.log_dir, phaul_core::workdir::LOG_MAX_AGE);
     let opts = SourceOptions {
         htype: args.htype.clone(),
         id: args.id.clone(),
@@ -190,6 +207,11 @@ pub fn run(dirs: &[PathBuf], quiet: bool, args: MigrateArgs) -> anyhow::Result<E
             max_growth_pct: args.fs_max_growth,
             max_passes: args.fs_max_passes,
         },
+        journal_dir: args.journal_dir,
+        log_dir: args.log_dir.clone(),
+        freeze_timeout: args
+            .freeze_timeout
+            .map(|s| Duration::from_secs_f64(s.max(0.1))),
     };
     let abort = Arc::new(Abort::new());
     watch_signals(abort.clone()).context("installing signal handlers")?;
@@ -219,17 +241,23 @@ pub fn run(dirs: &[PathBuf], quiet: bool, args: MigrateArgs) -> anyhow::Result<E
             let code = match &e {
                 MigrationError::Refused(_) => exit::REFUSED,
                 MigrationError::RolledBack(_) => exit::ROLLED_BACK,
-                MigrationError::AfterCommit(_) => exit::AFTER_COMMIT,
+                MigrationError::AfterCommit(_) | MigrationError::Undecided { .. } => {
+                    exit::AFTER_COMMIT
+                }
             };
             if args.json {
-                let kind = match &e {
-                    MigrationError::Refused(_) => "refused",
-                    MigrationError::RolledBack(_) => "rolled-back",
-                    MigrationError::AfterCommit(_) => "failed-after-commit",
-                };
+                let d = e.diagnosis();
                 println!(
                     "{}",
-                    serde_json::json!({ "error": kind, "message": e.to_string() })
+                    serde_json::json!({
+                        "error": e.kind(),
+                        "source_runs": e.source_runs(),
+                        "phase": d.phase,
+                        "side": d.side,
+                        "criu_log": d.criu_log,
+                        "hint": d.hint,
+                        "message": e.to_string(),
+                    })
                 );
             }
             eprintln!("phaul: migration {e}");
@@ -241,17 +269,27 @@ pub fn run(dirs: &[PathBuf], quiet: bool, args: MigrateArgs) -> anyhow::Result<E
 /// Ctrl-C / SIGTERM abort the migration (rolled back unless it already
 /// committed).
 fn watch_signals(abort: Arc<Abort>) -> std::io::Result<()> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
+    use phaul_core::engine::abort::Triggered;
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
     std::thread::spawn(move || {
         for sig in signals.forever() {
-            let name = if sig == SIGINT { "SIGINT" } else { "SIGTERM" };
-            if abort.trigger(&format!("interrupted by {name}")) {
-                tracing::warn!(
+            let name = match sig {
+                SIGINT => "SIGINT",
+                SIGTERM => "SIGTERM",
+                _ => "SIGHUP",
+            };
+            match abort.trigger(&format!("interrupted by {name}")) {
+                Triggered::RollingBack => tracing::warn!(
                     "{name}: aborting the migration; the source workload will be resumed"
-                );
-            } else {
-                tracing::warn!("{name}: the migration has committed and can no longer be aborted");
+                ),
+                Triggered::Resolving => tracing::warn!(
+                    "{name}: the migration has committed; asking the destination what became of it \
+                     (again to stop asking and leave the source copy stopped for `phaul recover`)"
+                ),
+                Triggered::GivingUp => tracing::warn!(
+                    "{name}: no longer asking; the source copy stays stopped, run `phaul recover`"
+                ),
             }
         }
     });

@@ -4,6 +4,7 @@ pub mod exit;
 mod htypes;
 mod migrate;
 mod progress;
+mod recover;
 mod serve;
 
 use std::path::PathBuf;
@@ -17,6 +18,7 @@ Examples:
   phaul htypes                                   list the available drivers
   phaul serve --listen 127.0.0.1:7070            run the destination service
   phaul migrate pid 4242 --to 127.0.0.1:7070     move process tree 4242 there, live
+  phaul recover                                  settle migrations a killed phaul left
   phaul --plugin-dir ./target/release/plugins htypes --json
 
 Logs go to standard error; set RUST_LOG (e.g. RUST_LOG=phaul=debug) for more.";
@@ -52,6 +54,8 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Migrate a workload to a destination service.
     Migrate(migrate::MigrateArgs),
+    /// Settle migrations a phaul that died left unfinished (from the journal).
+    Recover(recover::RecoverArgs),
 }
 
 /// Sets up `tracing` to standard error, honouring RUST_LOG.
@@ -86,5 +90,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Htypes(args) => htypes::run(&cli.plugin_dirs, args),
         Command::Serve(args) => serve::run(&cli.plugin_dirs, args),
         Command::Migrate(args) => migrate::run(&cli.plugin_dirs, cli.quiet, args),
+        Command::Recover(args) => recover::run(args),
     }
 }

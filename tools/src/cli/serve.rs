@@ -51,6 +51,14 @@ pub struct ServeArgs {
     /// How long a restored workload waits for the source's commit, seconds.
     #[arg(long, value_name = "S", default_value_t = 30)]
     pub commit_timeout: u64,
+    /// Where CRIU's logs go: kept after a failed migration (the error names
+    /// them), removed after a successful one, swept after a week.
+    #[arg(long, value_name = "DIR", env = "PHAUL_LOG_DIR", default_value = phaul_core::workdir::DEFAULT_LOG_ROOT)]
+    pub log_dir: PathBuf,
+    /// Where this side durably records its decisions (a restarted service
+    /// answers for earlier sessions from it; `phaul recover` reads it).
+    #[arg(long, value_name = "DIR", env = "PHAUL_JOURNAL_DIR", default_value = phaul_core::journal::DEFAULT_DIR)]
+    pub journal_dir: PathBuf,
 }
 
 /// Runs `phaul serve`.
@@ -64,13 +72,17 @@ pub fn run(dirs: &[PathBuf], args: ServeArgs) -> anyhow::Result<ExitCode> {
         bail!("no htype driver could be loaded; pass --plugin-dir DIR");
     }
     phaul_core::workdir::sweep_stale(&args.work_dir, "dst");
+    phaul_core::workdir::sweep_logs(&args.log_dir, phaul_core::workdir::LOG_MAX_AGE);
     let opts = DestOptions {
         work_root: args.work_dir,
         criu: phaul_core::criu::locate(),
         keep_images: args.keep_images,
         commit_timeout: Duration::from_secs(args.commit_timeout),
+        journal_dir: args.journal_dir,
+        log_dir: args.log_dir.clone(),
     };
     if let Some(rpc) = args.fd_rpc {
+        phaul_core::server::open_journal(&opts)?;
         let take = |fd: RawFd, what: &str| {
             // SAFETY: the caller handed these descriptors to us.
             unsafe { Conn::from_raw(fd) }.with_context(|| format!("{what} {fd}"))

@@ -1,0 +1,221 @@
+//! Pre-flight checks that catch, before anything is frozen, the failures
+//! CRIU would otherwise report only after the freeze:
+//!
+//! - **Process ids.** CRIU restores a tree's processes with the same ids.
+//!   A tree in its own PID namespace (as containers are) gets a new
+//!   namespace on the destination, so nothing can collide; a tree in the
+//!   host's PID namespace needs its ids free there. The source sends the
+//!   ids ([`restore_pids`]), the destination checks them ([`check_pids`]).
+//! - **Listening and bound sockets.** A tree that shares the host's
+//!   network namespace re-binds its listening TCP and bound UDP sockets on
+//!   the destination; the source lists them ([`bound_sockets`]), the
+//!   destination tries to bind each ([`check_sockets`]). A tree with its
+//!   own network namespace takes it along: nothing to check.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use serde::{Deserialize, Serialize};
+
+use crate::proc;
+
+/// A socket the tree listens on (TCP) or is bound to (UDP).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BoundSocket {
+    /// TCP (listening) or UDP (bound).
+    pub tcp: bool,
+    /// The local address.
+    pub addr: SocketAddr,
+}
+
+impl std::fmt::Display for BoundSocket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", if self.tcp { "TCP" } else { "UDP" }, self.addr)
+    }
+}
+
+/// The `NSpid` line of a process: its id in each PID namespace, outermost
+/// first.
+fn ns_pids(pid: i32) -> Vec<i32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("NSpid:")).map(|l| {
+                l.split_whitespace()
+                    .skip(1)
+                    .filter_map(|p| p.parse().ok())
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
+/// The ids CRIU will restore the tree's processes with, when they must be
+/// free on the destination; empty when the tree is the init of its own
+/// PID namespace (it gets a new namespace there).
+pub fn restore_pids(root: i32) -> Vec<i32> {
+    if ns_pids(root).last() == Some(&1) {
+        return Vec::new();
+    }
+    proc::tree(root)
+        .into_iter()
+        .filter_map(|p| ns_pids(p).last().copied())
+        .collect()
+}
+
+/// Destination: the first of `pids` that is taken here, as a refusal.
+pub fn check_pids(pids: &[i32]) -> Result<(), String> {
+    match pids
+        .iter()
+        .find(|p| std::path::Path::new(&format!("/proc/{p}")).exists())
+    {
+        Some(p) => Err(format!(
+            "process id {p} of the workload is in use on the destination: CRIU restores a tree's \
+             processes with the same ids, so a tree in the host PID namespace can only move where \
+             its ids are free (a workload in its own PID namespace, as containers are, does not \
+             have this limit)"
+        )),
+        None => Ok(()),
+    }
+}
+
+fn namespace(pid: &str, ns: &str) -> Option<std::path::PathBuf> {
+    std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).ok()
+}
+
+/// Parses `0100007F:1F90` (or the IPv6 form) from `/proc/net/tcp`.
+fn parse_addr(s: &str) -> Option<SocketAddr> {
+    let (ip, port) = s.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let ip = match ip.len() {
+        8 => IpAddr::V4(Ipv4Addr::from(u32::from_be(
+            u32::from_str_radix(ip, 16).ok()?,
+        ))),
+        32 => {
+            let mut b = [0u8; 16];
+            for (i, chunk) in b.chunks_mut(4).enumerate() {
+                let w = u32::from_str_radix(&ip[i * 8..i * 8 + 8], 16).ok()?;
+                chunk.copy_from_slice(&w.to_ne_bytes());
+            }
+            IpAddr::V6(Ipv6Addr::from(b))
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+/// The tree's listening TCP and bound UDP sockets, when it shares this
+/// process's network namespace (empty otherwise).
+pub fn bound_sockets(root: i32) -> Vec<BoundSocket> {
+    if namespace(&root.to_string(), "net") != namespace("self", "net") {
+        return Vec::new();
+    }
+    let mut inodes = std::collections::BTreeSet::new();
+    for pid in proc::tree(root) {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if let Ok(target) = std::fs::read_link(fd.path()) {
+                let t = target.to_string_lossy();
+                if let Some(i) = t.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')) {
+                    if let Ok(i) = i.parse::<u64>() {
+                        inodes.insert(i);
+                    }
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for (file, tcp, state) in [
+        ("tcp", true, "0A"),
+        ("tcp6", true, "0A"),
+        ("udp", false, "07"),
+        ("udp6", false, "07"),
+    ] {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{root}/net/{file}")) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 10 || f[3] != state {
+                continue;
+            }
+            let inode: u64 = f[9].parse().unwrap_or(0);
+            if let (true, Some(addr)) = (inodes.contains(&inode), parse_addr(f[1])) {
+                out.push(BoundSocket { tcp, addr });
+            }
+        }
+    }
+    out.sort_by_key(|b| (b.tcp, b.addr));
+    out.dedup();
+    out
+}
+
+/// Destination: binds a socket like each of `bound` (and lets go of it at
+/// once); the first that cannot be bound, as a refusal.
+pub fn check_sockets(bound: &[BoundSocket]) -> Result<(), String> {
+    for b in bound {
+        // A TCP listener binds with SO_REUSEADDR (connections lingering in
+        // TIME_WAIT do not block a restore; a listener does).
+        let r = match b.tcp {
+            true => std::net::TcpListener::bind(b.addr).map(drop),
+            false => std::net::UdpSocket::bind(b.addr).map(drop),
+        };
+        if let Err(e) = r {
+            let why = match e.raw_os_error() {
+                Some(libc::EADDRINUSE) => "is in use on the destination",
+                Some(libc::EADDRNOTAVAIL) => "is not an address of the destination",
+                _ => "cannot be bound on the destination",
+            };
+            return Err(format!(
+                "the workload's {b} {why} ({e}): the restore would fail; free it there, or give \
+                 the workload its own network namespace"
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_net_addresses_parse() {
+        assert_eq!(
+            parse_addr("0100007F:1F90"),
+            Some("127.0.0.1:8080".parse().unwrap())
+        );
+        assert_eq!(
+            parse_addr("00000000000000000000000001000000:0016"),
+            Some("[::1]:22".parse().unwrap())
+        );
+        assert_eq!(parse_addr("zz"), None);
+    }
+
+    #[test]
+    fn a_listening_socket_of_this_process_is_found_and_its_address_is_taken() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let found = bound_sockets(std::process::id() as i32);
+        let me = BoundSocket { tcp: true, addr };
+        assert!(found.contains(&me), "{found:?}");
+        let e = check_sockets(&[me]).unwrap_err();
+        assert!(e.contains("in use on the destination"), "{e}");
+        drop(l);
+        check_sockets(&[me]).unwrap();
+    }
+
+    #[test]
+    fn taken_pids_are_named() {
+        let me = std::process::id() as i32;
+        let e = check_pids(&[me]).unwrap_err();
+        assert!(
+            e.contains(&me.to_string()) && e.contains("PID namespace"),
+            "{e}"
+        );
+        // This test process runs in the host PID namespace.
+        assert!(restore_pids(me).contains(&me));
+        check_pids(&[i32::MAX - 1]).unwrap();
+    }
+}

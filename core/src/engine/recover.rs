@@ -1,0 +1,277 @@
+//! Recovery: finishing what the journal says a phaul that died (or could
+//! not decide) left unfinished — `phaul recover`, and a restarted
+//! `phaul serve` answering "what became of session S" truthfully.
+//!
+//! On the source, a session recorded as `Committing` has its tree stopped
+//! (or frozen and about to be stopped): the destination is asked what
+//! became of it, and the answer decides — it runs there: kill the source
+//! copy; it was discarded there: resume the source copy; no answer: leave
+//! it stopped and say so (an operator may decide explicitly with
+//! [`Decision`]). A session recorded as `Started` never had `Commit` sent,
+//! so CRIU resumed its tree when phaul died: nothing is left to do.
+//!
+//! On the destination the record alone decides: a copy that was only
+//! restored (held, never ran) is killed; a copy whose commit arrived
+//! runs if it is alive, and the session counts as migrated; a committed
+//! copy that is gone counts as discarded (the source, still stopped,
+//! resumes).
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::session::{self, Verdict};
+use crate::journal::{Journal, JournalError, Record, Side, State};
+use crate::proc::{self, TaskState};
+use crate::proto::Outcome;
+
+/// An operator's explicit decision for a session nobody can decide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Resume the stopped source copy (the destination certainly does not
+    /// run it — the operator checked).
+    ResumeSource,
+    /// Remove the stopped source copy (the destination runs it).
+    KillSource,
+}
+
+/// What `phaul recover` should do.
+#[derive(Debug, Clone)]
+pub struct RecoverOptions {
+    /// How long to keep asking an unreachable destination, per session.
+    pub timeout: Duration,
+    /// Explicit decisions for sessions (by id).
+    pub decisions: Vec<(u64, Decision)>,
+}
+
+/// What recovery did with one session.
+#[derive(Debug, Clone, Serialize)]
+pub struct Action {
+    /// The session id (hex).
+    pub session: String,
+    /// `source` or `destination`.
+    pub side: &'static str,
+    /// What was done: `killed-source`, `resumed-source`, `killed-copy`,
+    /// `kept-copy`, `nothing`, `left-stopped`, `left-alone`.
+    pub action: &'static str,
+    /// One line for people.
+    pub message: String,
+    /// Still undecided afterwards.
+    pub pending: bool,
+}
+
+impl Action {
+    fn new(rec: &Record, action: &'static str, message: String, pending: bool) -> Action {
+        Action {
+            session: rec.session_hex(),
+            side: rec.side.name(),
+            action,
+            message,
+            pending,
+        }
+    }
+}
+
+/// Whether the phaul that wrote `rec` still runs it (then nobody else
+/// touches it).
+pub fn owner_alive(rec: &Record) -> bool {
+    rec.owner.is_some_and(|o| {
+        o.pid != std::process::id() as i32 && proc::task_state(&o) != TaskState::Gone
+    })
+}
+
+/// Finishes every unfinished session in `journal` (both sides' records).
+pub fn recover(journal: &Journal, opts: &RecoverOptions) -> Result<Vec<Action>, JournalError> {
+    let (records, bad) = journal.all()?;
+    let mut actions = Vec::new();
+    for e in bad {
+        tracing::warn!("{e}");
+    }
+    for mut rec in records.into_iter().filter(|r| !r.state.is_final()) {
+        if owner_alive(&rec) {
+            let owner = rec.owner.map_or(0, |o| o.pid);
+            actions.push(Action::new(
+                &rec,
+                "left-alone",
+                format!("phaul (pid {owner}) is still running this migration"),
+                true,
+            ));
+            continue;
+        }
+        let a = match rec.side {
+            Side::Source => recover_source(journal, &mut rec, opts)?,
+            Side::Destination => reconcile_destination(journal, &mut rec)?,
+        };
+        actions.push(a);
+    }
+    Ok(actions)
+}
+
+fn recover_source(
+    journal: &Journal,
+    rec: &mut Record,
+    opts: &RecoverOptions,
+) -> Result<Action, JournalError> {
+    let root = rec.tasks.first().map_or(0, |t| t.pid);
+    if rec.mode == "restart" {
+        return Ok(Action::new(
+            rec,
+            "left-alone",
+            "a restart-mode session: check the destination, then start the workload there or here"
+                .into(),
+            true,
+        ));
+    }
+    if rec.state == State::Started {
+        // `Commit` was never sent: CRIU resumed the tree when phaul died.
+        let msg = match proc::any_exists(&rec.tasks) {
+            true => format!(
+                "the migration never committed; the source copy (pid {root}) runs as before"
+            ),
+            false => format!(
+                "the migration never committed; the source copy (pid {root}) is gone (it exited by itself)"
+            ),
+        };
+        proc::signal_tasks(&rec.tasks, nix::sys::signal::Signal::SIGCONT);
+        journal.set(rec, State::RolledBack, &msg)?;
+        return Ok(Action::new(rec, "nothing", msg, false));
+    }
+    // Committing: the tree is stopped; the destination's answer decides.
+    let explicit = opts
+        .decisions
+        .iter()
+        .find(|(s, _)| *s == rec.session)
+        .map(|(_, d)| *d);
+    let verdict = match (explicit, rec.peer.as_deref()) {
+        (Some(Decision::KillSource), _) => Verdict::Runs,
+        (Some(Decision::ResumeSource), _) => Verdict::Discarded,
+        (None, Some(peer)) => match peer.parse() {
+            Ok(addr) => session::ask(&addr, rec.session, opts.timeout, None),
+            Err(_) => Verdict::NoAnswer(format!(
+                "the recorded destination {peer:?} is not an address"
+            )),
+        },
+        (None, None) => Verdict::NoAnswer("the connections were handed in by an embedder".into()),
+    };
+    let how = if explicit.is_some() {
+        "as the operator decided"
+    } else {
+        "the destination says so"
+    };
+    Ok(match verdict {
+        Verdict::Runs => {
+            let gone = proc::kill_tasks(&rec.tasks, Duration::from_secs(10));
+            let msg = format!(
+                "the workload runs on the destination ({how}): removed the stopped source copy (pid {root}){}",
+                if gone { "" } else { ", but it did not go away" }
+            );
+            journal.set(rec, State::Migrated, &msg)?;
+            Action::new(rec, "killed-source", msg, !gone)
+        }
+        Verdict::Discarded => {
+            let exists = proc::any_exists(&rec.tasks);
+            proc::signal_tasks(&rec.tasks, nix::sys::signal::Signal::SIGCONT);
+            let msg = match exists {
+                true => format!(
+                    "the destination does not run the workload ({how}): resumed the source copy (pid {root})"
+                ),
+                false => format!(
+                    "the destination does not run the workload ({how}), and the source copy (pid {root}) is gone: the workload is lost"
+                ),
+            };
+            journal.set(rec, State::RolledBack, &msg)?;
+            Action::new(rec, "resumed-source", msg, false)
+        }
+        Verdict::Unknown => Action::new(
+            rec,
+            "left-stopped",
+            format!(
+                "the destination ({}) has no record of this migration; the source copy (pid {root}) stays stopped: \
+                 check the destination, then `phaul recover --resume-source {s}` or `--kill-source {s}`",
+                rec.peer.as_deref().unwrap_or("?"),
+                s = rec.session_hex()
+            ),
+            true,
+        ),
+        Verdict::NoAnswer(why) => Action::new(
+            rec,
+            "left-stopped",
+            format!(
+                "cannot tell whether the destination runs the workload ({why}); the source copy (pid {root}) stays \
+                 stopped: run `phaul recover` again when the destination is reachable, or decide with \
+                 `--resume-source {s}` / `--kill-source {s}`",
+                s = rec.session_hex()
+            ),
+            true,
+        ),
+    })
+}
+
+/// Settles a destination record whose phaul is gone, from the record and
+/// the state of the copy it names.
+pub fn reconcile_destination(journal: &Journal, rec: &mut Record) -> Result<Action, JournalError> {
+    let root = rec.tasks.first().copied();
+    let pid = root.map_or(0, |t| t.pid);
+    let state = root.map_or(TaskState::Gone, |t| proc::task_state(&t));
+    let (final_state, action, msg) = match rec.state {
+        State::Started => (
+            State::RolledBack,
+            "nothing",
+            "nothing was restored here; the session is discarded".to_string(),
+        ),
+        State::Restored => {
+            let killed = root.is_some_and(|t| proc::kill_tasks(&[t], Duration::from_secs(10)));
+            (
+                State::RolledBack,
+                if state == TaskState::Gone { "nothing" } else { "killed-copy" },
+                match (state, killed) {
+                    (TaskState::Gone, _) => "the held copy never ran and is gone; the session is discarded".into(),
+                    (_, true) => format!("killed the held copy (pid {pid}), which never ran; the session is discarded"),
+                    (_, false) => format!("the held copy (pid {pid}) did not go away"),
+                },
+            )
+        }
+        State::Committing | State::Migrated if state != TaskState::Gone => (
+            State::Migrated,
+            "kept-copy",
+            format!("the source committed and the copy (pid {pid}) runs here"),
+        ),
+        State::Committing => (
+            State::RolledBack,
+            "nothing",
+            format!("the source committed but the copy (pid {pid}) is gone; the session is discarded (the source resumes)"),
+        ),
+        State::Migrated | State::RolledBack => {
+            return Ok(Action::new(rec, "nothing", "finished".into(), false))
+        }
+    };
+    journal.set(rec, final_state, &msg)?;
+    Ok(Action::new(rec, action, msg, false))
+}
+
+/// What the destination answers about a session from its journal
+/// (settling it first if the phaul that ran it is gone).
+pub fn destination_outcome(journal: &Journal, session: u64) -> Outcome {
+    let mut rec = match journal.read(Side::Destination, session) {
+        Ok(Some(r)) => r,
+        Ok(None) => return Outcome::Unknown,
+        Err(e) => {
+            tracing::warn!("{e}");
+            return Outcome::InProgress;
+        }
+    };
+    if !rec.state.is_final() {
+        if owner_alive(&rec) {
+            return Outcome::InProgress;
+        }
+        if let Err(e) = reconcile_destination(journal, &mut rec) {
+            tracing::warn!("{e}");
+            return Outcome::InProgress;
+        }
+    }
+    match rec.state {
+        State::Migrated => Outcome::Resumed,
+        State::RolledBack => Outcome::RolledBack,
+        _ => Outcome::InProgress,
+    }
+}
