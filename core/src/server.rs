@@ -286,6 +286,13 @@ fn route(
             let r = serve_session(registry, opts, &hello, control, mem, fs, &|o| {
                 outcomes.set(session, o)
             });
+            if hello.dry_run {
+                match &r {
+                    Err(e) => tracing::info!("dry run from the source: {e}"),
+                    Ok(_) => tracing::warn!("a dry run migrated something"),
+                }
+                return Ok(());
+            }
             on_done(session, &r);
             r.map(drop)
         }

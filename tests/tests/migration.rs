@@ -487,6 +487,87 @@ fn a_listening_address_taken_on_the_destination_is_refused_before_the_freeze() {
 }
 
 #[test]
+fn a_program_started_from_a_shell_is_refused_unless_it_moves_with_its_terminal() {
+    if !setup() {
+        return;
+    }
+    let serve = Serve::start(PID, &[]);
+    // A child of this test: its session leader is not in its tree.
+    let mut child = Command::new("sleep").arg("1000").spawn().unwrap();
+    let pid = child.id() as i32;
+    let src = plugin_dir(PID);
+    let (out, json) = migrate(src.path(), "pid", pid, &serve.addr, &[]);
+    assert_eq!(out.status.code(), Some(3));
+    let j = json.unwrap();
+    assert_eq!(
+        (j["phase"].as_str(), j["side"].as_str()),
+        (Some("preflight"), Some("source"))
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("session leader") && stderr.contains("-o shell-job"),
+        "{stderr}"
+    );
+    assert!(alive(pid), "untouched");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn dry_run_checks_everything_and_moves_nothing() {
+    if !setup() {
+        return;
+    }
+    let serve = Serve::start(PID, &[]);
+    let src = plugin_dir(PID);
+    // A migratable workload: every check passes, it keeps running here.
+    let w = Workload::spawn(&["--mem-mib", "16", "--dirty-pct", "5"]);
+    let before = w.report();
+    let (out, json) = migrate(src.path(), "pid", w.pid, &serve.addr, &["--dry-run"]);
+    assert_eq!(out.status.code(), Some(0), "a migration would be attempted");
+    let r = json.expect("--json");
+    assert_eq!(r["dry_run"], true);
+    assert_eq!(r["would_migrate"], true);
+    let checks = r["checks"].as_array().unwrap();
+    assert!(checks.iter().all(|c| c["ok"] == true), "{r}");
+    assert!(checks
+        .iter()
+        .any(|c| c["check"].as_str().unwrap().starts_with("trial dump")));
+    let after = w.report();
+    w.assert_intact(&after);
+    assert_eq!(after["pid"], 1, "the same process runs on");
+    assert!(after["counter"].as_u64() > before["counter"].as_u64());
+    assert!(w.restored_copies().is_empty(), "nothing was restored");
+    assert!(wait_for(Duration::from_secs(5), || serve
+        .criu_processes()
+        .is_empty()));
+    assert_eq!(
+        std::fs::read_dir(serve.journal.path()).unwrap().count(),
+        0,
+        "the destination recorded no session"
+    );
+    // One that would fail: its process ids are taken there.
+    let host = Workload::spawn_with(&[], &["--mem-mib", "16"]);
+    let (out, json) = migrate(src.path(), "pid", host.pid, &serve.addr, &["--dry-run"]);
+    assert_eq!(out.status.code(), Some(3), "a migration would fail");
+    let r = json.expect("--json");
+    assert_eq!(r["would_migrate"], false);
+    let failed: Vec<_> = r["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["ok"] == false)
+        .collect();
+    assert_eq!(failed.len(), 1, "{r}");
+    assert_eq!(failed[0]["check"], "destination pre-flight");
+    assert!(failed[0]["detail"].as_str().unwrap().contains(&format!(
+        "process id {} of the workload is in use",
+        host.pid
+    )));
+    w.assert_intact(&host.report());
+}
+
+#[test]
 fn serve_refuses_non_loopback_addresses() {
     let out = Command::new(phaul_tests::bin("phaul"))
         .args(["serve", "--listen", "0.0.0.0:7070"])

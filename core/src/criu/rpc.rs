@@ -98,6 +98,8 @@ pub struct Opts {
     pub enable_fs: Vec<String>,
     #[prost(enumeration = "CgMode", optional, tag = "34")]
     pub manage_cgroups_mode: Option<i32>,
+    #[prost(uint32, optional, tag = "35")]
+    pub ghost_limit: Option<u32>,
     #[prost(string, repeated, tag = "36")]
     pub irmap_scan_paths: Vec<String>,
     #[prost(string, repeated, tag = "37")]

@@ -11,6 +11,10 @@
 //!   the destination; the source lists them ([`bound_sockets`]), the
 //!   destination tries to bind each ([`check_sockets`]). A tree with its
 //!   own network namespace takes it along: nothing to check.
+//! - **Session and process group.** A tree whose session or process group
+//!   leader is outside it (a program started from a shell) can only be
+//!   dumped with its terminal (`-o shell-job`); [`check_session`] says so
+//!   before CRIU would.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -176,6 +180,41 @@ pub fn check_sockets(bound: &[BoundSocket]) -> Result<(), String> {
     Ok(())
 }
 
+/// Source: a tree whose session or process-group leader is outside it
+/// needs `shell-job`; the refusal names the leader and what to do.
+pub fn check_session(root: i32, shell_job: bool) -> Result<(), String> {
+    if shell_job {
+        return Ok(());
+    }
+    let Some((pgrp, sid)) = std::fs::read_to_string(format!("/proc/{root}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit_once(") ")?.1.to_string();
+            let f: Vec<i32> = rest
+                .split_whitespace()
+                .skip(2)
+                .take(2)
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            Some((*f.first()?, *f.get(1)?))
+        })
+    else {
+        return Ok(());
+    };
+    let tree = proc::tree(root);
+    for (what, leader) in [("session", sid), ("process group", pgrp)] {
+        if leader != 0 && !tree.contains(&leader) {
+            return Err(format!(
+                "the workload's {what} leader (pid {leader}) is outside the tree rooted at \
+                 {root} (it was started from a shell?): CRIU cannot dump it without its \
+                 terminal; pass -o shell-job, or start the workload detached (setsid, stdio \
+                 redirected)"
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -204,6 +243,22 @@ mod tests {
         assert!(e.contains("in use on the destination"), "{e}");
         drop(l);
         check_sockets(&[me]).unwrap();
+    }
+
+    #[test]
+    fn a_tree_whose_session_leader_is_outside_needs_shell_job() {
+        // A child of this test is in this test's session, whose leader is
+        // not in the child's tree.
+        let mut c = std::process::Command::new("sleep")
+            .arg("100")
+            .spawn()
+            .unwrap();
+        let pid = c.id() as i32;
+        let e = check_session(pid, false).unwrap_err();
+        assert!(e.contains("-o shell-job") && e.contains("leader"), "{e}");
+        check_session(pid, true).unwrap();
+        let _ = c.kill();
+        let _ = c.wait();
     }
 
     #[test]

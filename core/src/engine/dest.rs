@@ -97,6 +97,9 @@ pub enum DestError {
     /// Receiving memory, files or images failed.
     #[error("{0}")]
     Transfer(String),
+    /// A dry run: every check passed, and nothing was done.
+    #[error("dry run: every check passed (nothing was migrated)")]
+    DryRun,
     /// The source went away (or aborted) while this side restored.
     #[error("the source gave up while this side was restoring")]
     SourceGone,
@@ -213,6 +216,7 @@ pub struct Session<'a> {
     journal: Journal,
     record: Record,
     criu_version: Option<crate::criu::CriuVersion>,
+    criu_defaults: super::CriuDefaults,
 }
 
 impl<'a> Session<'a> {
@@ -318,12 +322,14 @@ impl<'a> Session<'a> {
             Arc::new(|_| Err("feature checks are only available on the source".to_string())),
         );
         let drv = refuse(Refusal::Driver);
+        let (criu_defaults, driver_options) =
+            super::CriuDefaults::split(&hello.options).map_err(refuse(Refusal::Other))?;
         driver
             .init(super::init_context(
                 Side::Destination,
                 hello.mode,
                 &hello.id,
-                &hello.options,
+                &driver_options,
                 &work,
                 host,
             ))
@@ -359,9 +365,11 @@ impl<'a> Session<'a> {
             mode,
         );
         record.owner = proc::this_task();
-        journal
-            .write(&mut record)
-            .map_err(|e| other(e.to_string()))?;
+        if !hello.dry_run {
+            journal
+                .write(&mut record)
+                .map_err(|e| other(e.to_string()))?;
+        }
         let mut s = Session {
             hello,
             opts,
@@ -371,11 +379,14 @@ impl<'a> Session<'a> {
             journal,
             record,
             criu_version,
+            criu_defaults,
         };
-        s.driver
-            .mount()
-            .map_err(|e| refuse(Refusal::Driver)(e.to_string()))?;
-        s.mounted = true;
+        if !hello.dry_run {
+            s.driver
+                .mount()
+                .map_err(|e| refuse(Refusal::Driver)(e.to_string()))?;
+            s.mounted = true;
+        }
         Ok((s, rx))
     }
 
@@ -554,6 +565,7 @@ impl<'a> Session<'a> {
             tcp_established: self.hello.tcp_established,
             ..CriuOpts::default()
         };
+        self.criu_defaults.apply(&mut copts);
         self.driver.adjust_restore_opts(&mut copts)?;
         let outcome = self.driver.restore(&RestoreContext {
             images_dir: images.display().to_string().into(),
@@ -891,6 +903,12 @@ pub(crate) fn serve_with(
         s.abandon(state);
         record(Outcome::RolledBack);
         return Err(e.into());
+    }
+    if hello.dry_run {
+        // Every check passed; nothing else happens.
+        s.work.succeeded();
+        drop(state);
+        return Err(DestError::DryRun);
     }
     loop {
         // A held copy waits for the commit only so long; the source's

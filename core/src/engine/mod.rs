@@ -81,6 +81,7 @@
 pub mod abort;
 pub mod checks;
 pub mod dest;
+pub mod dryrun;
 pub mod dump;
 pub mod error;
 pub mod fs;
@@ -142,6 +143,94 @@ impl Connector {
             Connector::Tcp(a) => a.to_string(),
             Connector::Given { .. } => "given connections".to_string(),
         }
+    }
+}
+
+/// CRIU behaviours every htype shares, chosen with `-o KEY[=VALUE]` like
+/// driver options (the engine takes them out before the driver sees the
+/// rest). The defaults are those of a tool for ordinary programs:
+///
+/// - `file-locks` (on): POSIX, `flock` and OFD locks are dumped and
+///   restored. Off, CRIU refuses any tree holding a lock ("Some file
+///   locks are hold by dumping tasks"); on, it costs nothing when there is
+///   none. P.Haul and LXC set it always.
+/// - `link-remap` (on): a file open under a path that was removed while
+///   another hard link remains is re-linked for the restore. Off, CRIU
+///   refuses such a tree ("Can't create link remap ... Use link-remap
+///   option"); on, CRIU creates a `link_remap.N` link next to the file
+///   while frozen (it travels with the file sync).
+/// - `ghost-limit=BYTES` (16 MiB): a deleted file still open (a rotated
+///   log, a temporary file) is copied into the images up to this size.
+///   CRIU's own default, 1 MiB, refuses a larger one ("Can't dump ghost
+///   file ... increase limit"); the cost is copying the file while frozen.
+/// - `evasive-devices` (off): use another path to a device file whose path
+///   is gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CriuDefaults {
+    /// Dump and restore file locks.
+    pub file_locks: bool,
+    /// Re-link files removed while open but still linked elsewhere.
+    pub link_remap: bool,
+    /// Largest deleted-but-open file copied into the images.
+    pub ghost_limit: u32,
+    /// Use any path to a device whose path is gone.
+    pub evasive_devices: bool,
+}
+
+impl Default for CriuDefaults {
+    fn default() -> Self {
+        Self {
+            file_locks: true,
+            link_remap: true,
+            ghost_limit: 16 << 20,
+            evasive_devices: false,
+        }
+    }
+}
+
+impl CriuDefaults {
+    /// The option keys the engine takes.
+    pub const KEYS: &'static [&'static str] =
+        &["file-locks", "link-remap", "ghost-limit", "evasive-devices"];
+
+    /// Takes the engine's keys out of `options`; returns them parsed and
+    /// the rest (the driver's).
+    pub fn split(
+        options: &[(String, String)],
+    ) -> Result<(CriuDefaults, Vec<(String, String)>), String> {
+        let mut d = CriuDefaults::default();
+        let mut rest = Vec::new();
+        let flag = |k: &str, v: &str| match v {
+            "" | "1" | "true" | "yes" | "on" => Ok(true),
+            "0" | "false" | "no" | "off" => Ok(false),
+            other => Err(format!("option {k}={other}: expected true or false")),
+        };
+        for (k, v) in options {
+            match k.as_str() {
+                "file-locks" => d.file_locks = flag(k, v)?,
+                "link-remap" => d.link_remap = flag(k, v)?,
+                "evasive-devices" => d.evasive_devices = flag(k, v)?,
+                "ghost-limit" => {
+                    d.ghost_limit = v
+                        .parse()
+                        .map_err(|_| format!("option ghost-limit={v}: expected a size in bytes"))?
+                }
+                _ => rest.push((k.clone(), v.clone())),
+            }
+        }
+        Ok((d, rest))
+    }
+
+    /// Sets them in a request's options (the driver adjusts after).
+    pub fn apply(&self, c: &mut CriuOpts) {
+        c.file_locks = self.file_locks;
+        c.link_remap = self.link_remap;
+        c.evasive_devices = self.evasive_devices;
+    }
+
+    /// What does not cross the plugin boundary.
+    pub fn apply_rpc(&self, o: &mut rpc::Opts) {
+        o.ghost_limit = Some(self.ghost_limit);
     }
 }
 

@@ -301,6 +301,8 @@ pub(crate) fn prepare(
     launcher: &Arc<dyn Launcher>,
     criu_version: &str,
 ) -> Result<Prepared, PreflightError> {
+    let (_, driver_options) =
+        super::CriuDefaults::split(&opts.options).map_err(PreflightError::Check)?;
     let host = EngineHost::new(
         &opts.htype,
         &launcher.binary().display().to_string(),
@@ -311,7 +313,7 @@ pub(crate) fn prepare(
         Side::Source,
         opts.mode,
         &opts.id,
-        &opts.options,
+        &driver_options,
         work,
         host,
     ))?;

@@ -179,21 +179,25 @@ pub(crate) struct Env<'a> {
 
 /// Pre-flight done (nothing frozen, nothing changed): the driver knows the
 /// workload, CRIU answered the questions.
-struct Preflight {
-    prepared: Prepared,
-    criu_version: crate::criu::CriuVersion,
-    use_pre_dump: Result<(), String>,
-    cpuinfo: Vec<u8>,
-    need_bytes: u64,
-    roots: Vec<String>,
-    pids: Vec<i32>,
-    bound: Vec<super::checks::BoundSocket>,
+pub(crate) struct Preflight {
+    pub(crate) prepared: Prepared,
+    pub(crate) criu_version: crate::criu::CriuVersion,
+    pub(crate) use_pre_dump: Result<(), String>,
+    pub(crate) cpuinfo: Vec<u8>,
+    pub(crate) need_bytes: u64,
+    pub(crate) roots: Vec<String>,
+    pub(crate) pids: Vec<i32>,
+    pub(crate) bound: Vec<super::checks::BoundSocket>,
 }
 
 /// Pre-flight: a probe worker answers the questions (the dump worker,
 /// started once the memory connection exists since CRIU inherits it, only
 /// dumps). Any failure refuses the migration with nothing touched.
-fn preflight(env: &Env, driver: Driver, work: &WorkDir) -> Result<Preflight, PreflightError> {
+pub(crate) fn preflight(
+    env: &Env,
+    driver: Driver,
+    work: &WorkDir,
+) -> Result<Preflight, PreflightError> {
     let opts = env.opts;
     let mut criu = env.launcher.spawn("probe", &work.criu(), &[])?;
     let criu_version = criu.version()?;
@@ -238,6 +242,16 @@ fn preflight(env: &Env, driver: Driver, work: &WorkDir) -> Result<Preflight, Pre
     let cpuinfo = std::fs::read(cpu_dir.join("cpuinfo.img")).map_err(io)?;
     let need_bytes = proc::tree_rss(prepared.pid);
     let roots = fs_roots(&prepared.fs);
+    // What the dump will be asked for, to check the tree against it.
+    let mut effective = CriuOpts::default();
+    super::CriuDefaults::split(&opts.options)
+        .map_err(PreflightError::Check)?
+        .0
+        .apply(&mut effective);
+    let mut prepared = prepared;
+    prepared.driver.adjust_dump_opts(&mut effective)?;
+    super::checks::check_session(prepared.pid, effective.shell_job)
+        .map_err(PreflightError::Check)?;
     let pids = super::checks::restore_pids(prepared.pid);
     let bound = super::checks::bound_sockets(prepared.pid);
     Ok(Preflight {
@@ -282,6 +296,7 @@ struct Live<'a> {
     pid: i32,
     need_bytes: u64,
     use_pre_dump: Result<(), String>,
+    criu_defaults: super::CriuDefaults,
     freeze_timeout: Duration,
     /// Files were copied (inodes change): CRIU resolves inotify watches by
     /// path.
@@ -410,7 +425,10 @@ impl<'a> Live<'a> {
             fs: spec,
             ..
         } = prepared;
+        let (criu_defaults, _) =
+            super::CriuDefaults::split(&opts.options).map_err(PreflightError::Check)?;
         Ok(Live {
+            criu_defaults,
             freeze_timeout: opts
                 .freeze_timeout
                 .unwrap_or_else(|| default_freeze_timeout(need_bytes)),
@@ -502,6 +520,7 @@ impl<'a> Live<'a> {
             force_irmap: self.irmap,
             ..CriuOpts::default()
         };
+        self.criu_defaults.apply(&mut copts);
         self.driver.adjust_dump_opts(&mut copts)?;
         let outcome = self.driver.dump(&DumpContext {
             images_dir: dir.display().to_string().into(),
@@ -530,6 +549,7 @@ impl<'a> Live<'a> {
             o.track_mem = Some(true);
         }
         criu_opts_to_rpc(&copts, &mut o);
+        self.criu_defaults.apply_rpc(&mut o);
 
         // The tree is about to freeze: record it first.
         self.record.tasks = proc::tasks(self.pid);

@@ -192,10 +192,17 @@ struct Result_ {
 
 fn run(case: Case) -> Result_ {
     let dirs = tempfile::tempdir().unwrap();
-    let mut workload = std::process::Command::new("sleep")
-        .arg("1000")
-        .spawn()
-        .unwrap();
+    // Its own session, as a detached workload is.
+    let mut workload = std::process::Command::new("sleep");
+    workload.arg("1000");
+    // SAFETY: setsid is async-signal-safe.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut workload, || {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut workload = workload.spawn().unwrap();
     let pid = workload.id() as i32;
     let src_task = proc::task(pid).unwrap();
     let (ctl_src, ctl_px1) = UnixStream::pair().unwrap();
@@ -529,4 +536,29 @@ fn a_destination_that_cannot_let_its_copy_run_after_the_commit_gives_it_back() {
     );
     let msg = r.error.as_ref().unwrap().to_string();
     assert!(msg.contains("discarded its copy"), "{msg}");
+}
+
+#[test]
+fn the_engine_takes_its_criu_options_and_the_driver_gets_the_rest() {
+    use super::CriuDefaults;
+    let o = |k: &str, v: &str| (k.to_string(), v.to_string());
+    let (d, rest) = CriuDefaults::split(&[o("shell-job", ""), o("sync", "/srv")]).unwrap();
+    assert_eq!(d, CriuDefaults::default());
+    assert!(d.file_locks && d.link_remap && !d.evasive_devices);
+    assert_eq!(rest, vec![o("shell-job", ""), o("sync", "/srv")]);
+    let (d, rest) = CriuDefaults::split(&[
+        o("file-locks", "false"),
+        o("link-remap", "off"),
+        o("ghost-limit", "1048576"),
+        o("evasive-devices", ""),
+    ])
+    .unwrap();
+    assert!(rest.is_empty());
+    assert!(!d.file_locks && !d.link_remap && d.evasive_devices);
+    assert_eq!(d.ghost_limit, 1 << 20);
+    let e = CriuDefaults::split(&[o("file-locks", "maybe")]).unwrap_err();
+    assert!(e.contains("file-locks=maybe"), "{e}");
+    let mut c = phaul_plugin_api::CriuOpts::default();
+    d.apply(&mut c);
+    assert!(!c.file_locks && c.evasive_devices);
 }

@@ -4,10 +4,11 @@
 //! user's `-o key=value` options into CRIU options, and says which
 //! directories travel with the tree (`-o sync=DIR`, or `-o shared-storage`).
 //!
-//! Options (both sides receive the same ones):
+//! Options (both sides receive the same ones; the engine's own CRIU
+//! options `file-locks`, `link-remap`, `ghost-limit` and `evasive-devices`
+//! never reach the driver):
 //! - `shell-job`: the tree has a controlling terminal (CRIU `--shell-job`)
 //! - `ext-unix-sk`: allow unix sockets connected to the outside
-//! - `file-locks`: dump and restore file locks
 //! - `external=SPEC`: a CRIU `--external` resource (repeatable)
 //! - `veth=IN=OUT[@BRIDGE]`: on restore, recreate the tree's veth `IN` with
 //!   host-side end `OUT`, attached to `BRIDGE` (the tree has its own network
@@ -35,7 +36,6 @@ use crate::restart::{self, Launch, META_FILE};
 const KNOWN_OPTIONS: &[&str] = &[
     "shell-job",
     "ext-unix-sk",
-    "file-locks",
     "external",
     "veth",
     "sync",
@@ -50,8 +50,6 @@ pub struct PidOptions {
     pub shell_job: bool,
     /// CRIU `--ext-unix-sk`.
     pub ext_unix_sk: bool,
-    /// CRIU `--file-locks`.
-    pub file_locks: bool,
     /// CRIU `--external` entries.
     pub external: Vec<String>,
     /// Restore-side veth pairs: (inside name, outside name[@bridge]).
@@ -83,7 +81,6 @@ impl PidOptions {
             match key {
                 "shell-job" => o.shell_job = flag(value, key)?,
                 "ext-unix-sk" => o.ext_unix_sk = flag(value, key)?,
-                "file-locks" => o.file_locks = flag(value, key)?,
                 "shared-storage" => o.shared_storage = flag(value, key)?,
                 "stop-timeout" => {
                     o.stop_timeout = Some(value.parse().map_err(|_| {
@@ -116,7 +113,8 @@ impl PidOptions {
                 }
                 _ => {
                     return Err(DriverError::invalid(format!(
-                        "unknown option `{key}` for the pid htype (known: {})",
+                        "unknown option `{key}` for the pid htype (known: {}; and for every \
+                         htype file-locks, link-remap, ghost-limit, evasive-devices)",
                         KNOWN_OPTIONS.join(", ")
                     )))
                 }
@@ -271,7 +269,6 @@ impl PidDriver {
         let o = &self.options;
         opts.shell_job |= o.shell_job;
         opts.ext_unix_sk |= o.ext_unix_sk;
-        opts.file_locks |= o.file_locks;
         for e in &o.external {
             opts.external.push(RString::from(e.as_str()));
         }

@@ -38,6 +38,7 @@ Examples:
   phaul migrate pid 4242 --to 127.0.0.1:7070 -o shell-job --downtime-target 100
   phaul migrate pid 4242 --to 127.0.0.1:7070 --sync /srv/data     # with its files
   phaul migrate pid 4242 --to 127.0.0.1:7070 --mode restart --sync /srv/app
+  phaul migrate pid 4242 --to 127.0.0.1:7070 --dry-run        # check only, move nothing
 
 ", "Exit status:
   0  migrated
@@ -134,6 +135,14 @@ pub struct MigrateArgs {
     /// Where this side durably records its decisions, for `phaul recover`.
     #[arg(long, value_name = "DIR", env = "PHAUL_JOURNAL_DIR", default_value = phaul_core::journal::DEFAULT_DIR)]
     pub journal_dir: PathBuf,
+    /// Move nothing: run every check a migration makes (both sides'
+    /// pre-flight) and a trial CRIU dump with the workload left running
+    /// into a throw-away directory — the workload pauses for the dump's
+    /// duration (like the freeze of a real migration, about a second per
+    /// GiB) and then runs on untouched. Exit 0 when a migration would be
+    /// attempted, 3 when a check fails.
+    #[arg(long)]
+    pub dry_run: bool,
     /// Print the summary as one JSON object on standard output.
     #[arg(long)]
     pub json: bool,
@@ -220,6 +229,48 @@ pub fn run(dirs: &[PathBuf], quiet: bool, args: MigrateArgs) -> anyhow::Result<E
     } else {
         Arc::new(Bars::new())
     };
+    if args.dry_run {
+        let r = phaul_core::engine::dryrun::dry_run(
+            &registry,
+            &opts,
+            &Connector::Tcp(args.to),
+            progress.clone(),
+            &abort,
+        );
+        drop(progress);
+        return match r {
+            Ok(report) => {
+                if args.json {
+                    let mut v = serde_json::to_value(&report)?;
+                    v["dry_run"] = serde_json::Value::Bool(true);
+                    println!("{v}");
+                } else {
+                    for c in &report.checks {
+                        println!(
+                            "{}  {}: {}",
+                            if c.ok { "ok  " } else { "FAIL" },
+                            c.check,
+                            c.detail
+                        );
+                    }
+                    let failed = report.checks.iter().filter(|c| !c.ok).count();
+                    match failed {
+                        0 => println!("dry run: a migration would be attempted"),
+                        n => println!("dry run: a migration would fail ({n} check(s) failed)"),
+                    }
+                }
+                Ok(ExitCode::from(if report.would_migrate {
+                    exit::SUCCESS
+                } else {
+                    exit::REFUSED
+                }))
+            }
+            Err(e) => {
+                eprintln!("phaul: dry run: {e}");
+                Ok(ExitCode::from(exit::REFUSED))
+            }
+        };
+    }
     let result = migrate(
         &registry,
         &opts,
