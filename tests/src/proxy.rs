@@ -2,6 +2,9 @@
 //! it forwards both connections of a migration and, at a chosen moment,
 //! kills the destination or cuts the connections. Control frames are decoded
 //! with phaul's own frame reader, so faults hit exact protocol points.
+//! A test can also cut every connection on demand ([`Proxy::cut`]) and let
+//! later connections through untouched ([`Proxy::heal`]), as a network that
+//! failed and came back.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -13,6 +16,9 @@ use phaul_core::proto::{FrameReader, FrameWriter, Msg};
 /// What to break, and when.
 #[derive(Debug, Clone)]
 pub enum Fault {
+    /// No fault: forward everything (a test breaks things itself, e.g.
+    /// with [`Proxy::cut`]).
+    Forward,
     /// Kill `pid` (SIGKILL) and cut everything once this many page bytes
     /// went from the source to the destination.
     KillAfterMemoryBytes {
@@ -37,6 +43,10 @@ pub enum Fault {
 struct State {
     fault: Fault,
     triggered: AtomicBool,
+    /// No more faults: new connections and frames pass untouched.
+    healed: AtomicBool,
+    /// The proxy was dropped: stop accepting.
+    closed: AtomicBool,
     mem_bytes: AtomicU64,
     sockets: Mutex<Vec<TcpStream>>,
 }
@@ -65,6 +75,8 @@ impl Proxy {
         let state = Arc::new(State {
             fault,
             triggered: AtomicBool::new(false),
+            healed: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
             mem_bytes: AtomicU64::new(0),
             sockets: Mutex::new(Vec::new()),
         });
@@ -72,6 +84,9 @@ impl Proxy {
         let st = state.clone();
         std::thread::spawn(move || {
             for client in listener.incoming().flatten() {
+                if st.closed.load(Ordering::SeqCst) {
+                    return;
+                }
                 let Ok(server) = TcpStream::connect(&target) else {
                     continue;
                 };
@@ -82,7 +97,10 @@ impl Proxy {
                 }
                 // After a cut the "network" works again for new
                 // connections; a stall keeps holding everything.
-                if st.triggered.load(Ordering::SeqCst) && matches!(st.fault, Fault::StallAt(_)) {
+                if st.triggered.load(Ordering::SeqCst)
+                    && matches!(st.fault, Fault::StallAt(_))
+                    && !st.healed.load(Ordering::SeqCst)
+                {
                     st.cut();
                 }
                 let st = st.clone();
@@ -96,6 +114,26 @@ impl Proxy {
     pub fn triggered(&self) -> bool {
         self.state.triggered.load(Ordering::SeqCst)
     }
+
+    /// Cuts every connection proxied so far (both directions shut down),
+    /// so stalled peers see them drop. Marks the fault as triggered.
+    pub fn cut(&self) {
+        self.state.cut();
+    }
+
+    /// From now on the fault is over: connections made after this are
+    /// forwarded untouched (e.g. a source asking the destination what
+    /// became of a session). Connections cut before stay cut.
+    pub fn heal(&self) {
+        self.state.healed.store(true, Ordering::SeqCst);
+    }
+
+    /// [`Proxy::cut`], then [`Proxy::heal`]: the network failed and came
+    /// back.
+    pub fn cut_and_heal(&self) {
+        self.cut();
+        self.heal();
+    }
 }
 
 impl Drop for Proxy {
@@ -103,19 +141,34 @@ impl Drop for Proxy {
     /// the peers saw each other's closes.
     fn drop(&mut self) {
         self.state.cut();
+        // Wake the accept loop so that it sees `closed` and lets the port go.
+        self.state.closed.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(&self.addr);
     }
+}
+
+/// A connection the proxy cannot forward any more (its peer went away) is
+/// closed for the other peer too, as the network would show it; the copies
+/// kept for [`Proxy::cut`] would otherwise hold it open, and a writer
+/// blocked on it would wait forever.
+fn close_both(a: &TcpStream, b: &TcpStream) {
+    let _ = a.shutdown(Shutdown::Both);
+    let _ = b.shutdown(Shutdown::Both);
 }
 
 fn handle(mut client: TcpStream, mut server: TcpStream, st: Arc<State>) {
     let mut preamble = [0u8; 8];
     if client.read_exact(&mut preamble).is_err() || server.write_all(&preamble).is_err() {
+        close_both(&client, &server);
         return;
     }
     let mut reader = FrameReader::new(client.try_clone().unwrap());
     let Ok(first) = reader.read::<Msg>() else {
+        close_both(&client, &server);
         return;
     };
     if FrameWriter::new(&mut server).write(&first).is_err() {
+        close_both(&client, &server);
         return;
     }
     let mut back_preamble_client = client.try_clone().unwrap();
@@ -124,6 +177,7 @@ fn handle(mut client: TcpStream, mut server: TcpStream, st: Arc<State>) {
         // Memory: raw bytes, counted, in both directions.
         std::thread::spawn(move || {
             let _ = std::io::copy(&mut &back_server, &mut back_preamble_client);
+            let _ = back_preamble_client.shutdown(Shutdown::Write);
         });
         let mut buf = vec![0u8; 64 << 10];
         loop {
@@ -146,6 +200,7 @@ fn handle(mut client: TcpStream, mut server: TcpStream, st: Arc<State>) {
                 }
             }
             if server.write_all(&buf[..n]).is_err() {
+                close_both(&client, &server);
                 return;
             }
         }
@@ -163,6 +218,9 @@ fn handle(mut client: TcpStream, mut server: TcpStream, st: Arc<State>) {
 
 /// Applies the fault for a frame named `name`; `false` means stop.
 fn check(st: &State, name: &str, to: &mut TcpStream, msg: Option<&Msg>) -> bool {
+    if st.healed.load(Ordering::SeqCst) {
+        return true;
+    }
     if st.triggered.load(Ordering::SeqCst) {
         return !matches!(st.fault, Fault::StallAt(_));
     }
@@ -210,6 +268,7 @@ fn pump_frames_from(mut reader: FrameReader<TcpStream>, mut to: TcpStream, st: &
             return;
         }
         if FrameWriter::new(&mut to).write(&msg).is_err() {
+            close_both(reader.get_ref(), &to);
             return;
         }
     }

@@ -38,34 +38,10 @@ fn assert_rolled_back(w: &Workload, before: &serde_json::Value, serve: &Serve) {
         serve.criu_processes()
     );
     assert!(
-        wait_for(Duration::from_secs(10), || restored_copies(w).is_empty()),
+        wait_for(Duration::from_secs(10), || w.restored_copies().is_empty()),
         "a restored copy runs on the destination: {:?}",
-        restored_copies(w)
+        w.restored_copies()
     );
-}
-
-/// Processes running the same workload (same state directory) other than
-/// the source's root.
-fn restored_copies(w: &Workload) -> Vec<i32> {
-    let needle = w.state.to_string_lossy().to_string();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
-        .filter(|&p| p != w.pid && alive(p))
-        .filter(|p| {
-            std::fs::read(format!("/proc/{p}/cmdline"))
-                .map(|c| {
-                    let c = String::from_utf8_lossy(&c).replace('\0', " ");
-                    c.contains("phaul-workload") && c.contains(" run ") && c.contains(&needle)
-                })
-                .unwrap_or(false)
-        })
-        .filter(|p| {
-            // The source's own tree (its extras child) does not count.
-            !phaul_core::proc::tree(w.pid).contains(p)
-        })
-        .collect()
 }
 
 #[test]
@@ -351,7 +327,7 @@ fn losing_the_connection_after_the_commit_is_resolved_by_asking_the_destination(
         reap(old);
         !alive(old)
     }));
-    let copies = restored_copies(&w);
+    let copies = w.restored_copies();
     assert_eq!(copies.len(), 1, "exactly one copy runs: {copies:?}");
     w.moved_to(copies[0]);
     let after = w.report();
@@ -588,7 +564,7 @@ fn dry_run_checks_everything_and_moves_nothing() {
     w.assert_intact(&after);
     assert_eq!(after["pid"], 1, "the same process runs on");
     assert!(after["counter"].as_u64() > before["counter"].as_u64());
-    assert!(restored_copies(&w).is_empty(), "nothing was restored");
+    assert!(w.restored_copies().is_empty(), "nothing was restored");
     assert!(wait_for(Duration::from_secs(5), || serve
         .criu_processes()
         .is_empty()));
