@@ -46,6 +46,8 @@ pub struct Worker {
     work_dir: PathBuf,
     work_fd: OwnedFd,
     deadline: Option<Instant>,
+    /// Readable once the worker exited.
+    pidfd: Option<OwnedFd>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -132,6 +134,13 @@ impl Worker {
         let work_fd: OwnedFd = std::fs::File::open(work_dir).map_err(spawn_err)?.into();
         let child = cmd.spawn().map_err(spawn_err)?;
         drop(theirs);
+        // SAFETY: plain syscall; the result is a new descriptor we own.
+        let pidfd = match unsafe { libc::syscall(libc::SYS_pidfd_open, child.id(), 0) } {
+            fd if fd >= 0 => {
+                Some(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) })
+            }
+            _ => None,
+        };
         tracing::debug!(worker = name, pid = child.id(), "started criu swrk");
         Ok(Self {
             name: name.to_string(),
@@ -140,6 +149,7 @@ impl Worker {
             work_dir: work_dir.to_path_buf(),
             work_fd,
             deadline: None,
+            pidfd,
         })
     }
 
@@ -163,20 +173,45 @@ impl Worker {
     }
 
     fn recv(&self, during: &str) -> Result<Resp, CriuError> {
-        if let Some(d) = self.deadline {
-            let left = d.saturating_duration_since(Instant::now());
-            let mut p = libc::pollfd {
+        // Wait for an answer, for the deadline, or for CRIU to exit: its
+        // socket does not close when it dies while restoring (the copies it
+        // forked hold it until they become the workload), so its death is
+        // watched through a pidfd.
+        let timeout = self.deadline.map_or(-1, |d| {
+            d.saturating_duration_since(Instant::now())
+                .as_millis()
+                .min(i32::MAX as u128) as i32
+        });
+        let mut p = [
+            libc::pollfd {
                 fd: self.sock.as_raw_fd(),
                 events: libc::POLLIN,
                 revents: 0,
-            };
-            // SAFETY: one valid pollfd.
-            let n = unsafe { libc::poll(&mut p, 1, left.as_millis().min(i32::MAX as u128) as i32) };
+            },
+            libc::pollfd {
+                fd: self.pidfd.as_ref().map_or(-1, |f| f.as_raw_fd()),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        loop {
+            // SAFETY: two valid pollfds (a negative fd is ignored).
+            let n = unsafe { libc::poll(p.as_mut_ptr(), 2, timeout) };
+            if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
             if n == 0 {
                 return Err(CriuError::Timeout {
                     during: during.to_string(),
                 });
             }
+            break;
+        }
+        if p[0].revents == 0 && p[1].revents != 0 {
+            return Err(CriuError::Io {
+                during: during.to_string(),
+                source: io::Error::new(io::ErrorKind::UnexpectedEof, "CRIU exited"),
+            });
         }
         let mut buf = vec![0u8; 1 << 16];
         let n = recv(self.sock.as_raw_fd(), &mut buf, MsgFlags::MSG_TRUNC).map_err(|e| {
