@@ -179,6 +179,18 @@ impl Conn {
         unsafe { libc::poll(&mut p, 1, 0) > 0 }
     }
 
+    /// Waits up to `timeout` for data (or the peer's hang-up), without
+    /// reading; whether there is some.
+    pub fn readable_within(&self, timeout: std::time::Duration) -> bool {
+        let mut p = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN | libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        unsafe { libc::poll(&mut p, 1, timeout.as_millis().min(i32::MAX as u128) as i32) > 0 }
+    }
+
     /// Gives up the descriptor.
     pub fn into_fd(self) -> OwnedFd {
         self.fd

@@ -28,6 +28,9 @@ pub enum Fault {
     DieAfter(&'static str),
     /// The worker stops answering at this notification.
     HangAt(&'static str),
+    /// The worker sends this notification, then dies while the engine holds
+    /// it there.
+    DiesHolding(&'static str),
 }
 
 /// What the fakes did, shared with the test.
@@ -302,6 +305,10 @@ impl Criu for FakeCriu {
         }
         self.note(format!("notify {next}"));
         self.pending = Some(next);
+        if self.fault(&Fault::DiesHolding(next)) {
+            self.note(format!("dies holding {next}"));
+            self.dead = true;
+        }
         // CRIU names the restored root at these two points.
         let pid = matches!(next, "setup-namespaces" | "post-restore")
             .then(|| self.copy.as_ref().map(|c| c.id() as i32))
@@ -369,6 +376,9 @@ impl Criu for FakeCriu {
     }
     fn pid(&self) -> u32 {
         0
+    }
+    fn exited(&mut self) -> bool {
+        self.dead
     }
 }
 

@@ -66,6 +66,8 @@ pub trait Criu: Send {
     fn wait_exit(&mut self, timeout: Duration) -> bool;
     /// The worker's process id.
     fn pid(&self) -> u32;
+    /// Whether the worker process has exited (without waiting).
+    fn exited(&mut self) -> bool;
 }
 
 /// Starts CRIU workers.
@@ -151,6 +153,9 @@ impl Criu for Worker {
     }
     fn pid(&self) -> u32 {
         Worker::pid(self)
+    }
+    fn exited(&mut self) -> bool {
+        Worker::exited(self)
     }
 }
 

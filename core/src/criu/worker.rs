@@ -470,6 +470,11 @@ impl Worker {
         &self.work_dir
     }
 
+    /// Whether the worker process has exited (without waiting).
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)) | Err(_))
+    }
+
     /// Waits up to `timeout` for the worker to exit after its last request.
     pub fn wait_exit(&mut self, timeout: Duration) -> bool {
         let end = Instant::now() + timeout;

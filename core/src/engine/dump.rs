@@ -146,6 +146,12 @@ impl HeldDump {
         }
     }
 
+    /// Whether CRIU died while holding the tree: then the tree was released
+    /// and ran on from the dump, which is stale.
+    pub fn criu_exited(&mut self) -> bool {
+        self.criu.exited()
+    }
+
     /// The worker's directory (logs, statistics).
     pub fn work_dir(&self) -> &std::path::Path {
         self.criu.work_dir()

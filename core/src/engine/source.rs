@@ -152,7 +152,8 @@ pub(crate) fn migrate_with(
         Ok(f) => f,
         Err(e) => return Err(live.abandon(e.into())),
     };
-    let restored = match live.hand_over(&frozen) {
+    let mut frozen = frozen;
+    let restored = match live.hand_over(&mut frozen) {
         Ok(r) => r,
         Err(e) => return Err(live.roll_back(frozen, e)),
     };
@@ -599,7 +600,7 @@ impl<'a> Live<'a> {
 
     /// While frozen: the final file pass, the storage snapshot, the images
     /// and meta files, and the destination's restore up to its hold.
-    fn hand_over(&mut self, frozen: &Frozen) -> Result<Restored, HandOverError> {
+    fn hand_over(&mut self, frozen: &mut Frozen) -> Result<Restored, HandOverError> {
         let deadline = frozen.dump.frozen_at + self.freeze_timeout;
         self.control.set_deadline(Some(deadline));
         let (limit, abort) = (self.freeze_timeout, self.env.abort);
@@ -666,6 +667,23 @@ impl<'a> Live<'a> {
             })
             .map_err(|e| timeout(e, "sending the restore request"))?;
         self.env.progress.phase("restoring on the destination");
+        // While the destination restores, CRIU holds the tree; if CRIU
+        // dies, the tree runs on and the dump is stale: roll back at once.
+        while !self
+            .control
+            .conn()
+            .readable_within(Duration::from_millis(100))
+        {
+            if frozen.dump.criu_exited() {
+                return Err(stale_dump());
+            }
+            if Instant::now() >= deadline {
+                return Err(HandOverError::FreezeTimeout {
+                    limit,
+                    during: "the destination restored",
+                });
+            }
+        }
         match self.control.recv("Restored") {
             Ok(Msg::Restored) => Ok(Restored),
             Ok(other) => Err(unexpected(&other, "Restored", "destination").into()),
@@ -697,6 +715,13 @@ impl<'a> Live<'a> {
             return Err(Box::new((frozen, e.into())));
         }
         proc::signal_tasks(&tasks, nix::sys::signal::Signal::SIGSTOP);
+        // CRIU must still hold the tree now that it cannot run again: had it
+        // died before, the tree ran on from the dump, which is stale.
+        let mut frozen = frozen;
+        if frozen.dump.criu_exited() {
+            proc::signal_tasks(&tasks, nix::sys::signal::Signal::SIGCONT);
+            return Err(Box::new((frozen, stale_dump())));
+        }
         let broken = self.control.send(&Msg::Commit).err();
         Ok(Committed {
             dump: frozen.dump,
@@ -964,6 +989,15 @@ impl<'a> Live<'a> {
             }
         }
     }
+}
+
+/// CRIU died while it held the frozen tree.
+fn stale_dump() -> HandOverError {
+    HandOverError::Dump(
+        "the source's CRIU exited while it held the frozen workload: the workload was released \
+         and ran on from the dump, so the dump is stale"
+            .into(),
+    )
 }
 
 /// Iterations over the phaul protocol: the destination starts a page

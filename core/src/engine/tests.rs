@@ -366,6 +366,10 @@ fn every_failure_before_the_commit_resumes_the_source_and_discards_the_copy() {
             ..Case::new("source CRIU hangs while dumping")
         },
         Case {
+            src_criu: vec![Fault::DiesHolding("post-dump")],
+            ..Case::new("source CRIU dies holding the frozen tree")
+        },
+        Case {
             src_fail: &["net_lock"],
             ..Case::new("source driver net_lock fails")
         },
