@@ -9,11 +9,12 @@
 //! # Subcommands
 //!
 //! * `run --state-dir DIR [--mem-mib N] [--dirty-pct P] [--seed S] [--extras]
-//!   [--tcp-listen ADDR:PORT]`: the workload itself, in the foreground. It maps
-//!   N MiB of anonymous memory, fills every 4096-byte page with a
-//!   deterministic pattern derived from (seed, page index, page generation),
-//!   then ticks about once per millisecond, rewriting P% of all pages per
-//!   second (round robin, each rewrite bumps the page's generation).
+//!   [--tcp-listen ADDR:PORT] [--objects KINDS]`: the workload itself, in the
+//!   foreground. It maps N MiB of anonymous memory, fills every 4096-byte
+//!   page with a deterministic pattern derived from (seed, page index, page
+//!   generation), then ticks about once per millisecond, rewriting P% of all
+//!   pages per second (round robin, each rewrite bumps the page's
+//!   generation). `--objects` adds self-checking kernel objects (below).
 //! * `spawn [--pidns] [--netns] -- <run options...>`: starts `run` fully detached
 //!   (double fork + setsid, optionally as PID 1 of a new PID namespace),
 //!   prints its host PID and waits until it is ready.
@@ -22,10 +23,41 @@
 //! * `report --state-dir DIR --pid PID [--timeout-ms T]`: sends SIGUSR1 and
 //!   prints the fresh status.
 //!
+//! # Kernel objects (`run --objects KINDS`)
+//!
+//! `KINDS` is a comma-separated list of the kinds below, or `all`. Each is a
+//! small program inside the workload (module `objects`): set up at start-up,
+//! before the first status, kept busy by the tick loop, and verified from
+//! inside on every SIGUSR1, so that a report taken after a migration says
+//! whether the object survived it. Path-named objects live in
+//! `DIR/objects/` (emptied at start). Helper processes are forked before
+//! the memory area exists, with stdio on /dev/null, no inherited
+//! descriptor but their own pipes, and SIGKILL when their parent dies.
+//!
+//! | kind | the object | verified (ok only if all of it holds) |
+//! |---|---|---|
+//! | `unlinked-file` | `objects/unlinked`, 8 KiB, opened read-write, offset 1000, unlinked; a 32-byte record is written at the offset every 50 ticks | offset, every byte (against a copy in memory), nlink 0, the path still absent |
+//! | `posix-lock` | `fcntl(F_SETLK)` F_WRLCK on bytes [100, 300) of `objects/lock-posix` | a forked child's `F_GETLK` sees exactly that lock, held by the workload; none past the range; fdinfo lists a POSIX lock |
+//! | `flock` | `flock(LOCK_SH)` on `objects/lock-flock` | a child's own open file cannot take LOCK_EX but can take LOCK_SH; fdinfo lists a FLOCK |
+//! | `ofd-lock` | `fcntl(F_OFD_SETLK)` F_RDLCK on [0, 512) of `objects/lock-ofd` | a child's `F_OFD_GETLK` sees that read lock (pid -1) and no conflict for a read lock; fdinfo lists an OFDLCK |
+//! | `inotify` | IN_CREATE/IN_DELETE watch on `objects/watched/` | a file created and removed during the check produces both events, named; one watch in fdinfo |
+//! | `eventfd` | counter 1000, +3 every 10 ticks, never consumed | fdinfo count and a read (written back) equal the expected value |
+//! | `timerfd` | CLOCK_MONOTONIC, periodic 10 ms, drained every tick | still armed with a 10 ms interval, expires again within 500 ms |
+//! | `signalfd` | for SIGRTMIN+5, blocked; a round trip every 100 ticks | still blocked, fdinfo mask; a signal queued now with a fresh value is read back with that value, SI_QUEUE, our pid |
+//! | `epoll` | eventfd (readable), pipe read end with a byte, its write end, an empty pipe | exactly the three ready members are reported; the idle one only after a byte is written to it, and no more after it is read |
+//! | `pipe`, `fifo` (`objects/fifo`), `unix-stream`, `unix-dgram`, `unix-seqpacket` | both ends held; one message (8–64 bytes, numbered) written per tick, read only while more than 16 are unread: 16 are always in flight | every message read in order, intact, one per read for dgram/seqpacket; 16 in flight; everything written by the previous check has arrived; still flowing |
+//! | `unix-listen` | a helper whose cwd is `objects/`, listening on a socket bound to the relative name `obj.sock` | a connection to `objects/obj.sock` is accepted and answered; the socket's name is still `obj.sock`, the helper's cwd still `objects/` |
+//! | `threads` | a helper with 3 threads, each blocking its own signals and with its own sigaltstack (64/96/128 KiB) | each thread: its mask, its sigaltstack, and a self-sent SA_ONSTACK signal runs on that stack; 4 tasks |
+//! | `zombie` | a helper whose child exited with status 42, never reaped | `waitid(WNOWAIT)` in the helper: exited, status 42, unreaped; the zombie's pgid is the helper's |
+//! | `session` | A (`setsid`) with B (own group) and C (in B's group); D in its own group in the workload's session | `getsid`/`getpgid` of the workload, A, B, C, D as set up; all exist |
+//! | `shared-memory` | a MAP_SHARED anonymous page shared with a child that copies word 0 into word 1 and counts a heartbeat | a fresh value written here is copied back by the child within 2 s, heartbeat moves, mapping `rw-s` |
+//! | `mprotect` | 8 KiB PROT_READ with known bytes; 3 pages whose middle one is PROT_NONE, the others get the counter every 10 ticks | /proc/self/maps: `r--p` region, exactly one `---p` guard page between `rw-p` pages; contents intact (no fault is taken) |
+//!
 //! # Signals understood by `run`
 //!
-//! * SIGUSR1: verify every page, write `status.json` (with `report_seq`
-//!   incremented), reset the window maximum gap.
+//! * SIGUSR1: verify every page (and every `--objects` object), write
+//!   `status.json` (with `report_seq` incremented), reset the window maximum
+//!   gap.
 //! * SIGTERM / SIGINT: write a final `status.json` with `"exiting": true` and
 //!   exit 0.
 //!
@@ -53,6 +85,7 @@
 //! | `seed`, `dirty_pct`, `extras_enabled`, `tcp_enabled` | the options in use |
 //! | `extras_log_lines`, `pipe_msgs`, `pipe_seq_errors`, `child_pid`, `child_alive` | `--extras` state (0 / false when disabled) |
 //! | `tcp_requests`, `tcp_clients` | `--tcp-listen` state (0 when disabled) |
+//! | `objects` | `--objects` state: one entry per kind, `{"ok": bool, "detail": "..."}` from the last SIGUSR1 check (`ok` false with "not verified yet" before the first); `{}` when disabled |
 //!
 //! Time spent verifying and writing a report is not counted as a tick gap,
 //! and a long pause (e.g. frozen by CRIU) is not caught up afterwards: the
@@ -60,6 +93,7 @@
 
 mod arena;
 mod extras;
+mod objects;
 mod pattern;
 mod report;
 mod run;
@@ -122,6 +156,11 @@ pub struct RunArgs {
     /// Also serve the line protocol "<u64>\n" -> "<u64+1>\n" on this address.
     #[arg(long, value_name = "ADDR:PORT")]
     pub tcp_listen: Option<SocketAddr>,
+
+    /// Also hold and verify these kernel objects (comma separated, or `all`;
+    /// see the module documentation).
+    #[arg(long, value_name = "KINDS", value_delimiter = ',', value_enum)]
+    pub objects: Vec<objects::Kind>,
 }
 
 /// Options of `phaul-workload spawn`.

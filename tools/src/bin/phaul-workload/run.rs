@@ -7,6 +7,7 @@ use nix::unistd::getpid;
 
 use crate::arena::{Arena, Verification};
 use crate::extras::Extras;
+use crate::objects::Objects;
 use crate::pattern::DirtyRate;
 use crate::status::{self, Status};
 use crate::tcp_server::TcpServer;
@@ -86,6 +87,7 @@ struct Workload {
     arena: Arena,
     rate: DirtyRate,
     extras: Option<Extras>,
+    objects: Option<Objects>,
     tcp: Option<TcpServer>,
     timing: Timing,
     report_seq: u64,
@@ -122,6 +124,9 @@ impl Workload {
         if let Some(x) = &mut self.extras {
             x.fill_status(&mut st);
         }
+        if let Some(o) = &self.objects {
+            st.objects = o.results();
+        }
         if let Some(t) = &self.tcp {
             st.tcp_requests = t.requests();
             st.tcp_clients = t.clients();
@@ -140,6 +145,9 @@ impl Workload {
     /// SIGUSR1: verify, write the report, reset the window.
     fn report(&mut self) {
         let verification = self.arena.verify();
+        if let Some(o) = &mut self.objects {
+            o.verify();
+        }
         self.report_seq += 1;
         let st = self.status(verification, false);
         self.publish(&st);
@@ -154,6 +162,9 @@ impl Workload {
         self.arena.dirty(due);
         if let Some(x) = &mut self.extras {
             x.tick(self.timing.counter);
+        }
+        if let Some(o) = &mut self.objects {
+            o.tick(self.timing.counter);
         }
         if let Some(t) = &mut self.tcp {
             t.service();
@@ -179,11 +190,16 @@ pub fn run(args: &RunArgs) -> Result<()> {
     // Spawned through /proc/self/exe the command name would be "exe".
     // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
     unsafe { libc::prctl(libc::PR_SET_NAME, c"phaul-workload".as_ptr(), 0, 0, 0) };
-    // The child is forked before the big memory area exists.
+    // The children are forked before the big memory area exists.
     let extras = if args.extras {
         Some(Extras::start(&args.state_dir)?)
     } else {
         None
+    };
+    let objects = if args.objects.is_empty() {
+        None
+    } else {
+        Some(Objects::start(&args.state_dir, &args.objects)?)
     };
     let arena = Arena::new(args.mem_mib, args.seed)?;
     let tcp = match args.tcp_listen {
@@ -196,6 +212,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         rate: DirtyRate::new(arena.pages(), args.dirty_pct),
         arena,
         extras,
+        objects,
         tcp,
         timing: Timing::default(),
         report_seq: 0,
@@ -217,6 +234,9 @@ pub fn run(args: &RunArgs) -> Result<()> {
 
     if let Some(x) = &mut w.extras {
         x.shutdown();
+    }
+    if let Some(o) = &mut w.objects {
+        o.shutdown();
     }
     let last = w.status(Verification::NONE, true);
     status::write_atomic(&args.state_dir, &last).context("writing the final status")

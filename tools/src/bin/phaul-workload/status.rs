@@ -1,11 +1,14 @@
 //! The `status.json` record and its atomic writing and tolerant reading.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use serde::Serialize;
+
+use crate::objects::Check;
 
 /// File name of the status inside the state directory.
 pub const STATUS_FILE: &str = "status.json";
@@ -41,6 +44,7 @@ pub struct Status {
     pub tcp_enabled: bool,
     pub tcp_requests: u64,
     pub tcp_clients: u64,
+    pub objects: BTreeMap<String, Check>,
 }
 
 /// Path of `status.json` in `state_dir`.
