@@ -399,6 +399,52 @@ fn ctrl_c_on_the_source_while_frozen_rolls_back() {
 }
 
 #[test]
+fn ctrl_c_after_the_commit_resolves_instead_of_rolling_back() {
+    if !setup() {
+        return;
+    }
+    let serve = Serve::start(PID, &[]);
+    let mut w = Workload::spawn(&["--mem-mib", "16"]);
+    let before = w.report();
+    // The destination resumed its copy, but its answer is held up; the user
+    // presses Ctrl-C. The source must not resume (that would be two
+    // copies): it asks the destination on a new connection instead.
+    let proxy = Proxy::start(&serve.addr, Fault::StallAt("Resumed"));
+    let src = plugin_dir(PID);
+    let journal = tempfile::tempdir().unwrap();
+    let mut m = phaul_tests::harness::Migration::start(
+        src.path(),
+        "pid",
+        w.pid,
+        &proxy.addr,
+        journal.path(),
+        &[],
+        None,
+    );
+    assert!(wait_for(Duration::from_secs(30), || proxy.triggered()));
+    // New connections get through; the stalled one stays stalled.
+    proxy.heal();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(m.pid()),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = m.wait_timeout(Duration::from_secs(30)).expect("it exits");
+    assert_eq!(status.code(), Some(0), "resolved as migrated");
+    let old = w.pid;
+    assert!(wait_for(Duration::from_secs(5), || {
+        reap(old);
+        !alive(old)
+    }));
+    let copies = w.restored_copies();
+    assert_eq!(copies.len(), 1, "exactly one copy runs: {copies:?}");
+    w.moved_to(copies[0]);
+    let after = w.report();
+    w.assert_intact(&after);
+    assert!(after["counter"].as_u64() > before["counter"].as_u64());
+}
+
+#[test]
 fn preflight_refusals_touch_nothing() {
     if !setup() {
         return;
