@@ -8,6 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+./scripts/setup.sh
 echo "[chaos] building the workspace (binaries, plugins, tests)"
 cargo build --workspace --all-targets --quiet
 
