@@ -1,7 +1,7 @@
 //! The destination side of a migration as an explicit state machine: one
-//! [`State`] per stage of the session, one [`Session::step`] function that
+//! [`State`] per stage of the session, one `Session::step` function that
 //! takes the state and the next message from the source, and one place
-//! that abandons ([`Session::abandon`]).
+//! that abandons (`Session::abandon`).
 //!
 //! ```text
 //! preflight ─► Receiving ──StartIter/File──► Receiving

@@ -10,7 +10,7 @@
 //!                       Migrated ◄──complete── Committed ◄───────────┘
 //! ```
 //!
-//! Before [`Committed`] every failure resumes the source (exit 4). From
+//! Before `Committed` every failure resumes the source (exit 4). From
 //! it on the source tree has a SIGSTOP queued, so it cannot run again
 //! without a decision: the destination's `Resumed` (or its answer to a
 //! query) kills it; the destination's confirmed discard resumes it; no
