@@ -117,22 +117,7 @@ pub fn bound_sockets(root: i32) -> Vec<BoundSocket> {
     if namespace(&root.to_string(), "net") != namespace("self", "net") {
         return Vec::new();
     }
-    let mut inodes = std::collections::BTreeSet::new();
-    for pid in proc::tree(root) {
-        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-            continue;
-        };
-        for fd in fds.flatten() {
-            if let Ok(target) = std::fs::read_link(fd.path()) {
-                let t = target.to_string_lossy();
-                if let Some(i) = t.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')) {
-                    if let Ok(i) = i.parse::<u64>() {
-                        inodes.insert(i);
-                    }
-                }
-            }
-        }
-    }
+    let inodes = socket_inodes(root);
     let mut out = Vec::new();
     for (file, tcp, state) in [
         ("tcp", true, "0A"),
@@ -149,7 +134,7 @@ pub fn bound_sockets(root: i32) -> Vec<BoundSocket> {
                 continue;
             }
             let inode: u64 = f[9].parse().unwrap_or(0);
-            if let (true, Some(addr)) = (inodes.contains(&inode), parse_addr(f[1])) {
+            if let (true, Some(addr)) = (inodes.contains_key(&inode), parse_addr(f[1])) {
                 out.push(BoundSocket { tcp, addr });
             }
         }

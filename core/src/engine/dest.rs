@@ -633,11 +633,7 @@ impl<'a> Session<'a> {
                     if let Some(t) = pid.filter(|p| *p > 0).and_then(proc::task) {
                         rx.restoring.get_or_insert(t);
                     }
-                    if script == "network-unlock" {
-                        if let Err(e) = self.driver.net_unlock() {
-                            tracing::warn!("{e}");
-                        }
-                    }
+                    self.notified(&script);
                     w.answer_notify(true)?;
                 }
                 Event::Done(resp) => {
@@ -646,6 +642,15 @@ impl<'a> Session<'a> {
                         "CRIU finished the restore without a post-restore notification".into(),
                     ));
                 }
+            }
+        }
+    }
+
+    /// A notification of the restore that involves the driver.
+    fn notified(&mut self, script: &str) {
+        if script == "network-unlock" {
+            if let Err(e) = self.driver.net_unlock() {
+                tracing::warn!("{e}");
             }
         }
     }
@@ -673,11 +678,7 @@ impl<'a> Session<'a> {
             loop {
                 match w.next_event(ReqType::Restore)? {
                     Event::Notify { script, .. } => {
-                        if script == "network-unlock" {
-                            if let Err(e) = self.driver.net_unlock() {
-                                tracing::warn!("{e}");
-                            }
-                        }
+                        self.notified(&script);
                         w.answer_notify(true)?;
                     }
                     Event::Done(resp) => {

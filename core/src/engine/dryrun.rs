@@ -18,7 +18,7 @@ use super::abort::Abort;
 use super::criu_opts_to_rpc;
 use super::error::PreflightError;
 use super::report::Progress;
-use super::session::{self, connect, handshake, hello, Control};
+use super::session::{connect, handshake, hello, Control};
 use super::source::{preflight, Env, SourceOptions};
 use super::Connector;
 use crate::criu::rpc::ReqType;
@@ -68,16 +68,8 @@ pub fn dry_run(
     abort: &Abort,
 ) -> Result<DryRun, PreflightError> {
     let launcher: Arc<dyn Launcher> = Arc::new(CriuBinary(opts.criu.clone()));
-    let session = session::rand_session();
-    let env = Env {
-        opts,
-        connector,
-        progress,
-        abort,
-        session,
-        started: Instant::now(),
-        launcher,
-    };
+    let env = Env::new(opts, connector, progress, abort, launcher);
+    let session = env.session;
     let mut report = DryRun {
         checks: Vec::new(),
         would_migrate: false,

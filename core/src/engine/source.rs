@@ -123,18 +123,10 @@ pub(crate) fn migrate_with(
     progress: Arc<dyn Progress>,
     abort: &Abort,
 ) -> Result<Report, MigrationError> {
-    let session = session::rand_session();
-    let span = tracing::info_span!("migrate", session = %format!("{session:016x}"));
+    let env = Env::new(opts, connector, progress, abort, launcher);
+    let span = tracing::info_span!("migrate", session = %format!("{:016x}", env.session));
     let _g = span.enter();
-    let env = Env {
-        opts,
-        connector,
-        progress,
-        abort,
-        session,
-        started: Instant::now(),
-        launcher,
-    };
+    let session = env.session;
     let work = WorkDir::create(&opts.work_root, &opts.log_dir, "src", session)
         .map_err(PreflightError::from)?;
     let journal = Journal::open(&opts.journal_dir).map_err(PreflightError::from)?;
@@ -176,6 +168,27 @@ pub(crate) struct Env<'a> {
     pub session: u64,
     pub started: Instant,
     pub launcher: Arc<dyn Launcher>,
+}
+
+impl<'a> Env<'a> {
+    /// A new migration (a fresh session id), starting now.
+    pub fn new(
+        opts: &'a SourceOptions,
+        connector: &'a Connector,
+        progress: Arc<dyn Progress>,
+        abort: &'a Abort,
+        launcher: Arc<dyn Launcher>,
+    ) -> Self {
+        Env {
+            opts,
+            connector,
+            progress,
+            abort,
+            session: session::rand_session(),
+            started: Instant::now(),
+            launcher,
+        }
+    }
 }
 
 /// Pre-flight done (nothing frozen, nothing changed): the driver knows the
