@@ -28,6 +28,25 @@ pub enum Error {
         /// The driver's error.
         source: DriverError,
     },
+    /// A driver hook did not return within its deadline; the driver is not
+    /// called again in this process.
+    #[error("{htype} driver: {hook} did not return within {}s (hung); this driver is not called again here (raise the deadline with --hook-timeout {hook}=SECONDS if it needs longer)", after.as_secs_f64())]
+    HookHung {
+        /// The htype.
+        htype: String,
+        /// The hook.
+        hook: &'static str,
+        /// Its deadline.
+        after: std::time::Duration,
+    },
+    /// A driver hook was abandoned because the migration was interrupted.
+    #[error("{htype} driver: {hook} was abandoned on an interrupt")]
+    HookInterrupted {
+        /// The htype.
+        htype: String,
+        /// The hook.
+        hook: &'static str,
+    },
     /// An I/O error on a path.
     #[error("{what} {}: {source}", path.display())]
     Path {

@@ -52,7 +52,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use crate::types::{
     CriuOpts, DriverError, DriverInfo, DriverResult, DumpContext, ErrorCode, FsSyncSpec,
-    HookOutcome, InitContext, RestoreContext,
+    HookDeadline, HookOutcome, InitContext, RestoreContext,
 };
 
 /// The hooks of an htype driver. Implement this, then export it with
@@ -214,6 +214,22 @@ pub trait Driver: Send + 'static {
     fn migration_fail(&mut self) -> DriverResult<()> {
         Ok(())
     }
+
+    /// Destination, live mode, right after the restore: the restored copy's
+    /// root pid (as this host sees it). The copy exists but has never run:
+    /// it is held with its network locked until the source commits.
+    /// Failure rolls back (the copy is discarded, the source resumes).
+    fn restored(&mut self, _pid: i32) -> DriverResult<()> {
+        Ok(())
+    }
+
+    /// Either side, when the instance is created: hooks that need longer
+    /// than the engine's deadlines (see the crate documentation), as
+    /// `(hook, seconds)`. The user's `--hook-timeout` still wins. Default:
+    /// none.
+    fn deadlines(&self) -> Vec<HookDeadline> {
+        Vec::new()
+    }
 }
 
 /// The FFI-safe mirror of [`Driver`] the engine calls. Driver authors do not
@@ -242,8 +258,10 @@ pub trait FfiDriver: Send {
     fn storage_rollback(&mut self) -> RResult<(), DriverError>;
     fn storage_commit(&mut self) -> RResult<(), DriverError>;
     fn migration_complete(&mut self) -> RResult<(), DriverError>;
-    #[sabi(last_prefix_field)]
     fn migration_fail(&mut self) -> RResult<(), DriverError>;
+    fn restored(&mut self, pid: i32) -> RResult<(), DriverError>;
+    #[sabi(last_prefix_field)]
+    fn deadlines(&self) -> RResult<RVec<HookDeadline>, DriverError>;
 }
 
 /// An owned driver instance behind the stable ABI.
@@ -411,5 +429,13 @@ impl<D: Driver> FfiDriver for GuardedDriver<D> {
     }
     fn migration_fail(&mut self) -> RResult<(), DriverError> {
         self.call("migration_fail", |d| d.migration_fail())
+    }
+    fn restored(&mut self, pid: i32) -> RResult<(), DriverError> {
+        self.call("restored", |d| d.restored(pid))
+    }
+    fn deadlines(&self) -> RResult<RVec<HookDeadline>, DriverError> {
+        guard("deadlines", || {
+            Ok(self.inner.deadlines().into_iter().collect())
+        })
     }
 }

@@ -495,3 +495,25 @@ pub enum LogLevel {
     /// Detail for debugging.
     Debug,
 }
+
+/// A hook that needs longer than the engine's deadline for it
+/// ([`Driver::deadlines`](crate::Driver::deadlines)).
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, PartialEq, Eq)]
+pub struct HookDeadline {
+    /// The hook's name, as in the [`Driver`](crate::Driver) trait
+    /// (`net_lock`, `restore`, ...).
+    pub hook: RString,
+    /// How long it may take, seconds.
+    pub seconds: u32,
+}
+
+impl HookDeadline {
+    /// `hook` may take `seconds`.
+    pub fn new(hook: &str, seconds: u32) -> Self {
+        Self {
+            hook: RString::from(hook),
+            seconds,
+        }
+    }
+}

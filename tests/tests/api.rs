@@ -198,6 +198,7 @@ fn serve_in_embedded_mode_takes_connections_from_its_caller() {
         fs_rules: Default::default(),
         journal_dir: src_work.path().join("journal"),
         log_dir: src_work.path().join("logs"),
+        hook_deadlines: vec![],
         freeze_timeout: None,
     };
     let connector = Connector::Given {

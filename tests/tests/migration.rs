@@ -248,6 +248,121 @@ fn a_failing_driver_hook_on_the_destination_rolls_back() {
     );
 }
 
+/// A hook that hangs on one side while the workload is frozen: the engine
+/// gives up on it at its deadline, the workload runs again, and the
+/// message names the hook and the driver.
+fn hung_hook_rolls_back(option: &str, serve_extra: &[&str], migrate_extra: &[&str], expect: &str) {
+    if !setup() {
+        return;
+    }
+    let serve = Serve::start(FAULTY, serve_extra);
+    // Its own network namespace too: CRIU asks the driver to lock the
+    // network only for a tree that has one.
+    let w = Workload::spawn_with(&["--pidns", "--netns"], &["--mem-mib", "16"]);
+    let before = w.report();
+    let src = plugin_dir(FAULTY);
+    let mut args = vec!["-o", option];
+    args.extend_from_slice(migrate_extra);
+    let t = std::time::Instant::now();
+    let (out, _) = migrate(src.path(), "faulty", w.pid, &serve.addr, &args);
+    let took = t.elapsed();
+    assert_eq!(out.status.code(), Some(4), "rolled back");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(expect),
+        "the message says {expect:?}: {stderr}"
+    );
+    // Bounded by the 1 s deadline (plus the dump and the rollback), never
+    // by the hook's hour.
+    assert!(took < Duration::from_secs(30), "took {took:?}");
+    assert_rolled_back(&w, &before, &serve);
+}
+
+#[test]
+fn a_hung_net_lock_on_the_frozen_source_is_given_up_at_its_deadline() {
+    // CRIU locks the network (and asks the driver) for TCP connections.
+    hung_hook_rolls_back(
+        "hang=net_lock@source",
+        &[],
+        &["--hook-timeout", "net_lock=1"],
+        "faulty driver: net_lock did not return within 1s (hung)",
+    );
+}
+
+#[test]
+fn a_hung_restore_hook_on_the_destination_is_given_up_at_its_deadline() {
+    hung_hook_rolls_back(
+        "hang=restore@destination",
+        &["--hook-timeout", "restore=1"],
+        &[],
+        "faulty driver: restore did not return within 1s (hung)",
+    );
+}
+
+#[test]
+fn a_hung_dump_hook_on_the_source_is_given_up_at_its_deadline() {
+    hung_hook_rolls_back(
+        "hang=dump@source",
+        &[],
+        &["--hook-timeout", "dump=1"],
+        "faulty driver: dump did not return within 1s (hung)",
+    );
+}
+
+#[test]
+fn ctrl_c_during_a_hung_hook_rolls_back_at_once() {
+    if !setup() {
+        return;
+    }
+    let serve = Serve::start(FAULTY, &[]);
+    let w = Workload::spawn_with(&["--pidns", "--netns"], &["--mem-mib", "16"]);
+    let before = w.report();
+    let src = plugin_dir(FAULTY);
+    let marks = tempfile::tempdir().unwrap();
+    let mark = marks.path().join("hung");
+    let work = phaul_tests::harness::shm_dir("src");
+    let journal = tempfile::tempdir().unwrap();
+    let child = Command::new(phaul_tests::bin("phaul"))
+        .env("PHAUL_TEST_FAULTY_HUNG", &mark)
+        .arg("--plugin-dir")
+        .arg(src.path())
+        .args(["migrate", "faulty", &w.pid.to_string(), "--to", &serve.addr])
+        .args([
+            "-o",
+            "hang=net_lock@source",
+            "--tcp-established",
+            "--work-dir",
+        ])
+        .arg(work.path())
+        .arg("--journal-dir")
+        .arg(journal.path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(30), || mark.exists()),
+        "the hook hangs (the workload is frozen)"
+    );
+    let t = std::time::Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "Ctrl-C does not wait for the hook's 10 s deadline"
+    );
+    assert_eq!(out.status.code(), Some(4));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("net_lock was abandoned on an interrupt"),
+        "{stderr}"
+    );
+    assert_rolled_back(&w, &before, &serve);
+}
+
 #[test]
 fn shared_storage_is_snapshotted_before_the_hand_over() {
     // The storage snapshot is taken while the workload is frozen; when it

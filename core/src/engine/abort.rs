@@ -7,7 +7,7 @@
 //! `phaul recover`).
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::conn::Conn;
 
@@ -30,6 +30,7 @@ pub struct Abort {
     reason: Mutex<Option<String>>,
     committed: AtomicBool,
     after_commit: AtomicU32,
+    triggered: Arc<AtomicBool>,
     watched: Mutex<Vec<Conn>>,
 }
 
@@ -54,6 +55,7 @@ impl Abort {
             *r = Some(reason.to_string());
         }
         drop(r);
+        self.triggered.store(true, Ordering::SeqCst);
         for c in self
             .watched
             .lock()
@@ -63,6 +65,12 @@ impl Abort {
             c.shutdown();
         }
         what
+    }
+
+    /// A flag set when the switch is triggered (driver hooks under way are
+    /// abandoned on it).
+    pub fn flag(&self) -> Arc<AtomicBool> {
+        self.triggered.clone()
     }
 
     /// The abort reason, if triggered.

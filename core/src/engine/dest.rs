@@ -60,6 +60,9 @@ pub struct DestOptions {
     pub journal_dir: PathBuf,
     /// Where CRIU's logs go (kept after a failure; see [`crate::workdir`]).
     pub log_dir: PathBuf,
+    /// Deadlines for driver hooks (`--hook-timeout HOOK=SECONDS`), on top of
+    /// the engine's and the driver's own.
+    pub hook_deadlines: Vec<(String, Duration)>,
 }
 
 /// What the destination did, for its log.
@@ -249,6 +252,9 @@ impl<'a> Session<'a> {
             ));
         }
         let mut driver = driver.map_err(|e| DestError::Refused(Refusal::Htype, e.to_string()))?;
+        driver
+            .apply_deadlines(&opts.hook_deadlines)
+            .map_err(|e| DestError::Refused(Refusal::Driver, e.to_string()))?;
         let free = free_bytes(&opts.work_root);
         let need = hello.need_bytes + hello.need_bytes / 10;
         if free < need {
@@ -614,6 +620,11 @@ impl<'a> Session<'a> {
                                 return Err(e);
                             }
                         };
+                        if let Err(e) = self.driver.restored(root.pid) {
+                            let _ = w.answer_notify(false);
+                            rx.restoring = Some(root);
+                            return Err(e.into());
+                        }
                         self.record.tasks = vec![root];
                         if let Err(e) = self.journal.set(
                             &mut self.record,

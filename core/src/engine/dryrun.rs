@@ -74,7 +74,9 @@ pub fn dry_run(
         checks: Vec::new(),
         would_migrate: false,
     };
-    let driver = registry.instantiate(&opts.htype)?;
+    let mut driver = registry.instantiate(&opts.htype)?;
+    driver.apply_deadlines(&opts.hook_deadlines)?;
+    driver.interrupt_on(abort.flag());
     let mut work = WorkDir::create(&opts.work_root, &opts.log_dir, "src", session)?;
     let pre = match preflight(&env, driver, &work) {
         Ok(p) => {

@@ -84,6 +84,9 @@ pub struct SourceOptions {
     pub journal_dir: PathBuf,
     /// Where CRIU's logs go (kept after a failure; see [`crate::workdir`]).
     pub log_dir: PathBuf,
+    /// Deadlines for driver hooks (`--hook-timeout HOOK=SECONDS`), on top of
+    /// the engine's and the driver's own.
+    pub hook_deadlines: Vec<(String, Duration)>,
     /// The longest the workload may stay frozen before the commit (the
     /// migration then rolls back) or wait for the destination's answer
     /// after it (then the outcome is resolved); `None`:
@@ -127,6 +130,11 @@ pub(crate) fn migrate_with(
     let span = tracing::info_span!("migrate", session = %format!("{:016x}", env.session));
     let _g = span.enter();
     let session = env.session;
+    let mut driver = driver;
+    driver
+        .apply_deadlines(&opts.hook_deadlines)
+        .map_err(PreflightError::from)?;
+    driver.interrupt_on(abort.flag());
     let work = WorkDir::create(&opts.work_root, &opts.log_dir, "src", session)
         .map_err(PreflightError::from)?;
     let journal = Journal::open(&opts.journal_dir).map_err(PreflightError::from)?;

@@ -48,6 +48,13 @@ impl TestDriver {
         if self.panic.iter().any(|h| h == name) {
             panic!("injected panic in {name}");
         }
+        if self
+            .fail
+            .iter()
+            .any(|h| h.strip_prefix("hang:") == Some(name))
+        {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
         if self.fail.iter().any(|h| h == name) {
             return Err(DriverError::failed(format!("injected failure in {name}")));
         }
@@ -73,6 +80,13 @@ impl phaul_plugin_api::Driver for TestDriver {
     }
     fn net_lock(&mut self) -> DriverResult<()> {
         self.hook("net_lock")
+    }
+    fn dump(
+        &mut self,
+        _ctx: &phaul_plugin_api::DumpContext,
+    ) -> DriverResult<phaul_plugin_api::HookOutcome> {
+        self.hook("dump")
+            .map(|()| phaul_plugin_api::HookOutcome::ENGINE_DEFAULT)
     }
     fn meta_files_out(&mut self, _dir: &str) -> DriverResult<Vec<String>> {
         self.hook("meta_files_out").map(|()| Vec::new())
@@ -211,6 +225,11 @@ fn run(case: Case) -> Result_ {
     let cut = case.cut;
     std::thread::spawn(move || proxy(ctl_px1, ctl_px2, cut));
 
+    // Hung hooks are given up on quickly.
+    let deadlines: Vec<(String, Duration)> = ["net_lock", "restore", "dump", "meta_files_out"]
+        .iter()
+        .map(|h| (h.to_string(), Duration::from_millis(300)))
+        .collect();
     let dst_launcher = FakeLauncher::new(case.dst_criu.clone());
     let dst_log = dst_launcher.log.clone();
     let dst_opts = DestOptions {
@@ -220,6 +239,7 @@ fn run(case: Case) -> Result_ {
         commit_timeout: Duration::from_secs(2),
         journal_dir: dirs.path().join("dst-journal"),
         log_dir: dirs.path().join("dst-logs"),
+        hook_deadlines: deadlines.clone(),
     };
     let (dst_fail, dst_panic) = (case.dst_fail, case.dst_panic);
     let dest = std::thread::spawn(move || {
@@ -270,6 +290,7 @@ fn run(case: Case) -> Result_ {
         fs_rules: Default::default(),
         journal_dir: dirs.path().join("src-journal"),
         log_dir: dirs.path().join("src-logs"),
+        hook_deadlines: deadlines,
         freeze_timeout: case.freeze_timeout.or(Some(Duration::from_secs(5))),
     };
     let connector = Connector::Given {
@@ -376,6 +397,18 @@ fn every_failure_before_the_commit_resumes_the_source_and_discards_the_copy() {
         Case {
             src_panic: &["meta_files_out"],
             ..Case::new("source driver panics while frozen")
+        },
+        Case {
+            src_fail: &["hang:net_lock"],
+            ..Case::new("source driver net_lock hangs (frozen)")
+        },
+        Case {
+            src_fail: &["hang:dump"],
+            ..Case::new("source driver dump hangs")
+        },
+        Case {
+            dst_fail: &["hang:restore"],
+            ..Case::new("destination driver restore hangs")
         },
         Case {
             dst_fail: &["restore"],

@@ -12,7 +12,7 @@ mod driver;
 mod host;
 mod registry;
 
-pub use driver::Driver;
+pub use driver::{Driver, HookDeadlines};
 pub use host::{EngineHost, FeatureCheck};
 pub use registry::{default_plugin_dirs, DriverSummary, LoadedPlugin, Registry, Skipped};
 

@@ -139,6 +139,14 @@ pub struct MigrateArgs {
     /// restore of that size).
     #[arg(long, value_name = "S")]
     pub freeze_timeout: Option<f64>,
+    /// How long a driver hook may take, HOOK=SECONDS (repeatable): a hook
+    /// that does not return in time is given up (the migration rolls back
+    /// while it can) and the driver is not called again. Defaults: net_lock
+    /// and net_unlock 10 s, questions and option hooks 30 s, hooks acting
+    /// on the workload or its storage 60 s, a driver's own dump/restore
+    /// 300 s; a driver may declare longer needs.
+    #[arg(long = "hook-timeout", value_name = "HOOK=S", value_parser = parse_hook_timeout)]
+    pub hook_timeouts: Vec<(String, Duration)>,
     /// Where CRIU's logs go: kept after a failed migration (the error names
     /// them), removed after a successful one, swept after a week.
     #[arg(long, value_name = "DIR", env = "PHAUL_LOG_DIR", default_value = phaul_core::workdir::DEFAULT_LOG_ROOT)]
@@ -179,6 +187,11 @@ fn driver_options(args: &MigrateArgs) -> Vec<(String, String)> {
         opts.push(("shared-storage".to_string(), String::new()));
     }
     opts
+}
+
+/// `--hook-timeout HOOK=SECONDS`.
+pub fn parse_hook_timeout(s: &str) -> Result<(String, Duration), String> {
+    phaul_core::plugins::HookDeadlines::parse_override(s)
 }
 
 /// Runs `phaul migrate`.
@@ -229,6 +242,7 @@ pub fn run(dirs: &[PathBuf], quiet: bool, args: MigrateArgs) -> anyhow::Result<E
         },
         journal_dir: args.journal_dir,
         log_dir: args.log_dir.clone(),
+        hook_deadlines: args.hook_timeouts.clone(),
         freeze_timeout: args
             .freeze_timeout
             .map(|s| Duration::from_secs_f64(s.max(0.1))),

@@ -51,6 +51,10 @@ pub struct ServeArgs {
     /// How long a restored workload waits for the source's commit, seconds.
     #[arg(long, value_name = "S", default_value_t = 30)]
     pub commit_timeout: u64,
+    /// How long a driver hook may take on this side, HOOK=SECONDS
+    /// (repeatable; see `phaul migrate --help`).
+    #[arg(long = "hook-timeout", value_name = "HOOK=S", value_parser = super::migrate::parse_hook_timeout)]
+    pub hook_timeouts: Vec<(String, Duration)>,
     /// Where CRIU's logs go: kept after a failed migration (the error names
     /// them), removed after a successful one, swept after a week.
     #[arg(long, value_name = "DIR", env = "PHAUL_LOG_DIR", default_value = phaul_core::workdir::DEFAULT_LOG_ROOT)]
@@ -80,6 +84,7 @@ pub fn run(dirs: &[PathBuf], args: ServeArgs) -> anyhow::Result<ExitCode> {
         commit_timeout: Duration::from_secs(args.commit_timeout),
         journal_dir: args.journal_dir,
         log_dir: args.log_dir.clone(),
+        hook_deadlines: args.hook_timeouts.clone(),
     };
     if let Some(rpc) = args.fd_rpc {
         phaul_core::server::open_journal(&opts)?;

@@ -3,6 +3,9 @@
 //!
 //! - `-o panic=HOOK`: the hook panics (caught by the export guard).
 //! - `-o fail=HOOK`: the hook returns an error.
+//! - `-o hang=HOOK`: the hook never returns (sleeps for an hour); it first
+//!   creates the file named by `$PHAUL_TEST_FAULTY_HUNG`, if set, so a test
+//!   knows it hangs now.
 //! - `HOOK@source` / `HOOK@destination` limits either to one side.
 //! - `-o break-restore`: the destination truncates the restored tree's
 //!   `core` image before CRIU reads it, so the real CRIU restore fails (as
@@ -28,6 +31,7 @@ pub struct FaultyDriver {
     inner: PidDriver,
     panic_in: Vec<String>,
     fail_in: Vec<String>,
+    hang_in: Vec<String>,
     break_restore: bool,
 }
 
@@ -35,6 +39,12 @@ impl FaultyDriver {
     fn inject(&self, hook: &str) -> DriverResult<()> {
         if self.panic_in.iter().any(|h| h == hook) {
             panic!("injected panic in {hook}");
+        }
+        if self.hang_in.iter().any(|h| h == hook) {
+            if let Ok(mark) = std::env::var("PHAUL_TEST_FAULTY_HUNG") {
+                let _ = std::fs::write(mark, hook);
+            }
+            std::thread::sleep(std::time::Duration::from_secs(3600));
         }
         if self.fail_in.iter().any(|h| h == hook) {
             return Err(DriverError::failed(format!("injected failure in {hook}")));
@@ -70,6 +80,7 @@ impl Driver for FaultyDriver {
             match kv.key.as_str() {
                 "panic" => self.panic_in.extend(here(kv.value.as_str())),
                 "fail" => self.fail_in.extend(here(kv.value.as_str())),
+                "hang" => self.hang_in.extend(here(kv.value.as_str())),
                 "break-restore" => self.break_restore = true,
                 _ => rest.push(kv.clone()),
             }
@@ -165,6 +176,10 @@ impl Driver for FaultyDriver {
     fn migration_fail(&mut self) -> DriverResult<()> {
         self.inject("migration_fail")?;
         self.inner.migration_fail()
+    }
+    fn restored(&mut self, pid: i32) -> DriverResult<()> {
+        self.inject("restored")?;
+        self.inner.restored(pid)
     }
 }
 
