@@ -53,6 +53,7 @@ impl WorkDir {
         };
         mk(&logs)?;
         mk(&path.join("images"))?;
+        mk(&path.join("driver"))?;
         mk(&path.join("meta"))?;
         std::fs::write(path.join(OWNER), std::process::id().to_string()).map_err(|source| {
             Error::Path {
@@ -89,6 +90,11 @@ impl WorkDir {
     /// Images of memory pass `iter`.
     pub fn images(&self, iter: u32) -> PathBuf {
         self.path.join("images").join(iter.to_string())
+    }
+
+    /// The driver's private scratch directory (empty at first).
+    pub fn driver(&self) -> PathBuf {
+        self.path.join("driver")
     }
 
     /// Files from and for the driver's meta hooks.

@@ -4,31 +4,58 @@
 //! # The life of a driver instance
 //!
 //! The engine creates one instance per migration and per side, calls
-//! [`Driver::init`] once, then the hooks below in the order of the
-//! migration, and finally exactly one of [`Driver::migration_complete`] or
-//! [`Driver::migration_fail`]. On the source, in live mode:
+//! [`Driver::deadlines`] and [`Driver::init`] once, then the hooks below in
+//! the order of the migration, and finally exactly one of
+//! [`Driver::migration_complete`] or [`Driver::migration_fail`]. The test
+//! `tests/tests/lifecycle.rs` records every call of a real migration and
+//! asserts these orders, so this documentation and the engine cannot drift
+//! apart. On the source, in live mode:
 //!
 //! ```text
-//! init -> root_task_pid -> fs_sync -> [storage_snapshot]
-//!      -> adjust_dump_opts -> (pre-dumps) -> dump
-//!         (inside the dump: net_lock when CRIU freezes the tree)
-//!      -> meta_files_out -> ... destination restores ...
-//!      -> umount -> migration_complete           (success)
-//!      or net_unlock -> [storage_rollback] -> migration_fail (rollback)
+//! init -> root_task_pid -> fs_sync -> adjust_dump_opts   (pre-flight, running)
+//!      -> [adjust_dump_opts per pre-dump]                (running)
+//!      -> adjust_dump_opts -> dump                       (running, just before the freeze)
+//!      -> [net_lock]          CRIU froze the tree; only for a tree with its own
+//!                             network namespace (CRIU asks only then)
+//!      -> [storage_snapshot]  shared storage only            (frozen)
+//!      -> meta_files_out                                     (frozen)
+//!         ... the destination restores and holds its copy ...
+//!      -> umount -> [storage_commit] -> migration_complete  (success: the tree is gone)
+//!      or [net_unlock] -> [storage_rollback] -> migration_fail
+//!                             (rollback; net_unlock when CRIU unlocks a tree
+//!                             with its own network namespace)
 //! ```
 //!
 //! On the destination, in live mode:
 //!
 //! ```text
-//! init -> mount -> meta_files_in -> adjust_restore_opts -> restore
-//!      (inside the restore: net_unlock when CRIU unlocks the network)
-//!      -> migration_complete                      (success)
-//!      or umount -> migration_fail                (rollback)
+//! init -> fs_sync (must name the same directories as the source's) -> mount
+//!      -> meta_files_in -> adjust_restore_opts -> restore    (source frozen)
+//!      -> restored(pid)       the copy exists, held, never ran
+//!         ... the source commits ...
+//!      -> [net_unlock]        own network namespace only
+//!      -> migration_complete                             (success)
+//!      or umount -> migration_fail                       (rollback)
 //! ```
 //!
-//! In restart mode the source calls `stop` after the last live filesystem
-//! pass, the destination calls `start`; if the destination fails the source
-//! calls `start` again to bring the workload back.
+//! In restart mode the source calls `init -> root_task_pid -> fs_sync ->
+//! net_lock -> stop -> [storage_snapshot] -> meta_files_out`, then
+//! `migration_complete`; if the destination fails it calls `net_unlock`,
+//! `start` again (when the workload went down) and `migration_fail`. The
+//! destination calls `init -> fs_sync -> mount -> meta_files_in -> start ->
+//! migration_complete`.
+//!
+//! # Deadlines
+//!
+//! The engine waits for each hook only so long (10 s for `net_lock` and
+//! `net_unlock`, which run while the workload is frozen; 30 s for the
+//! questions and option hooks; 60 s for hooks that act on the workload or
+//! its storage; 300 s for a driver's own `dump`/`restore`). A driver that
+//! needs longer says so in [`Driver::deadlines`]; the user can override any
+//! with `--hook-timeout HOOK=SECONDS`. A hook that misses its deadline, or
+//! that is under way when the user presses Ctrl-C, is given up: the
+//! migration rolls back (while it still can) and the instance is not
+//! called again — its thread may still be stuck in the hook.
 //!
 //! # Errors and panics
 //!
@@ -95,42 +122,53 @@ pub trait Driver: Send + 'static {
         Ok(())
     }
 
-    /// Source, the final dump, workload running until the dump freezes it.
-    /// Return [`HookOutcome::ENGINE_DEFAULT`] (the default) to let the
-    /// engine run CRIU; a driver that checkpoints through its own tooling
-    /// writes the images into `ctx.images_dir` and returns
-    /// `HookOutcome::handled(0)`, leaving the workload frozen. Failure rolls
+    /// Source, just before the final dump, workload running. Return
+    /// [`HookOutcome::ENGINE_DEFAULT`] (the default): the engine runs CRIU.
+    /// Checkpointing through the driver's own tooling (`handled`) is not
+    /// supported by this engine yet — it would lose the engine's hold of
+    /// the frozen tree at CRIU's `post-dump`, which the commit protocol
+    /// needs — and is refused (the migration rolls back). Failure rolls
     /// back.
     fn dump(&mut self, _ctx: &DumpContext) -> DriverResult<HookOutcome> {
         Ok(HookOutcome::ENGINE_DEFAULT)
     }
 
-    /// Destination, source frozen, all images present: return
-    /// [`HookOutcome::ENGINE_DEFAULT`] (the default) to let the engine
-    /// restore with CRIU, or restore through the driver's own tooling and
-    /// return `HookOutcome::handled(root_pid)`. Failure rolls back.
+    /// Destination, source frozen, all images present, just before the
+    /// restore: return [`HookOutcome::ENGINE_DEFAULT`] (the default): the
+    /// engine restores with CRIU. Restoring through the driver's own
+    /// tooling (`handled`) is not supported by this engine yet (the engine
+    /// must hold the restored copy until the commit) and is refused.
+    /// Failure rolls back.
     fn restore(&mut self, _ctx: &RestoreContext) -> DriverResult<HookOutcome> {
         Ok(HookOutcome::ENGINE_DEFAULT)
     }
 
-    /// Source, after `init`, workload running: which directories must be
-    /// copied to the destination (the engine syncs them iteratively and
-    /// once more while the workload is frozen), or whether the storage is
-    /// shared. Default: nothing to copy. Failure refuses the migration.
+    /// Both sides, after `init`, workload running. Source: which directories
+    /// must be copied to the destination (the engine syncs them iteratively
+    /// and once more while the workload is frozen), or whether the storage
+    /// is shared (then the driver must declare
+    /// [`Capabilities::SHARED_STORAGE`](crate::Capabilities::SHARED_STORAGE)).
+    /// Destination: the same answer for the same options — the engine
+    /// refuses a migration whose sides disagree. Default: nothing to copy.
+    /// Failure refuses the migration.
     fn fs_sync(&mut self) -> DriverResult<FsSyncSpec> {
         Ok(FsSyncSpec::nothing())
     }
 
     /// Source, when CRIU has frozen the tree (CRIU's `network-lock`
-    /// notification), or before `stop` in restart mode: block the workload's
-    /// network traffic if CRIU's own lock is not enough. Failure rolls back.
+    /// notification, which CRIU sends only for a tree with its own network
+    /// namespace), or before `stop` in restart mode: block the workload's
+    /// network traffic if CRIU's own lock is not enough. Workload frozen;
+    /// deadline 10 s. Failure rolls back.
     fn net_lock(&mut self) -> DriverResult<()> {
         Ok(())
     }
 
-    /// Destination, when CRIU unlocks the restored tree's network; or
-    /// source, during rollback, before the workload is resumed. Failure is
-    /// logged; on the source the rollback continues.
+    /// Destination, when CRIU unlocks the restored tree's network (after the
+    /// commit); or source, during rollback, when CRIU unlocks the resumed
+    /// tree's network (CRIU's `network-unlock`, again only for a tree with
+    /// its own network namespace), or after `stop` failed in restart mode.
+    /// Failure is logged; the migration goes on.
     fn net_unlock(&mut self) -> DriverResult<()> {
         Ok(())
     }
@@ -141,8 +179,9 @@ pub trait Driver: Send + 'static {
         Ok(())
     }
 
-    /// Source after success (workload gone), or destination during rollback
-    /// (restore failed): undo `mount`. Failure is logged only.
+    /// Source after success (the workload is gone; `mount` never ran on
+    /// this side): release what the workload held here. Destination during
+    /// rollback: undo `mount`. Failure is logged only.
     fn umount(&mut self) -> DriverResult<()> {
         Ok(())
     }

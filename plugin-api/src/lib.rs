@@ -32,7 +32,7 @@
 //!             name: "hello".into(),
 //!             version: env!("CARGO_PKG_VERSION").into(),
 //!             description: "an example".into(),
-//!             capabilities: Capabilities::LIVE | Capabilities::PAGE_SERVER,
+//!             capabilities: Capabilities::LIVE,
 //!         }
 //!     }
 //!     fn init(&mut self, ctx: InitContext) -> DriverResult<()> {

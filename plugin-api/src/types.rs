@@ -48,21 +48,20 @@ impl Capabilities {
     /// Established TCP connections can be checkpointed and restored (TCP
     /// repair); the engine then allows `--tcp-established`.
     pub const TCP_ESTABLISHED: Self = Self(1 << 1);
-    /// Pages must travel through a CRIU page server on the destination
-    /// (the engine's default way to move memory).
-    pub const PAGE_SERVER: Self = Self(1 << 2);
+    // Bit 2 was PAGE_SERVER, which the engine never read (memory always
+    // travels to a page server): it is not reused.
     /// The driver supports [`Mode::Live`].
     pub const LIVE: Self = Self(1 << 3);
     /// The driver supports [`Mode::Restart`] (`stop` and `start` hooks).
     pub const RESTART: Self = Self(1 << 4);
     /// The driver's storage can be shared between the hosts and snapshotted
-    /// for rollback (`storage_*` hooks).
+    /// for rollback (`storage_*` hooks); the engine refuses a driver that
+    /// answers `fs_sync` with shared storage without this bit.
     pub const SHARED_STORAGE: Self = Self(1 << 5);
 
-    const NAMES: [(Self, &'static str); 6] = [
+    const NAMES: [(Self, &'static str); 5] = [
         (Self::PRE_DUMP, "pre-dump"),
         (Self::TCP_ESTABLISHED, "tcp-established"),
-        (Self::PAGE_SERVER, "page-server"),
         (Self::LIVE, "live"),
         (Self::RESTART, "restart"),
         (Self::SHARED_STORAGE, "shared-storage"),
@@ -227,10 +226,13 @@ pub struct InitContext {
     /// the same id.
     pub id: RString,
     /// The user's `-o key=value` options, in the order given. The same
-    /// options reach both sides.
+    /// options reach both sides. `phaul migrate --sync DIR` and
+    /// `--shared-storage` arrive here as `sync=DIR` (one per directory) and
+    /// `shared-storage`; the engine's own CRIU options (`file-locks`,
+    /// `link-remap`, `ghost-limit`, `evasive-devices`) are taken out before.
     pub options: RVec<KeyValue>,
     /// This side's private scratch directory for the migration (exists,
-    /// empty, removed when the migration ends).
+    /// empty, removed with the migration's work directory).
     pub work_dir: RString,
     /// Engine services the driver may call.
     pub host: HostBox,

@@ -40,7 +40,13 @@ fn pid_plugin_loads_and_reports_capabilities() {
     assert!(reg.skipped().is_empty(), "{:?}", reg.skipped());
     let pid = reg.get("pid").expect("pid htype loaded");
     assert_eq!(pid.summary.abi_version, phaul_plugin_api::ABI_VERSION);
-    for cap in ["live", "page-server", "tcp-established", "pre-dump"] {
+    for cap in [
+        "live",
+        "restart",
+        "shared-storage",
+        "tcp-established",
+        "pre-dump",
+    ] {
         assert!(
             pid.summary.capabilities.iter().any(|c| c == cap),
             "pid lacks {cap}: {:?}",

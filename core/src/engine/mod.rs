@@ -251,7 +251,7 @@ pub(crate) fn init_context(
         },
         id: id.into(),
         options: options.iter().map(|(k, v)| KeyValue::new(k, v)).collect(),
-        work_dir: work.path().display().to_string().into(),
+        work_dir: work.driver().display().to_string().into(),
         host: host.into_box(),
     }
 }

@@ -335,6 +335,15 @@ pub(crate) fn prepare(
         )));
     }
     let fs = driver.fs_sync()?;
+    if fs.kind == FsSyncKind::SharedStorage
+        && !info.capabilities.contains(Capabilities::SHARED_STORAGE)
+    {
+        return Err(PreflightError::Check(format!(
+            "the {} driver names shared storage but does not declare the shared-storage \
+             capability (it cannot snapshot it for a rollback)",
+            opts.htype
+        )));
+    }
     Ok(Prepared {
         driver,
         info,

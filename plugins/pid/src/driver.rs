@@ -165,7 +165,6 @@ impl Driver for PidDriver {
             description: RString::from("a plain process tree, named by the pid of its root"),
             capabilities: Capabilities::PRE_DUMP
                 | Capabilities::TCP_ESTABLISHED
-                | Capabilities::PAGE_SERVER
                 | Capabilities::LIVE
                 | Capabilities::RESTART
                 | Capabilities::SHARED_STORAGE,

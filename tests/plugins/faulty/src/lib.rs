@@ -7,6 +7,10 @@
 //!   creates the file named by `$PHAUL_TEST_FAULTY_HUNG`, if set, so a test
 //!   knows it hangs now.
 //! - `HOOK@source` / `HOOK@destination` limits either to one side.
+//! - `-o record=FILE`: every hook call appends a line `SIDE HOOK FROZEN` to
+//!   FILE (`FROZEN` is `frozen` when the source's root task is stopped by
+//!   CRIU at that moment, `running` otherwise, `-` on the destination), so
+//!   a test can check the engine's calls against the documented lifecycle.
 //! - `-o break-restore`: the destination truncates the restored tree's
 //!   `core` image before CRIU reads it, so the real CRIU restore fails (as
 //!   it would on a corrupted image).
@@ -32,11 +36,37 @@ pub struct FaultyDriver {
     panic_in: Vec<String>,
     fail_in: Vec<String>,
     hang_in: Vec<String>,
+    record: Option<std::path::PathBuf>,
+    side: &'static str,
+    pid: i32,
     break_restore: bool,
 }
 
 impl FaultyDriver {
     fn inject(&self, hook: &str) -> DriverResult<()> {
+        if let Some(path) = &self.record {
+            use std::io::Write;
+            let frozen = match self.side {
+                "source" => std::fs::read_to_string(format!("/proc/{}/stat", self.pid))
+                    .ok()
+                    .and_then(|s| s.rsplit_once(") ").and_then(|(_, r)| r.chars().next()))
+                    .map_or("running", |c| {
+                        if c == 't' || c == 'T' {
+                            "frozen"
+                        } else {
+                            "running"
+                        }
+                    }),
+                _ => "-",
+            };
+            if let Ok(mut f) = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+            {
+                let _ = writeln!(f, "{} {hook} {frozen}", self.side);
+            }
+        }
         if self.panic_in.iter().any(|h| h == hook) {
             panic!("injected panic in {hook}");
         }
@@ -81,11 +111,14 @@ impl Driver for FaultyDriver {
                 "panic" => self.panic_in.extend(here(kv.value.as_str())),
                 "fail" => self.fail_in.extend(here(kv.value.as_str())),
                 "hang" => self.hang_in.extend(here(kv.value.as_str())),
+                "record" => self.record = Some(kv.value.as_str().into()),
                 "break-restore" => self.break_restore = true,
                 _ => rest.push(kv.clone()),
             }
         }
         ctx.options = rest;
+        self.side = side;
+        self.pid = ctx.id.parse().unwrap_or(0);
         self.inject("init")?;
         self.inner.init(ctx)
     }
@@ -140,6 +173,10 @@ impl Driver for FaultyDriver {
     fn mount(&mut self) -> DriverResult<()> {
         self.inject("mount")?;
         self.inner.mount()
+    }
+    fn umount(&mut self) -> DriverResult<()> {
+        self.inject("umount")?;
+        self.inner.umount()
     }
     fn stop(&mut self) -> DriverResult<()> {
         self.inject("stop")?;
