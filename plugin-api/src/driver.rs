@@ -124,21 +124,28 @@ pub trait Driver: Send + 'static {
 
     /// Source, just before the final dump, workload running. Return
     /// [`HookOutcome::ENGINE_DEFAULT`] (the default): the engine runs CRIU.
-    /// Checkpointing through the driver's own tooling (`handled`) is not
-    /// supported by this engine yet — it would lose the engine's hold of
-    /// the frozen tree at CRIU's `post-dump`, which the commit protocol
-    /// needs — and is refused (the migration rolls back). Failure rolls
-    /// back.
+    /// A driver that checkpoints through its own tooling declares
+    /// [`Capabilities::OWN_DUMP`](crate::Capabilities::OWN_DUMP), starts
+    /// the tooling here with CRIU running `ctx.action_script` (or
+    /// `CRIU_CONFIG_FILE=ctx.criu_config`), images into `ctx.images_dir`,
+    /// and returns `HookOutcome::handled(0)` without waiting: the engine
+    /// follows CRIU through the script, holds the frozen tree at
+    /// `post-dump` for the commit, and then calls `dump_wait`. A `handled`
+    /// answer without the capability is refused (the engine could not hold
+    /// the tree). Failure rolls back.
     fn dump(&mut self, _ctx: &DumpContext) -> DriverResult<HookOutcome> {
         Ok(HookOutcome::ENGINE_DEFAULT)
     }
 
     /// Destination, source frozen, all images present, just before the
     /// restore: return [`HookOutcome::ENGINE_DEFAULT`] (the default): the
-    /// engine restores with CRIU. Restoring through the driver's own
-    /// tooling (`handled`) is not supported by this engine yet (the engine
-    /// must hold the restored copy until the commit) and is refused.
-    /// Failure rolls back.
+    /// engine restores with CRIU. A driver that restores through its own
+    /// tooling (`lxc-checkpoint -r`, a container engine) declares
+    /// [`Capabilities::OWN_RESTORE`](crate::Capabilities::OWN_RESTORE),
+    /// starts it here with CRIU running `ctx.action_script`, and returns
+    /// `HookOutcome::handled(0)` without waiting: the engine holds the copy
+    /// at `post-restore` (never running) until the commit, then calls
+    /// `restore_wait`. Failure rolls back.
     fn restore(&mut self, _ctx: &RestoreContext) -> DriverResult<HookOutcome> {
         Ok(HookOutcome::ENGINE_DEFAULT)
     }
@@ -262,6 +269,26 @@ pub trait Driver: Send + 'static {
         Ok(())
     }
 
+    /// Source, a driver with [`Capabilities::OWN_DUMP`](crate::Capabilities::OWN_DUMP)
+    /// only: its `dump` started its tooling (CRIU run with
+    /// `ctx.action_script`) and returned `handled` without waiting; the
+    /// engine followed CRIU through the script and answered `post-dump`.
+    /// Now wait for the tooling to finish. Failure after the commit is
+    /// reported; before it, the tree was resumed by CRIU already.
+    fn dump_wait(&mut self) -> DriverResult<()> {
+        Ok(())
+    }
+
+    /// Destination, a driver with
+    /// [`Capabilities::OWN_RESTORE`](crate::Capabilities::OWN_RESTORE)
+    /// only: its `restore` started its tooling and returned `handled`; the
+    /// engine held the copy at `post-restore` and has answered (let it run
+    /// after the commit, or discard it). Wait for the tooling and return
+    /// the restored root's pid (0 if it was discarded).
+    fn restore_wait(&mut self) -> DriverResult<i32> {
+        Ok(0)
+    }
+
     /// Either side, when the instance is created: hooks that need longer
     /// than the engine's deadlines (see the crate documentation), as
     /// `(hook, seconds)`. The user's `--hook-timeout` still wins. Default:
@@ -299,6 +326,8 @@ pub trait FfiDriver: Send {
     fn migration_complete(&mut self) -> RResult<(), DriverError>;
     fn migration_fail(&mut self) -> RResult<(), DriverError>;
     fn restored(&mut self, pid: i32) -> RResult<(), DriverError>;
+    fn dump_wait(&mut self) -> RResult<(), DriverError>;
+    fn restore_wait(&mut self) -> RResult<i32, DriverError>;
     #[sabi(last_prefix_field)]
     fn deadlines(&self) -> RResult<RVec<HookDeadline>, DriverError>;
 }
@@ -471,6 +500,12 @@ impl<D: Driver> FfiDriver for GuardedDriver<D> {
     }
     fn restored(&mut self, pid: i32) -> RResult<(), DriverError> {
         self.call("restored", |d| d.restored(pid))
+    }
+    fn dump_wait(&mut self) -> RResult<(), DriverError> {
+        self.call("dump_wait", |d| d.dump_wait())
+    }
+    fn restore_wait(&mut self) -> RResult<i32, DriverError> {
+        self.call("restore_wait", |d| d.restore_wait())
     }
     fn deadlines(&self) -> RResult<RVec<HookDeadline>, DriverError> {
         guard("deadlines", || {

@@ -59,7 +59,19 @@ impl Capabilities {
     /// answers `fs_sync` with shared storage without this bit.
     pub const SHARED_STORAGE: Self = Self(1 << 5);
 
-    const NAMES: [(Self, &'static str); 5] = [
+    /// The driver checkpoints through its own tooling (its `dump` hook runs
+    /// CRIU, e.g. through a container engine): the engine calls `dump` with
+    /// an action script and holds the frozen tree through it.
+    pub const OWN_DUMP: Self = Self(1 << 6);
+    /// The driver restores through its own tooling (its `restore` hook runs
+    /// CRIU, e.g. `lxc-checkpoint -r`): the engine calls `restore` with an
+    /// action script and holds the restored copy through it until the
+    /// commit.
+    pub const OWN_RESTORE: Self = Self(1 << 7);
+
+    const NAMES: [(Self, &'static str); 7] = [
+        (Self::OWN_DUMP, "own-dump"),
+        (Self::OWN_RESTORE, "own-restore"),
         (Self::PRE_DUMP, "pre-dump"),
         (Self::TCP_ESTABLISHED, "tcp-established"),
         (Self::LIVE, "live"),
@@ -374,6 +386,15 @@ pub struct DumpContext {
     pub pid: i32,
     /// The options after `adjust_dump_opts`.
     pub opts: CriuOpts,
+    /// For a driver that dumps itself ([`Capabilities::OWN_DUMP`]): the
+    /// action script its CRIU must run (`--action-script PATH`); through it
+    /// the engine holds the frozen tree at `post-dump` until the commit.
+    /// Empty when the engine runs CRIU.
+    pub action_script: RString,
+    /// The same as a CRIU configuration file (`action-script PATH`), for
+    /// tools that start CRIU themselves and honour `CRIU_CONFIG_FILE`
+    /// (LXC does). Empty when the engine runs CRIU.
+    pub criu_config: RString,
 }
 
 /// What the engine hands a driver's `restore` hook.
@@ -384,6 +405,13 @@ pub struct RestoreContext {
     pub images_dir: RString,
     /// The options after `adjust_restore_opts`.
     pub opts: CriuOpts,
+    /// For a driver that restores itself ([`Capabilities::OWN_RESTORE`]):
+    /// the action script its CRIU must run; through it the engine holds the
+    /// restored copy at `post-restore` (never running) until the commit.
+    /// Empty when the engine runs CRIU.
+    pub action_script: RString,
+    /// The same as a CRIU configuration file, for `CRIU_CONFIG_FILE`.
+    pub criu_config: RString,
 }
 
 /// A driver's answer to `dump`/`restore`: do it itself, or let the engine.

@@ -199,9 +199,17 @@ pub struct Receiving {
     restoring: Option<Task>,
 }
 
+/// What holds a restored copy at `post-restore`.
+enum Restorer {
+    /// phaul's CRIU worker (RPC).
+    Criu(Box<dyn Criu>),
+    /// A driver's tooling, through phaul's action script.
+    Script(super::hold::ActionHold),
+}
+
 /// A restored copy, held.
 pub struct Held {
-    restorer: Box<dyn Criu>,
+    restorer: Restorer,
     root: Task,
     /// When the restore request went to CRIU.
     started: Instant,
@@ -220,6 +228,8 @@ pub struct Session<'a> {
     record: Record,
     criu_version: Option<crate::criu::CriuVersion>,
     criu_defaults: super::CriuDefaults,
+    /// The driver restores through its own tooling (`OWN_RESTORE`).
+    own_restore: bool,
 }
 
 impl<'a> Session<'a> {
@@ -386,7 +396,16 @@ impl<'a> Session<'a> {
             record,
             criu_version,
             criu_defaults,
+            own_restore: false,
         };
+        s.own_restore = s
+            .driver
+            .info()
+            .map(|i| {
+                i.capabilities
+                    .contains(phaul_plugin_api::Capabilities::OWN_RESTORE)
+            })
+            .unwrap_or(false);
         if !hello.dry_run {
             s.driver
                 .mount()
@@ -573,12 +592,23 @@ impl<'a> Session<'a> {
         };
         self.criu_defaults.apply(&mut copts);
         self.driver.adjust_restore_opts(&mut copts)?;
-        let outcome = self.driver.restore(&RestoreContext {
+        let ctx = RestoreContext {
             images_dir: images.display().to_string().into(),
             opts: copts.clone(),
-        })?;
+            action_script: "".into(),
+            criu_config: "".into(),
+        };
+        if self.own_restore {
+            drop(rx.restorer.take());
+            return self.restore_by_driver(rx, ctx, control);
+        }
+        let outcome = self.driver.restore(&ctx)?;
         if outcome.handled {
-            return Err(DestError::Protocol("drivers that restore through their own tooling are not supported by this engine yet".into()));
+            return Err(DestError::Protocol(format!(
+                "the {} driver restored the workload itself without declaring the own-restore \
+                 capability, so the engine could not hold it for the commit",
+                self.hello.htype
+            )));
         }
         let mut w = rx
             .restorer
@@ -635,7 +665,7 @@ impl<'a> Session<'a> {
                             return Err(e.into());
                         }
                         return Ok(Held {
-                            restorer: w,
+                            restorer: Restorer::Criu(w),
                             root,
                             started,
                             worked: started.elapsed(),
@@ -654,6 +684,77 @@ impl<'a> Session<'a> {
                     ));
                 }
             }
+        }
+    }
+
+    /// The restore through the driver's own tooling: its CRIU runs phaul's
+    /// action script, through which the copy is held at `post-restore`.
+    fn restore_by_driver(
+        &mut self,
+        rx: &mut Receiving,
+        mut ctx: RestoreContext,
+        control: &Conn,
+    ) -> Result<Held> {
+        let mut hold = super::hold::ActionHold::create(&self.work.path().join("hold"))
+            .map_err(|e| DestError::Transfer(format!("the action script: {e}")))?;
+        ctx.action_script = hold.script().display().to_string().into();
+        ctx.criu_config = hold.config().display().to_string().into();
+        let started = Instant::now();
+        let outcome = self.driver.restore(&ctx)?;
+        if !outcome.handled {
+            return Err(DestError::Protocol(format!(
+                "the {} driver declares own-restore but left the restore to the engine",
+                self.hello.htype
+            )));
+        }
+        let limit = started + self.opts.commit_timeout.max(Duration::from_secs(60));
+        loop {
+            if control.readable() {
+                let _ = self.driver.restore_wait();
+                return Err(DestError::SourceGone);
+            }
+            if Instant::now() >= limit {
+                let _ = self.driver.restore_wait();
+                return Err(DestError::Protocol(
+                    "the driver's restore did not reach CRIU's post-restore notification in time \
+                     (is its CRIU run with the action script of the restore context?)"
+                        .into(),
+                ));
+            }
+            let ev = hold
+                .next(limit.min(Instant::now() + Duration::from_millis(100)))
+                .map_err(|e| DestError::Transfer(format!("the action script: {e}")))?;
+            let Some((action, pid)) = ev else { continue };
+            tracing::debug!(%action, pid, "CRIU notification (driver's restore)");
+            if let Some(t) = (pid > 0).then(|| proc::task(pid)).flatten() {
+                rx.restoring.get_or_insert(t);
+            }
+            if action == "post-restore" {
+                let Some(root) = rx.restoring else {
+                    return Err(DestError::Protocol(
+                        "CRIU's post-restore notification named no live root task".into(),
+                    ));
+                };
+                self.record.tasks = vec![root];
+                self.journal.set(
+                    &mut self.record,
+                    journal::State::Restored,
+                    "restored (by the driver) and held, never ran",
+                )?;
+                if let Err(e) = self.driver.restored(root.pid) {
+                    hold.verdict(false).ok();
+                    let _ = self.driver.restore_wait();
+                    return Err(e.into());
+                }
+                return Ok(Held {
+                    restorer: Restorer::Script(hold),
+                    root,
+                    started,
+                    worked: started.elapsed(),
+                });
+            }
+            hold.verdict(true)
+                .map_err(|e| DestError::Transfer(format!("the action script: {e}")))?;
         }
     }
 
@@ -682,8 +783,18 @@ impl<'a> Session<'a> {
             return Err((State::Held(Box::new(held)), e.into()));
         }
         let t = Instant::now();
+        let root_pid = held.root.pid;
         let r = (|| -> Result<i32> {
-            let w = &mut held.restorer;
+            let w = match &mut held.restorer {
+                Restorer::Criu(w) => w,
+                Restorer::Script(hold) => {
+                    hold.verdict(true)
+                        .map_err(|e| DestError::Transfer(format!("the action script: {e}")))?;
+                    // The driver's tooling finishes the restore.
+                    let pid = self.driver.restore_wait()?;
+                    return Ok(if pid > 0 { pid } else { root_pid });
+                }
+            };
             w.answer_notify(true)?;
             w.set_deadline(Some(Instant::now() + Duration::from_secs(60)));
             loop {
@@ -799,11 +910,20 @@ impl<'a> Session<'a> {
             State::Held(mut held) => {
                 // CRIU kills its copy when told no (or when it loses us);
                 // a CRIU that died leaves the copy stuck in its restorer.
-                let _ = held.restorer.answer_notify(false);
-                held.restorer
-                    .set_deadline(Some(Instant::now() + Duration::from_secs(10)));
-                while let Ok(Event::Notify { .. }) = held.restorer.next_event(ReqType::Restore) {
-                    let _ = held.restorer.answer_notify(false);
+                match &mut held.restorer {
+                    Restorer::Criu(w) => {
+                        let _ = w.answer_notify(false);
+                        w.set_deadline(Some(Instant::now() + Duration::from_secs(10)));
+                        while let Ok(Event::Notify { .. }) = w.next_event(ReqType::Restore) {
+                            let _ = w.answer_notify(false);
+                        }
+                    }
+                    Restorer::Script(hold) => {
+                        let _ = hold.verdict(false);
+                        if let Err(e) = self.driver.restore_wait() {
+                            tracing::debug!("the driver's restore after the abort: {e}");
+                        }
+                    }
                 }
                 let tree = match proc::task_state(&held.root) {
                     TaskState::Gone => Vec::new(),

@@ -25,6 +25,10 @@ pub trait DumpHooks {
     }
     /// CRIU asks to unlock it (`network-unlock`, after a failed dump).
     fn net_unlock(&mut self) {}
+    /// A driver's own dump was answered: wait for its tooling.
+    fn own_dump_finished(&mut self) -> Result<(), crate::Error> {
+        Ok(())
+    }
 }
 
 /// A final dump under way.
@@ -155,5 +159,129 @@ impl HeldDump {
     /// The worker's directory (logs, statistics).
     pub fn work_dir(&self) -> &std::path::Path {
         self.criu.work_dir()
+    }
+}
+
+/// A final dump run by a driver's own tooling (`Capabilities::OWN_DUMP`),
+/// followed through phaul's action script ([`super::hold`]).
+pub struct ScriptDump {
+    hold: super::hold::ActionHold,
+    /// When CRIU started seizing the tree.
+    pub frozen_at: Instant,
+    /// How long from the hook's start to `post-dump`.
+    pub dump_time: Duration,
+}
+
+impl ScriptDump {
+    /// Follows a dump the driver's tooling runs (its CRIU running `hold`'s
+    /// script) to `post-dump`; `freezing` hears about the freeze.
+    pub fn until_post_dump(
+        mut hold: super::hold::ActionHold,
+        freezing: &mut dyn FnMut(),
+        deadline: Instant,
+    ) -> Result<ScriptDump, HandOverError> {
+        let started = Instant::now();
+        let mut frozen_at = None;
+        let io = |source| HandOverError::Io {
+            what: "the action script's channel".into(),
+            source,
+        };
+        loop {
+            let Some((action, _pid)) = hold.next(deadline).map_err(io)? else {
+                return Err(HandOverError::Dump(
+                    "the driver's dump did not reach CRIU's post-dump notification before \
+                     --freeze-timeout (is its CRIU run with the action script of the dump \
+                     context?)"
+                        .into(),
+                ));
+            };
+            tracing::debug!(%action, "CRIU notification (driver's dump)");
+            match action.as_str() {
+                "pre-dump" => {
+                    frozen_at = Some(Instant::now());
+                    freezing();
+                }
+                "post-dump" => {
+                    return Ok(ScriptDump {
+                        hold,
+                        frozen_at: frozen_at.unwrap_or(started),
+                        dump_time: started.elapsed(),
+                    })
+                }
+                _ => {}
+            }
+            hold.verdict(true).map_err(io)?;
+        }
+    }
+}
+
+/// The frozen tree, held at `post-dump` by phaul's own CRIU (RPC) or by a
+/// driver's (action script).
+pub enum Hold {
+    /// phaul's CRIU worker.
+    Criu(HeldDump),
+    /// A driver's tooling.
+    Script(Box<ScriptDump>),
+}
+
+impl Hold {
+    /// When CRIU started seizing the tree.
+    pub fn frozen_at(&self) -> Instant {
+        match self {
+            Hold::Criu(h) => h.frozen_at,
+            Hold::Script(s) => s.frozen_at,
+        }
+    }
+
+    /// How long CRIU took up to `post-dump`.
+    pub fn dump_time(&self) -> Duration {
+        match self {
+            Hold::Criu(h) => h.dump_time,
+            Hold::Script(s) => s.dump_time,
+        }
+    }
+
+    /// Whether phaul's CRIU went away while it held the tree (the tree
+    /// then ran on and the dump is stale). A driver's tooling is not
+    /// watched this way: its CRIU dying fails its script, which resumes
+    /// nothing by itself (CRIU does), and `dump_wait` reports it.
+    pub fn criu_exited(&mut self) -> bool {
+        match self {
+            Hold::Criu(h) => h.criu_exited(),
+            Hold::Script(_) => false,
+        }
+    }
+
+    /// CRIU's log directory, when phaul ran it (statistics).
+    pub fn work_dir(&self) -> Option<std::path::PathBuf> {
+        match self {
+            Hold::Criu(h) => Some(h.work_dir().to_path_buf()),
+            Hold::Script(_) => None,
+        }
+    }
+
+    /// Answers `post-dump` (`true`: CRIU kills the tree; `false`: it
+    /// resumes it) and follows the dump to its end (for a driver's
+    /// tooling: its `dump_wait`).
+    pub fn release(
+        self,
+        ok: bool,
+        hooks: &mut dyn DumpHooks,
+        timeout: Duration,
+    ) -> Result<(), HandOverError> {
+        match self {
+            Hold::Criu(h) => h.release(ok, hooks, timeout).map(drop).map_err(Into::into),
+            Hold::Script(mut s) => {
+                s.hold.verdict(ok).map_err(|source| HandOverError::Io {
+                    what: "the action script's channel".into(),
+                    source,
+                })?;
+                let r = hooks.own_dump_finished();
+                match (ok, r) {
+                    (true, Err(e)) => Err(e.into()),
+                    _ => Ok(()),
+                }
+            }
+        }
     }
 }

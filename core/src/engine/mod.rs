@@ -85,6 +85,7 @@ pub mod dryrun;
 pub mod dump;
 pub mod error;
 pub mod fs;
+pub mod hold;
 pub mod iter;
 pub mod pages;
 pub mod predump;

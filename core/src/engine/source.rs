@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use phaul_plugin_api::{Capabilities, CriuOpts, DumpContext, FsSyncKind};
 
 use super::abort::Abort;
-use super::dump::{DumpHooks, FinalDump, HeldDump};
+use super::dump::{DumpHooks, FinalDump, Hold};
 use super::error::{
     CommitError, CopyError, HandOverError, MigrationError, PeerError, PreflightError,
 };
@@ -321,6 +321,8 @@ struct Live<'a> {
     need_bytes: u64,
     use_pre_dump: Result<(), String>,
     criu_defaults: super::CriuDefaults,
+    /// The driver dumps through its own tooling (`OWN_DUMP`).
+    own_dump: bool,
     freeze_timeout: Duration,
     /// Files were copied (inodes change): CRIU resolves inotify watches by
     /// path.
@@ -340,7 +342,7 @@ struct Copied {
 /// Frozen at CRIU's `post-dump`: every image is written, the pages are at
 /// the destination.
 struct Frozen {
-    dump: HeldDump,
+    dump: Hold,
     iter: u32,
 }
 
@@ -351,7 +353,7 @@ struct Restored;
 /// `Commit` is sent (or its sending failed half-way); the source tree has
 /// a SIGSTOP queued, so it cannot run again without a decision.
 struct Committed {
-    dump: HeldDump,
+    dump: Hold,
     tasks: Vec<Task>,
     /// The commit could not be confirmed sent: resolve at once.
     broken: Option<PeerError>,
@@ -374,6 +376,9 @@ impl DumpHooks for Hooks<'_> {
         if let Err(e) = self.driver.net_unlock() {
             tracing::warn!("{e}");
         }
+    }
+    fn own_dump_finished(&mut self) -> Result<(), crate::Error> {
+        self.driver.dump_wait()
     }
 }
 
@@ -447,11 +452,12 @@ impl<'a> Live<'a> {
             driver,
             pid,
             fs: spec,
-            ..
+            info,
         } = prepared;
         let (criu_defaults, _) =
             super::CriuDefaults::split(&opts.options).map_err(PreflightError::Check)?;
         Ok(Live {
+            own_dump: info.capabilities.contains(Capabilities::OWN_DUMP),
             criu_defaults,
             freeze_timeout: opts
                 .freeze_timeout
@@ -546,71 +552,115 @@ impl<'a> Live<'a> {
         };
         self.criu_defaults.apply(&mut copts);
         self.driver.adjust_dump_opts(&mut copts)?;
-        let outcome = self.driver.dump(&DumpContext {
+        let mut ctx = DumpContext {
             images_dir: dir.display().to_string().into(),
             parent_images_dir: parent
                 .map(|p| self.work.images(p).display().to_string().into())
                 .into(),
             pid: self.pid,
             opts: copts.clone(),
-        })?;
-        if outcome.handled {
-            return Err(HandOverError::Dump(
-                "drivers that dump through their own tooling are not supported by this engine yet"
-                    .into(),
-            ));
-        }
-        let criu = self.dumper.take().expect("dump worker before the freeze");
-        let mut o = criu.opts(&dir, "dump.log");
-        o.pid = Some(self.pid);
-        o.notify_scripts = Some(true);
-        o.ps = Some(rpc::PageServerInfo {
-            fd: Some(self.ps_fd),
-            ..Default::default()
-        });
-        if let Some(p) = parent {
-            o.parent_img = Some(format!("../{p}"));
-            o.track_mem = Some(true);
-        }
-        criu_opts_to_rpc(&copts, &mut o);
-        self.criu_defaults.apply_rpc(&mut o);
-
+            action_script: "".into(),
+            criu_config: "".into(),
+        };
         // The tree is about to freeze: record it first.
         self.record.tasks = proc::tasks(self.pid);
-        self.journal
-            .set(&mut self.record, journal::State::Started, "final dump")?;
-        self.env
-            .progress
-            .pass_started(iter, "dump", self.need_bytes);
+        let deadline_from_now = self.freeze_timeout;
         let before = self.mem.sent();
-        self.mem.watch(self.env.progress.clone(), before);
-        let deadline = Instant::now() + self.freeze_timeout;
-        let held = FinalDump::start(criu, o)
-            .map_err(HandOverError::from)
-            .and_then(|d| {
-                d.until_post_dump(
-                    &mut Hooks {
-                        driver: &mut self.driver,
-                        progress: &*self.env.progress,
-                    },
-                    Some(deadline),
-                )
-            });
-        self.mem.unwatch();
-        let dump = held.map_err(|e| match e {
-            HandOverError::Criu(crate::criu::CriuError::Timeout { .. }) => {
-                HandOverError::FreezeTimeout {
-                    limit: self.freeze_timeout,
-                    during: "CRIU dumped the workload",
-                }
+        let dump = if self.own_dump {
+            // The driver's tooling runs CRIU; phaul's action script holds
+            // it. Its pages land in the images, not on the memory channel.
+            self.mem.shutdown();
+            let hold = super::hold::ActionHold::create(&self.work.path().join("hold")).map_err(
+                |source| HandOverError::Io {
+                    what: "the action script".into(),
+                    source,
+                },
+            )?;
+            ctx.action_script = hold.script().display().to_string().into();
+            ctx.criu_config = hold.config().display().to_string().into();
+            self.journal.set(
+                &mut self.record,
+                journal::State::Started,
+                "final dump (driver)",
+            )?;
+            self.env
+                .progress
+                .pass_started(iter, "dump", self.need_bytes);
+            let outcome = self.driver.dump(&ctx)?;
+            if !outcome.handled {
+                return Err(HandOverError::Dump(format!(
+                    "the {} driver declares own-dump but left the dump to the engine",
+                    self.env.opts.htype
+                )));
             }
-            e => e,
-        })?;
-        self.stats.criu_dump_us = dump.dump_time.as_micros() as u64;
+            let progress = self.env.progress.clone();
+            let held = super::dump::ScriptDump::until_post_dump(
+                hold,
+                &mut || progress.phase("frozen"),
+                Instant::now() + deadline_from_now,
+            );
+            if held.is_err() {
+                // Its tooling may still run: let it end.
+                let _ = self.driver.dump_wait();
+            }
+            Hold::Script(Box::new(held?))
+        } else {
+            let outcome = self.driver.dump(&ctx)?;
+            if outcome.handled {
+                return Err(HandOverError::Dump(format!(
+                    "the {} driver dumped the workload itself without declaring the own-dump \
+                     capability, so the engine could not hold it for the commit",
+                    self.env.opts.htype
+                )));
+            }
+            let criu = self.dumper.take().expect("dump worker before the freeze");
+            let mut o = criu.opts(&dir, "dump.log");
+            o.pid = Some(self.pid);
+            o.notify_scripts = Some(true);
+            o.ps = Some(rpc::PageServerInfo {
+                fd: Some(self.ps_fd),
+                ..Default::default()
+            });
+            if let Some(p) = parent {
+                o.parent_img = Some(format!("../{p}"));
+                o.track_mem = Some(true);
+            }
+            criu_opts_to_rpc(&copts, &mut o);
+            self.criu_defaults.apply_rpc(&mut o);
+            self.journal
+                .set(&mut self.record, journal::State::Started, "final dump")?;
+            self.env
+                .progress
+                .pass_started(iter, "dump", self.need_bytes);
+            self.mem.watch(self.env.progress.clone(), before);
+            let deadline = Instant::now() + deadline_from_now;
+            let held = FinalDump::start(criu, o)
+                .map_err(HandOverError::from)
+                .and_then(|d| {
+                    d.until_post_dump(
+                        &mut Hooks {
+                            driver: &mut self.driver,
+                            progress: &*self.env.progress,
+                        },
+                        Some(deadline),
+                    )
+                });
+            self.mem.unwatch();
+            Hold::Criu(held.map_err(|e| match e {
+                HandOverError::Criu(crate::criu::CriuError::Timeout { .. }) => {
+                    HandOverError::FreezeTimeout {
+                        limit: self.freeze_timeout,
+                        during: "CRIU dumped the workload",
+                    }
+                }
+                e => e,
+            })?)
+        };
+        self.stats.criu_dump_us = dump.dump_time().as_micros() as u64;
         let pass = PassStats {
             pages_written: 0,
-            bytes: self.mem.sent() - before,
-            duration: dump.dump_time,
+            bytes: self.mem.sent().saturating_sub(before),
+            duration: dump.dump_time(),
         };
         self.env.progress.pass_finished(&pass);
         self.stats
@@ -622,7 +672,7 @@ impl<'a> Live<'a> {
     /// While frozen: the final file pass, the storage snapshot, the images
     /// and meta files, and the destination's restore up to its hold.
     fn hand_over(&mut self, frozen: &mut Frozen) -> Result<Restored, HandOverError> {
-        let deadline = frozen.dump.frozen_at + self.freeze_timeout;
+        let deadline = frozen.dump.frozen_at() + self.freeze_timeout;
         self.control.set_deadline(Some(deadline));
         let (limit, abort) = (self.freeze_timeout, self.env.abort);
         let timeout = |e: PeerError, during| match (e, abort.reason()) {
@@ -833,8 +883,8 @@ impl<'a> Live<'a> {
         {
             tracing::error!("{e}");
         }
-        let frozen_at = c.dump.frozen_at;
-        let work_criu = c.dump.work_dir().to_path_buf();
+        let frozen_at = c.dump.frozen_at();
+        let work_criu = c.dump.work_dir();
         let mut hooks = Hooks {
             driver: &mut self.driver,
             progress: &*self.env.progress,
@@ -845,7 +895,7 @@ impl<'a> Live<'a> {
         if !proc::kill_tasks(&c.tasks, Duration::from_secs(10)) {
             tracing::error!("the source copy (pid {}) did not go away", self.pid);
         }
-        self.stats.criu_dump = stats::read_dump(&work_criu).ok();
+        self.stats.criu_dump = work_criu.and_then(|d| stats::read_dump(&d).ok());
         if let (Some(last), Some(s)) = (self.stats.passes.last_mut(), self.stats.criu_dump.as_ref())
         {
             last.pages_written = s.pages_written;

@@ -50,7 +50,7 @@ impl HookDeadlines {
             | "adjust_restore_opts"
             | "meta_files_out"
             | "meta_files_in" => 30,
-            "dump" | "restore" => 300,
+            "dump" | "restore" | "dump_wait" | "restore_wait" => 300,
             _ => 60,
         })
     }
@@ -148,6 +148,11 @@ impl Driver {
             hook,
             source: DriverError::new(ErrorCode::FAILED, why.to_string()),
         }
+    }
+
+    /// Stops calling the driver (a hook it runs was given up on).
+    pub fn mark_unusable(&mut self, why: &str) {
+        self.unusable.get_or_insert_with(|| why.to_string());
     }
 
     /// Runs `f` on the driver's thread and waits for it, at most until the
@@ -320,6 +325,14 @@ impl Driver {
     /// See [`phaul_plugin_api::Driver::migration_fail`].
     pub fn migration_fail(&mut self) -> Result<(), Error> {
         self.call("migration_fail", |d| d.migration_fail())
+    }
+    /// See [`phaul_plugin_api::Driver::dump_wait`].
+    pub fn dump_wait(&mut self) -> Result<(), Error> {
+        self.call("dump_wait", |d| d.dump_wait())
+    }
+    /// See [`phaul_plugin_api::Driver::restore_wait`].
+    pub fn restore_wait(&mut self) -> Result<i32, Error> {
+        self.call("restore_wait", |d| d.restore_wait())
     }
     /// See [`phaul_plugin_api::Driver::restored`].
     pub fn restored(&mut self, pid: i32) -> Result<(), Error> {

@@ -14,6 +14,11 @@
 //! - `-o break-restore`: the destination truncates the restored tree's
 //!   `core` image before CRIU reads it, so the real CRIU restore fails (as
 //!   it would on a corrupted image).
+//! - `PHAUL_TEST_FAULTY_OWN_CRIU=1` in the environment: the driver dumps
+//!   and restores through "its own tooling" — the `criu` command line, run
+//!   with the action script the engine hands it — and declares the
+//!   own-dump and own-restore capabilities, as a container driver whose
+//!   engine runs CRIU does.
 //! - `PHAUL_TEST_FAULTY_INFO=panic` in the environment: `info` panics, so
 //!   the plugin fails to initialise and the loader must skip it.
 //!
@@ -39,6 +44,9 @@ pub struct FaultyDriver {
     record: Option<std::path::PathBuf>,
     side: &'static str,
     pid: i32,
+    /// The `criu` command line under way ("own tooling").
+    tool: Option<std::process::Child>,
+    pidfile: Option<String>,
     break_restore: bool,
 }
 
@@ -83,12 +91,50 @@ impl FaultyDriver {
     }
 }
 
+fn own_criu() -> bool {
+    std::env::var("PHAUL_TEST_FAULTY_OWN_CRIU").as_deref() == Ok("1")
+}
+
+/// Starts the `criu` command line, as a driver's own tooling would.
+fn start_criu(args: &[String]) -> DriverResult<std::process::Child> {
+    let bin = std::env::var("PHAUL_CRIU").unwrap_or_else(|_| "/usr/local/sbin/criu".into());
+    std::process::Command::new(&bin)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| DriverError::failed(format!("{bin}: {e}")))
+}
+
+/// Waits for a `criu` started by [`start_criu`].
+fn wait_criu(child: Option<std::process::Child>, what: &str) -> DriverResult<()> {
+    let Some(child) = child else {
+        return Err(DriverError::failed(format!("no criu {what} was started")));
+    };
+    let out = child
+        .wait_with_output()
+        .map_err(|e| DriverError::failed(e.to_string()))?;
+    if !out.status.success() {
+        return Err(DriverError::failed(format!(
+            "criu {what} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
 impl Driver for FaultyDriver {
     fn info(&self) -> DriverInfo {
         if std::env::var("PHAUL_TEST_FAULTY_INFO").as_deref() == Ok("panic") {
             panic!("injected panic in info");
         }
         let mut info = self.inner.info();
+        if own_criu() {
+            info.capabilities =
+                info.capabilities | Capabilities::OWN_DUMP | Capabilities::OWN_RESTORE;
+        }
         info.name = "faulty".into();
         info.description = "test driver: the pid driver with injected failures".into();
         info
@@ -137,7 +183,36 @@ impl Driver for FaultyDriver {
     }
     fn dump(&mut self, ctx: &DumpContext) -> DriverResult<HookOutcome> {
         self.inject("dump")?;
-        self.inner.dump(ctx)
+        if !own_criu() {
+            return self.inner.dump(ctx);
+        }
+        let dir = ctx.images_dir.as_str();
+        let mut args: Vec<String> = vec![
+            "dump".into(),
+            "-t".into(),
+            ctx.pid.to_string(),
+            "-D".into(),
+            dir.into(),
+            "-o".into(),
+            "dump.log".into(),
+            "-v2".into(),
+            "--action-script".into(),
+            ctx.action_script.to_string(),
+        ];
+        if ctx.opts.file_locks {
+            args.push("--file-locks".into());
+        }
+        if ctx.opts.link_remap {
+            args.push("--link-remap".into());
+        }
+        if ctx.opts.tcp_established {
+            args.push("--tcp-established".into());
+        }
+        self.tool = Some(start_criu(&args)?);
+        Ok(HookOutcome::handled(0))
+    }
+    fn dump_wait(&mut self) -> DriverResult<()> {
+        wait_criu(self.tool.take(), "dump")
     }
     fn restore(&mut self, ctx: &RestoreContext) -> DriverResult<HookOutcome> {
         self.inject("restore")?;
@@ -156,7 +231,42 @@ impl Driver for FaultyDriver {
                 }
             }
         }
-        self.inner.restore(ctx)
+        if !own_criu() {
+            return self.inner.restore(ctx);
+        }
+        let dir = ctx.images_dir.as_str();
+        let pidfile = format!("{dir}/restored.pid");
+        let mut args: Vec<String> = vec![
+            "restore".into(),
+            "-D".into(),
+            dir.into(),
+            "-d".into(),
+            "-o".into(),
+            "restore.log".into(),
+            "-v2".into(),
+            "--pidfile".into(),
+            pidfile.clone(),
+            "--action-script".into(),
+            ctx.action_script.to_string(),
+        ];
+        if ctx.opts.file_locks {
+            args.push("--file-locks".into());
+        }
+        if ctx.opts.tcp_established {
+            args.push("--tcp-established".into());
+        }
+        self.tool = Some(start_criu(&args)?);
+        self.pidfile = Some(pidfile);
+        Ok(HookOutcome::handled(0))
+    }
+    fn restore_wait(&mut self) -> DriverResult<i32> {
+        wait_criu(self.tool.take(), "restore")?;
+        Ok(self
+            .pidfile
+            .take()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or(0))
     }
     fn fs_sync(&mut self) -> DriverResult<FsSyncSpec> {
         self.inject("fs_sync")?;
