@@ -52,19 +52,14 @@ impl RootModule for PluginModRef {
 }
 
 /// The symbol name of the library header abi_stable looks up, which
-/// [`export_driver!`](crate::export_driver) must give its static (an
-/// attribute needs a literal, so the macro spells it out; the assertion
-/// below keeps the two equal).
-#[doc(hidden)]
-#[macro_export]
-macro_rules! __phaul_root_module_symbol {
-    () => {
-        "_1as_0lib_1header_0root_bmodule_bloader"
-    };
-}
+/// [`export_driver!`](crate::export_driver) gives its static. An attribute
+/// needs a literal, so the macro spells it out again; the assertion below
+/// keeps this one equal to abi_stable's, and every plugin test loads a
+/// library exported under the macro's.
+const ROOT_MODULE_SYMBOL: &str = "_1as_0lib_1header_0root_bmodule_bloader";
 
 const _: () = assert!(
-    const_str_eq(__phaul_root_module_symbol!(), ROOT_MODULE_LOADER_NAME),
+    const_str_eq(ROOT_MODULE_SYMBOL, ROOT_MODULE_LOADER_NAME),
     "export_driver!'s symbol is not abi_stable's ROOT_MODULE_LOADER_NAME"
 );
 
@@ -125,7 +120,7 @@ macro_rules! export_driver {
     ($driver:ty) => {
         /// The library header abi_stable reads (what
         /// `#[abi_stable::export_root_module]` would generate).
-        #[export_name = $crate::__phaul_root_module_symbol!()]
+        #[export_name = "_1as_0lib_1header_0root_bmodule_bloader"]
         pub static PHAUL_PLUGIN_LIB_HEADER: $crate::abi_stable::library::LibHeader = {
             extern "C" fn constructor() -> $crate::abi_stable::library::RootModuleResult {
                 $crate::module::__root_module(phaul_plugin_root_module)
