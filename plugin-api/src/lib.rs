@@ -22,6 +22,9 @@
 //! 4. Install the `.so` into a plugin directory and check it with
 //!    `phaul htypes --plugin-dir DIR`.
 //!
+//! `examples/hello-driver` in phaul's repository is a complete driver built
+//! this way, outside phaul's workspace.
+//!
 //! ```ignore
 //! use phaul_plugin_api::*;
 //!
