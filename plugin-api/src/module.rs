@@ -78,24 +78,30 @@ const fn const_str_eq(a: &str, b: &str) -> bool {
     true
 }
 
-/// The library header of a plugin whose root module `constructor` runs
-/// `loader`, with its layout included for the engine to check. Used by the
-/// code [`export_driver!`](crate::export_driver) generates, so a driver
-/// crate needs no direct abi_stable dependency (abi_stable's own
-/// `#[export_root_module]` names `::abi_stable`).
+/// What [`export_driver!`](crate::export_driver) implements to name the
+/// function that builds a plugin's root module.
 #[doc(hidden)]
-pub const fn __lib_header(constructor: extern "C" fn() -> RootModuleResult) -> LibHeader {
-    // SAFETY: the constructor returns (through `__root_module`) a
-    // `PrefixRef` of `PluginMod`, the module type named here.
-    unsafe { LibHeader::from_constructor::<PluginModRef>(constructor, CheckTypeLayout::Yes) }
+pub trait __RootModuleLoader {
+    /// Builds the root module.
+    fn root_module() -> PluginModRef;
 }
 
-/// Runs a plugin's root-module loader for abi_stable: registers the
-/// module, catches a panic. Used by the code
-/// [`export_driver!`](crate::export_driver) generates.
+/// The constructor abi_stable calls (once, when the engine first loads the
+/// library): registers the module, turns a panic into an error.
+extern "C" fn constructor<L: __RootModuleLoader>() -> RootModuleResult {
+    abi_stable::library::__call_root_module_loader(L::root_module)
+}
+
+/// The library header of a plugin whose root module `L` builds, with its
+/// layout included for the engine to check: what abi_stable's
+/// `#[export_root_module]` generates, made here so that the code
+/// [`export_driver!`](crate::export_driver) generates needs no direct
+/// abi_stable dependency (that attribute names `::abi_stable`).
 #[doc(hidden)]
-pub fn __root_module(loader: fn() -> PluginModRef) -> RootModuleResult {
-    abi_stable::library::__call_root_module_loader(loader)
+pub const fn __lib_header<L: __RootModuleLoader>() -> LibHeader {
+    // SAFETY: `constructor::<L>` returns a `PrefixRef` of `PluginMod` (from
+    // a `PluginModRef`), the module type named here.
+    unsafe { LibHeader::from_constructor::<PluginModRef>(constructor::<L>, CheckTypeLayout::Yes) }
 }
 
 /// Exports a [`Driver`](crate::Driver) type as a phaul plugin. The type must
@@ -122,10 +128,13 @@ macro_rules! export_driver {
         /// `#[abi_stable::export_root_module]` would generate).
         #[export_name = "_1as_0lib_1header_0root_bmodule_bloader"]
         pub static PHAUL_PLUGIN_LIB_HEADER: $crate::abi_stable::library::LibHeader = {
-            extern "C" fn constructor() -> $crate::abi_stable::library::RootModuleResult {
-                $crate::module::__root_module(phaul_plugin_root_module)
+            struct Loader;
+            impl $crate::module::__RootModuleLoader for Loader {
+                fn root_module() -> $crate::PluginModRef {
+                    phaul_plugin_root_module()
+                }
             }
-            $crate::module::__lib_header(constructor)
+            $crate::module::__lib_header::<Loader>()
         };
 
         /// The plugin's root module.

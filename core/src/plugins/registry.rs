@@ -333,7 +333,13 @@ fn describe(e: &LibraryError, header: Option<&LibHeader>) -> Refusal {
         }
         LibraryError::InvalidAbiHeader(h) => Refusal::AbiStable(format!("{h:?}")),
         LibraryError::InvalidCAbi { .. } => Refusal::CAbi,
-        LibraryError::RootModule { err, .. } => Refusal::Init(err.to_string().trim().to_string()),
+        // abi_stable's text spans lines; the refusal is one.
+        LibraryError::RootModule { err, .. } => Refusal::Init(
+            err.to_string()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" "),
+        ),
         LibraryError::Many(errs) => errs
             .iter()
             .next()
