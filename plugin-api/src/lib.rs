@@ -10,8 +10,10 @@
 //! ## Writing a driver
 //!
 //! 1. Make a crate with `crate-type = ["cdylib"]` depending on
-//!    `phaul-plugin-api` and on `abi_stable` 0.11 (the code
-//!    [`export_driver!`] generates names `::abi_stable` directly).
+//!    `phaul-plugin-api` only: abi_stable is re-exported as
+//!    [`phaul_plugin_api::abi_stable`](abi_stable) for the FFI-safe std
+//!    types (`RString`, `RVec`, ...), and the code [`export_driver!`]
+//!    generates refers to it through this crate.
 //! 2. Implement [`Driver`] for a `Default` type. Only [`Driver::info`] and
 //!    [`Driver::init`] are required; read the documentation of every other
 //!    hook to see when it runs, on which side, whether the workload is
@@ -19,6 +21,9 @@
 //! 3. Call [`export_driver!`] once with the type.
 //! 4. Install the `.so` into a plugin directory and check it with
 //!    `phaul htypes --plugin-dir DIR`.
+//!
+//! `examples/hello-driver` in phaul's repository is a complete driver built
+//! this way, outside phaul's workspace.
 //!
 //! ```ignore
 //! use phaul_plugin_api::*;
@@ -49,18 +54,22 @@
 //! ## Compatibility
 //!
 //! The engine refuses a plugin built against an incompatible
-//! [`ABI_VERSION`] or whose boundary types have a different layout, with
-//! one line naming the file and the reason; the other plugins still load.
+//! [`ABI_VERSION`] (while the major version is 0: another minor version),
+//! whose boundary types have a different layout, or whose boundary
+//! constants have other values ([`constants`]), with one line naming the
+//! file and what differs; the other plugins still load.
 //! Panics inside a driver never cross the boundary (see [`guard`]).
 
 #![warn(missing_docs)]
 
+pub mod constants;
 pub mod driver;
 pub mod host;
 pub mod module;
 pub mod types;
 
 pub use abi_stable;
+pub use constants::{abi_fingerprint, AbiConstant, AbiConstants, ABI_CONSTANTS};
 pub use driver::{guard, Driver, DriverBox, FfiDriver, FfiDriver_TO, GuardedDriver};
 pub use host::{Host, HostBox, HostExt, Host_TO};
 pub use module::{PluginMod, PluginModRef, ABI_VERSION};

@@ -104,7 +104,19 @@ impl Serve {
         extra: &[&str],
         log: Option<&Path>,
     ) -> Serve {
-        let plugins = plugin_dir(plugins);
+        Self::start_in(wrapper, plugin_dir(plugins), listen, extra, log)
+    }
+
+    /// Like [`Serve::start_on`], with a plugin directory the caller made
+    /// (e.g. holding a driver built outside the workspace, see
+    /// [`crate::plugin_dir_of`]).
+    pub fn start_in(
+        wrapper: &[&str],
+        plugins: tempfile::TempDir,
+        listen: &str,
+        extra: &[&str],
+        log: Option<&Path>,
+    ) -> Serve {
         let work = shm_dir("dst");
         let journal = tempfile::tempdir().expect("journal dir");
         let logs = tempfile::Builder::new()

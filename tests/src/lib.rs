@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 
 pub mod harness;
+pub mod out_of_tree;
 pub mod proxy;
 pub mod trees;
 
@@ -50,6 +51,18 @@ pub fn plugin_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");
     for (lib, file_name) in files {
         std::fs::copy(plugin(lib), dir.path().join(file_name)).expect("copy plugin");
+    }
+    dir
+}
+
+/// A temporary plugin directory holding copies of the given library files
+/// (built anywhere, e.g. by [`out_of_tree::hello_driver`]), each under the
+/// file name given.
+pub fn plugin_dir_of(files: &[(&Path, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (path, file_name) in files {
+        std::fs::copy(path, dir.path().join(file_name))
+            .unwrap_or_else(|e| panic!("copy {}: {e}", path.display()));
     }
     dir
 }

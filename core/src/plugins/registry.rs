@@ -1,13 +1,16 @@
 //! The plugin registry: scanning directories and loading every driver
-//! library with abi_stable's checks, one independent verdict per file.
+//! library with abi_stable's checks and phaul's own (see [`super::compat`]),
+//! one independent verdict per file.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use abi_stable::library::{lib_header_from_path, LibraryError};
-use phaul_plugin_api::{Capabilities, DriverInfo, PluginModRef, ABI_VERSION};
+use abi_stable::library::{lib_header_from_path, LibHeader, LibraryError};
+use abi_stable::StableAbi;
+use phaul_plugin_api::{abi_fingerprint, Capabilities, DriverInfo, PluginModRef, ABI_CONSTANTS};
 use serde::Serialize;
 
+use super::compat::{self, Refusal};
 use super::driver::Driver;
 use crate::error::Error;
 
@@ -42,7 +45,8 @@ pub struct DriverSummary {
     pub version: String,
     /// One line on what it moves.
     pub description: String,
-    /// The plugin ABI version the engine checked it against.
+    /// The phaul-plugin-api version the plugin was built against (from
+    /// its library header).
     pub abi_version: String,
     /// Capability names (`live`, `restart`, `pre-dump`, ...).
     pub capabilities: Vec<String>,
@@ -52,12 +56,12 @@ pub struct DriverSummary {
 }
 
 impl DriverSummary {
-    fn from_info(info: &DriverInfo) -> Self {
+    fn from_info(info: &DriverInfo, abi_version: String) -> Self {
         Self {
             name: info.name.to_string(),
             version: info.version.to_string(),
             description: info.description.to_string(),
-            abi_version: ABI_VERSION.to_string(),
+            abi_version,
             capabilities: info
                 .capabilities
                 .names()
@@ -97,6 +101,22 @@ pub struct Skipped {
     pub path: PathBuf,
     /// One line: what is wrong and what to do.
     pub reason: String,
+    /// The kind of refusal ([`Refusal::kind`]: `version`, `layout`, ...).
+    pub kind: &'static str,
+    /// The refusal itself.
+    #[serde(skip)]
+    pub refusal: Refusal,
+}
+
+impl Skipped {
+    fn new(path: PathBuf, refusal: Refusal) -> Self {
+        Self {
+            path,
+            reason: refusal.to_string(),
+            kind: refusal.kind(),
+            refusal,
+        }
+    }
 }
 
 impl std::fmt::Display for Skipped {
@@ -127,10 +147,10 @@ impl Registry {
                 Ok(e) => e,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(e) => {
-                    reg.skipped.push(Skipped {
-                        path: dir.clone(),
-                        reason: format!("cannot read the plugin directory: {e}"),
-                    });
+                    reg.skipped.push(Skipped::new(
+                        dir.clone(),
+                        Refusal::UnreadableDir(e.to_string()),
+                    ));
                     continue;
                 }
             };
@@ -149,20 +169,17 @@ impl Registry {
     fn load_file(&mut self, path: PathBuf) {
         let path = path.canonicalize().unwrap_or(path);
         match load_module(&path) {
-            Err(reason) => self.skipped.push(Skipped { path, reason }),
+            Err(refusal) => self.skipped.push(Skipped::new(path, refusal)),
             Ok((module, summary)) => {
                 if let Some(first) = self.plugins.get(&summary.name) {
                     if first.path == path {
                         return; // the same file reached through two directories
                     }
-                    self.skipped.push(Skipped {
-                        reason: format!(
-                            "declares htype `{}`, which {} already provides: remove one of the two",
-                            summary.name,
-                            first.path.display()
-                        ),
-                        path,
-                    });
+                    let refusal = Refusal::Duplicate {
+                        htype: summary.name.clone(),
+                        first: first.path.clone(),
+                    };
+                    self.skipped.push(Skipped::new(path, refusal));
                     return;
                 }
                 tracing::debug!(htype = %summary.name, path = %path.display(), "loaded plugin");
@@ -229,56 +246,104 @@ impl Registry {
     }
 }
 
-fn load_module(path: &Path) -> Result<(PluginModRef, DriverSummary), String> {
-    let header = lib_header_from_path(path).map_err(|e| describe(&e))?;
+/// Loads one library, checking in order (each check reads only what the
+/// previous one vouched for): it is an abi_stable library; the
+/// phaul-plugin-api version in its header fits this engine; its boundary
+/// types have this engine's layout; its boundary constants have this
+/// engine's values; its driver describes itself with a valid name.
+fn load_module(path: &Path) -> Result<(PluginModRef, DriverSummary), Refusal> {
+    let header = lib_header_from_path(path).map_err(|e| describe(&e, None))?;
+    let plugin_version = header.version_strings();
+    compat::check_version(plugin_version)?;
     let module = header
         .init_root_module::<PluginModRef>()
-        .map_err(|e| describe(&e))?;
+        .map_err(|e| describe(&e, Some(header)))?;
+    check_constants(&module, &plugin_version.to_string())?;
     let info = (module.info())()
         .into_result()
-        .map_err(|e| format!("failed to initialise: {}", e.message))?;
+        .map_err(|e| Refusal::Init(e.message.to_string()))?;
     if info.name.is_empty()
         || !info
             .name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
     {
-        return Err(format!(
-            "declares an invalid htype name `{}` (use letters, digits, - and _)",
-            info.name
-        ));
+        return Err(Refusal::InvalidName(info.name.to_string()));
     }
-    Ok((module, DriverSummary::from_info(&info)))
+    Ok((
+        module,
+        DriverSummary::from_info(&info, plugin_version.to_string()),
+    ))
 }
 
-/// One line for an abi_stable loading error.
-fn describe(e: &LibraryError) -> String {
+/// Compares the plugin's boundary constants with this engine's (equal
+/// fingerprints: equal tables; otherwise constant by constant).
+fn check_constants(module: &PluginModRef, plugin_version: &str) -> Result<(), Refusal> {
+    let engine_version = compat::engine_version().to_string();
+    let Some(abi_constants) = module.abi_constants() else {
+        return Err(Refusal::NoConstants(engine_version));
+    };
+    let theirs = abi_constants();
+    if theirs.fingerprint == abi_fingerprint() {
+        return Ok(());
+    }
+    match compat::constants_mismatch(ABI_CONSTANTS, theirs.constants.as_slice()) {
+        Some(mismatch) => Err(Refusal::Constants {
+            plugin: plugin_version.to_string(),
+            mismatch,
+            engine: engine_version,
+        }),
+        None => {
+            tracing::debug!(
+                "plugin constants differ only by constants one side does not know (fingerprint \
+                 {:#x}, here {:#x})",
+                theirs.fingerprint,
+                abi_fingerprint()
+            );
+            Ok(())
+        }
+    }
+}
+
+/// One refusal for an abi_stable loading error (the full error goes to the
+/// debug log). `header` is the library's, for naming a layout mismatch.
+fn describe(e: &LibraryError, header: Option<&LibHeader>) -> Refusal {
     tracing::debug!("plugin loading error: {e}");
+    let engine = compat::engine_version().to_string();
     match e {
-        LibraryError::OpenError { err, .. } => format!("cannot be loaded: {err}"),
-        LibraryError::GetSymbolError { .. } => {
-            "not a phaul plugin: it exports no abi_stable root module".to_string()
+        LibraryError::OpenError { err, .. } => Refusal::CannotOpen(err.to_string()),
+        LibraryError::GetSymbolError { .. } => Refusal::NotAPlugin,
+        // Not reached since compat::check_version runs first; kept for
+        // completeness.
+        LibraryError::IncompatibleVersionNumber { actual_version, .. } => {
+            compat::version_refusal(actual_version, actual_version.to_string())
         }
-        LibraryError::IncompatibleVersionNumber {
-            expected_version,
-            actual_version,
-            ..
-        } => format!(
-            "built against plugin ABI {actual_version}, but this phaul uses ABI {expected_version}: \
-             rebuild the driver against phaul-plugin-api {ABI_VERSION}"
-        ),
-        LibraryError::ParseVersionError(e) => format!("has an unreadable ABI version: {e}"),
-        LibraryError::AbiInstability(_) => format!(
-            "its plugin types do not match this phaul's (layout check failed): \
-             rebuild the driver against phaul-plugin-api {ABI_VERSION}"
-        ),
-        LibraryError::InvalidAbiHeader(h) => format!(
-            "was built with an incompatible abi_stable ({h:?}): rebuild it with abi_stable 0.11"
-        ),
-        LibraryError::InvalidCAbi { .. } => {
-            "was built by a compiler with a different C ABI: rebuild it".to_string()
+        LibraryError::ParseVersionError(e) => Refusal::UnreadableVersion(format!("{e:?}"), engine),
+        LibraryError::AbiInstability(_) => {
+            let plugin = header.map(|h| h.version_strings().to_string());
+            let mismatch = header
+                .and_then(LibHeader::layout)
+                .and_then(|found| compat::layout_mismatch(PluginModRef::LAYOUT, found))
+                .unwrap_or_else(|| "the layout check failed (run with -v for the details)".into());
+            Refusal::Layout {
+                plugin: plugin.unwrap_or_else(|| engine.clone()),
+                mismatch,
+                engine,
+            }
         }
-        LibraryError::RootModule { err, .. } => format!("failed to initialise: {err}"),
-        LibraryError::Many(errs) => errs.iter().map(describe).collect::<Vec<_>>().join("; "),
+        LibraryError::InvalidAbiHeader(h) => Refusal::AbiStable(format!("{h:?}")),
+        LibraryError::InvalidCAbi { .. } => Refusal::CAbi,
+        // abi_stable's text spans lines; the refusal is one.
+        LibraryError::RootModule { err, .. } => Refusal::Init(
+            err.to_string()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" "),
+        ),
+        LibraryError::Many(errs) => errs
+            .iter()
+            .next()
+            .map(|e| describe(e, header))
+            .unwrap_or_else(|| Refusal::Init("abi_stable reported no error".into())),
     }
 }

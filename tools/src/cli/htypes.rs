@@ -27,6 +27,9 @@ pub struct HtypesArgs {
 
 #[derive(Serialize)]
 struct Listing<'a> {
+    /// The phaul-plugin-api version this phaul speaks (each htype's
+    /// `abi_version` is the one its plugin was built against).
+    phaul_abi_version: &'static str,
     htypes: Vec<&'a LoadedPlugin>,
     skipped: &'a [Skipped],
     plugin_dirs: &'a [PathBuf],
@@ -38,6 +41,7 @@ pub fn run(dirs: &[PathBuf], args: HtypesArgs) -> anyhow::Result<ExitCode> {
     let plugins: Vec<&LoadedPlugin> = reg.plugins().collect();
     if args.json {
         let listing = Listing {
+            phaul_abi_version: phaul_core::ABI_VERSION,
             htypes: plugins.clone(),
             skipped: reg.skipped(),
             plugin_dirs: reg.dirs(),
