@@ -88,6 +88,9 @@ impl phaul_plugin_api::Driver for TestDriver {
         self.hook("dump")
             .map(|()| phaul_plugin_api::HookOutcome::ENGINE_DEFAULT)
     }
+    fn meta_files_in(&mut self, _dir: &str, _names: &[String]) -> DriverResult<()> {
+        self.hook("meta_files_in")
+    }
     fn meta_files_out(&mut self, _dir: &str) -> DriverResult<Vec<String>> {
         self.hook("meta_files_out").map(|()| Vec::new())
     }
@@ -226,10 +229,16 @@ fn run(case: Case) -> Result_ {
     std::thread::spawn(move || proxy(ctl_px1, ctl_px2, cut));
 
     // Hung hooks are given up on quickly.
-    let deadlines: Vec<(String, Duration)> = ["net_lock", "restore", "dump", "meta_files_out"]
-        .iter()
-        .map(|h| (h.to_string(), Duration::from_millis(300)))
-        .collect();
+    let deadlines: Vec<(String, Duration)> = [
+        "net_lock",
+        "restore",
+        "dump",
+        "meta_files_out",
+        "meta_files_in",
+    ]
+    .iter()
+    .map(|h| (h.to_string(), Duration::from_millis(300)))
+    .collect();
     let dst_launcher = FakeLauncher::new(case.dst_criu.clone());
     let dst_log = dst_launcher.log.clone();
     let dst_opts = DestOptions {
@@ -407,8 +416,16 @@ fn every_failure_before_the_commit_resumes_the_source_and_discards_the_copy() {
             ..Case::new("source driver dump hangs")
         },
         Case {
+            src_fail: &["hang:meta_files_out"],
+            ..Case::new("source driver meta_files_out hangs (frozen)")
+        },
+        Case {
             dst_fail: &["hang:restore"],
             ..Case::new("destination driver restore hangs")
+        },
+        Case {
+            dst_fail: &["hang:meta_files_in"],
+            ..Case::new("destination driver meta_files_in hangs")
         },
         Case {
             dst_fail: &["restore"],
