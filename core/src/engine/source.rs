@@ -143,8 +143,8 @@ pub(crate) fn migrate_with(
     }
 
     let pre = preflight(&env, driver, &work)?;
-    let mut live = Live::connect(env, pre, work, journal)?;
-    let copied = match live.copy() {
+    let (mut live, connected) = Live::connect(env, pre, work, journal)?;
+    let copied = match live.copy(connected) {
         Ok(c) => c,
         Err(e) => return Err(live.abandon(e.into())),
     };
@@ -312,8 +312,6 @@ struct Live<'a> {
     control: Control,
     mem: MemChannel,
     ps_fd: i32,
-    /// The dump worker (until the final dump takes it).
-    dumper: Option<Box<dyn Criu>>,
     fs: Option<SourceSync>,
     /// The file connection, to bound the final pass by the freeze deadline.
     fs_conn: Option<crate::conn::Conn>,
@@ -335,7 +333,15 @@ struct Live<'a> {
 }
 
 /// Memory passes done while the workload ran.
+/// Connected: the destination accepted, the dump worker is ready.
+struct Connected {
+    dumper: Box<dyn Criu>,
+}
+
+/// Memory passes done while the workload ran; the dump worker is ready for
+/// the final dump.
 struct Copied {
+    dumper: Box<dyn Criu>,
     last_pre: Option<u32>,
 }
 
@@ -390,7 +396,7 @@ impl<'a> Live<'a> {
         pre: Preflight,
         work: WorkDir,
         journal: Journal,
-    ) -> Result<Live<'a>, PreflightError> {
+    ) -> Result<(Live<'a>, Connected), PreflightError> {
         let Preflight {
             prepared,
             criu_version,
@@ -456,36 +462,39 @@ impl<'a> Live<'a> {
         } = prepared;
         let (criu_defaults, _) =
             super::CriuDefaults::split(&opts.options).map_err(PreflightError::Check)?;
-        Ok(Live {
-            own_dump: info.capabilities.contains(Capabilities::OWN_DUMP),
-            criu_defaults,
-            freeze_timeout: opts
-                .freeze_timeout
-                .unwrap_or_else(|| default_freeze_timeout(need_bytes)),
-            env,
-            driver,
-            work,
-            journal,
-            record,
-            control,
-            mem,
-            ps_fd,
-            dumper: Some(dumper),
-            fs,
-            fs_conn,
-            pid,
-            need_bytes,
-            use_pre_dump,
-            irmap: !roots.is_empty() && !spec.inodes_persistent,
-            shared_storage: spec.kind == FsSyncKind::SharedStorage,
-            snapshotted: false,
-            stats: Stats::default(),
-        })
+        Ok((
+            Live {
+                own_dump: info.capabilities.contains(Capabilities::OWN_DUMP),
+                criu_defaults,
+                freeze_timeout: opts
+                    .freeze_timeout
+                    .unwrap_or_else(|| default_freeze_timeout(need_bytes)),
+                env,
+                driver,
+                work,
+                journal,
+                record,
+                control,
+                mem,
+                ps_fd,
+                fs,
+                fs_conn,
+                pid,
+                need_bytes,
+                use_pre_dump,
+                irmap: !roots.is_empty() && !spec.inodes_persistent,
+                shared_storage: spec.kind == FsSyncKind::SharedStorage,
+                snapshotted: false,
+                stats: Stats::default(),
+            },
+            Connected { dumper },
+        ))
     }
 
     /// Memory passes (pre-dumps, when the kernel tracks dirty memory) and
     /// the live file-sync passes, while the workload runs.
-    fn copy(&mut self) -> Result<Copied, CopyError> {
+    fn copy(&mut self, connected: Connected) -> Result<Copied, CopyError> {
+        let Connected { mut dumper } = connected;
         let last_pre = match std::mem::replace(&mut self.use_pre_dump, Ok(())) {
             Ok(()) => {
                 let work = &self.work;
@@ -494,7 +503,7 @@ impl<'a> Live<'a> {
                 let mut adjust =
                     |o: &mut CriuOpts| driver.adjust_dump_opts(o).map_err(|e| e.to_string());
                 let mut lp = PreDumpLoop {
-                    criu: &mut **self.dumper.as_mut().expect("dump worker before the freeze"),
+                    criu: &mut *dumper,
                     pid: self.pid,
                     ps_fd: self.ps_fd,
                     images: &images,
@@ -525,14 +534,17 @@ impl<'a> Live<'a> {
         if let Some(r) = self.env.abort.reason() {
             return Err(CopyError::Interrupted(r));
         }
-        Ok(Copied { last_pre })
+        Ok(Copied { dumper, last_pre })
     }
 
     /// The final dump up to `post-dump`: CRIU freezes the tree, streams the
     /// remaining pages and writes the other images. A failure here means
     /// CRIU resumed the tree already.
     fn freeze(&mut self, copied: Copied) -> Result<Frozen, HandOverError> {
-        let parent = copied.last_pre;
+        let Copied {
+            dumper: criu,
+            last_pre: parent,
+        } = copied;
         let iter = parent.map_or(1, |n| n + 1);
         ControlRemote {
             control: &mut self.control,
@@ -613,7 +625,6 @@ impl<'a> Live<'a> {
                     self.env.opts.htype
                 )));
             }
-            let criu = self.dumper.take().expect("dump worker before the freeze");
             let mut o = criu.opts(&dir, "dump.log");
             o.pid = Some(self.pid);
             o.notify_scripts = Some(true);
@@ -1027,7 +1038,6 @@ impl<'a> Live<'a> {
 
     fn finish_rollback(mut self, cause: super::error::RollbackCause) -> MigrationError {
         self.mem.shutdown();
-        drop(self.dumper.take());
         if let Err(e) = self.driver.migration_fail() {
             tracing::warn!("{e}");
         }
