@@ -105,7 +105,7 @@ fn hello_driver_builds_alone_loads_and_is_listed() {
     assert_eq!(hello["abi_version"], phaul_plugin_api::ABI_VERSION);
     assert_eq!(
         hello["capabilities"],
-        serde_json::json!(["page-server", "live"])
+        serde_json::json!(["live"])
     );
 
     // Its hooks, through the engine's loader: a tree is refused by name.

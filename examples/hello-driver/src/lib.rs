@@ -14,8 +14,7 @@
 //! Hooks, in the order the engine calls them (see `phaul_plugin_api::driver`
 //! for when each runs and what a failure does):
 //!
-//! - `info`: the htype's name and what it can do (live migration through
-//!   CRIU's page server).
+//! - `info`: the htype's name and what it can do (live migration).
 //! - `init` (both sides): the workload id must be a pid; the source checks
 //!   that the process exists and is alone (the `pid` htype moves trees).
 //! - `root_task_pid` (source): the pid CRIU dumps.
@@ -82,7 +81,7 @@ impl Driver for Hello {
             name: "hello".into(),
             version: env!("CARGO_PKG_VERSION").into(),
             description: "example driver: a single process, moved live".into(),
-            capabilities: Capabilities::LIVE | Capabilities::PAGE_SERVER,
+            capabilities: Capabilities::LIVE,
         }
     }
 

@@ -16,7 +16,7 @@ impl Driver for TestDriver {
             name: "changed-constant".into(),
             version: "0.0.0".into(),
             description: "test driver built against a modified plugin API".into(),
-            capabilities: Capabilities::LIVE | Capabilities::PAGE_SERVER,
+            capabilities: Capabilities::LIVE,
         }
     }
 
