@@ -103,10 +103,7 @@ fn hello_driver_builds_alone_loads_and_is_listed() {
     let hello = &v["htypes"][0];
     assert_eq!(hello["name"], "hello", "{v}");
     assert_eq!(hello["abi_version"], phaul_plugin_api::ABI_VERSION);
-    assert_eq!(
-        hello["capabilities"],
-        serde_json::json!(["live"])
-    );
+    assert_eq!(hello["capabilities"], serde_json::json!(["live"]));
 
     // Its hooks, through the engine's loader: a tree is refused by name.
     let reg = Registry::load(&[dir.path().to_path_buf()]);
