@@ -13,9 +13,12 @@
 //! different constants. Constants only one side knows are fine (sets such
 //! as capabilities and error codes grow within a minor version).
 //!
-//! When you add a constant or an enum variant to `types.rs`, add it to
-//! [`ABI_CONSTANTS`] (the enums' `*_name` functions below stop compiling
-//! until a new variant is named; a test checks every named capability).
+//! The capabilities are read from [`Capabilities::names`], so a capability
+//! added to (or removed from) `types.rs` is covered without a change here.
+//! When you add an error code or an enum variant, add it below (the enums'
+//! `*_name` functions stop compiling until a new variant is named).
+
+use std::sync::OnceLock;
 
 use abi_stable::std_types::{RSlice, RStr};
 use abi_stable::StableAbi;
@@ -67,7 +70,7 @@ impl AbiConstants {
     pub fn current() -> Self {
         Self {
             fingerprint: abi_fingerprint(),
-            constants: RSlice::from_slice(ABI_CONSTANTS),
+            constants: RSlice::from_slice(abi_constants()),
         }
     }
 }
@@ -128,16 +131,16 @@ macro_rules! variants {
     };
 }
 
-macro_rules! consts {
-    ($ty:ident: $($c:ident),+ $(,)?) => {
-        [$(AbiConstant::new(concat!(stringify!($ty), "::", stringify!($c)), $ty::$c.0 as u64)),+]
-    };
-}
-
-const CAPABILITIES: [AbiConstant; 7] = consts!(Capabilities:
-    PRE_DUMP, TCP_ESTABLISHED, LIVE, RESTART, SHARED_STORAGE, OWN_DUMP, OWN_RESTORE);
-const ERROR_CODES: [AbiConstant; 5] = consts!(ErrorCode:
-    FAILED, UNSUPPORTED, INVALID_ARGUMENT, NOT_FOUND, PANICKED);
+const ERROR_CODES: [AbiConstant; 5] = [
+    AbiConstant::new("ErrorCode::FAILED", ErrorCode::FAILED.0 as u64),
+    AbiConstant::new("ErrorCode::UNSUPPORTED", ErrorCode::UNSUPPORTED.0 as u64),
+    AbiConstant::new(
+        "ErrorCode::INVALID_ARGUMENT",
+        ErrorCode::INVALID_ARGUMENT.0 as u64,
+    ),
+    AbiConstant::new("ErrorCode::NOT_FOUND", ErrorCode::NOT_FOUND.0 as u64),
+    AbiConstant::new("ErrorCode::PANICKED", ErrorCode::PANICKED.0 as u64),
+];
 const SIDES: [AbiConstant; 2] = variants!(side_name: Side::Source, Side::Destination);
 const MODES: [AbiConstant; 2] = variants!(mode_name: Mode::Live, Mode::Restart);
 const NETWORK_LOCKS: [AbiConstant; 3] = variants!(network_lock_name:
@@ -150,8 +153,7 @@ const FS_SYNC_KINDS: [AbiConstant; 3] = variants!(fs_sync_kind_name:
 const LOG_LEVELS: [AbiConstant; 4] = variants!(log_level_name:
     LogLevel::Error, LogLevel::Warn, LogLevel::Info, LogLevel::Debug);
 
-const GROUPS: [&[AbiConstant]; 8] = [
-    &CAPABILITIES,
+const FIXED: [&[AbiConstant]; 7] = [
     &ERROR_CODES,
     &SIDES,
     &MODES,
@@ -161,39 +163,39 @@ const GROUPS: [&[AbiConstant]; 8] = [
     &LOG_LEVELS,
 ];
 
-const COUNT: usize = {
-    let mut n = 0;
-    let mut i = 0;
-    while i < GROUPS.len() {
-        n += GROUPS[i].len();
-        i += 1;
-    }
-    n
-};
-
-const TABLE: [AbiConstant; COUNT] = {
-    let mut out = [AbiConstant::new("", 0); COUNT];
-    let mut n = 0;
-    let mut g = 0;
-    while g < GROUPS.len() {
-        let mut i = 0;
-        while i < GROUPS[g].len() {
-            out[n] = GROUPS[g][i];
-            n += 1;
-            i += 1;
-        }
-        g += 1;
-    }
-    out
-};
+/// `Capabilities::TCP_ESTABLISHED` for the capability named
+/// `tcp-established`.
+fn capability_name(name: &str) -> String {
+    format!(
+        "Capabilities::{}",
+        name.to_ascii_uppercase().replace('-', "_")
+    )
+}
 
 /// Every constant that crosses the boundary, with its value in this copy
-/// of the crate.
-pub const ABI_CONSTANTS: &[AbiConstant] = &TABLE;
+/// of the crate: each single-bit capability [`Capabilities::names`] knows,
+/// the error codes, and the discriminant of every variant of the `#[repr]`
+/// enums. Built once per process (the capability names are leaked then,
+/// a few dozen bytes).
+pub fn abi_constants() -> &'static [AbiConstant] {
+    static TABLE: OnceLock<Vec<AbiConstant>> = OnceLock::new();
+    TABLE.get_or_init(|| {
+        let mut table = Vec::new();
+        for bit in 0..u64::BITS {
+            let flag = Capabilities(1 << bit);
+            for name in flag.names() {
+                let name: &'static str = Box::leak(capability_name(name).into_boxed_str());
+                table.push(AbiConstant::new(name, flag.0));
+            }
+        }
+        table.extend(FIXED.iter().flat_map(|group| group.iter().copied()));
+        table
+    })
+}
 
-/// [`fingerprint`] of [`ABI_CONSTANTS`].
+/// [`fingerprint`] of [`abi_constants`].
 pub fn abi_fingerprint() -> u64 {
-    fingerprint(ABI_CONSTANTS)
+    fingerprint(abi_constants())
 }
 
 /// A stable 64-bit hash of a constants table, independent of its order:
@@ -219,20 +221,24 @@ mod tests {
     fn every_named_capability_is_in_the_table() {
         for bit in 0..64 {
             let flag = Capabilities(1 << bit);
-            let named = !flag.names().is_empty();
-            let listed = ABI_CONSTANTS
+            let listed: Vec<&str> = abi_constants()
                 .iter()
-                .any(|c| c.type_name() == "Capabilities" && c.value == flag.0);
-            assert_eq!(
-                named, listed,
-                "capability bit {bit}: add it to ABI_CONSTANTS"
-            );
+                .filter(|c| c.type_name() == "Capabilities" && c.value == flag.0)
+                .map(|c| c.name.as_str())
+                .collect();
+            let named: Vec<String> = flag.names().into_iter().map(capability_name).collect();
+            assert_eq!(listed, named, "capability bit {bit}");
         }
+        let live = abi_constants()
+            .iter()
+            .find(|c| c.name.as_str() == "Capabilities::LIVE")
+            .unwrap();
+        assert_eq!(live.value, Capabilities::LIVE.0);
     }
 
     #[test]
     fn names_are_unique_and_typed() {
-        let mut names: Vec<&str> = ABI_CONSTANTS.iter().map(|c| c.name.as_str()).collect();
+        let mut names: Vec<&str> = abi_constants().iter().map(|c| c.name.as_str()).collect();
         assert!(names.iter().all(|n| n.contains("::")), "{names:?}");
         names.sort();
         let len = names.len();
@@ -242,7 +248,7 @@ mod tests {
 
     #[test]
     fn fingerprint_follows_the_values_not_the_order() {
-        let mut table = ABI_CONSTANTS.to_vec();
+        let mut table = abi_constants().to_vec();
         table.reverse();
         assert_eq!(fingerprint(&table), abi_fingerprint());
         let live = table
@@ -252,13 +258,16 @@ mod tests {
         live.value = 1 << 6;
         assert_ne!(fingerprint(&table), abi_fingerprint());
         assert_eq!(AbiConstants::current().fingerprint, abi_fingerprint());
-        assert_eq!(AbiConstants::current().constants.len(), ABI_CONSTANTS.len());
+        assert_eq!(
+            AbiConstants::current().constants.len(),
+            abi_constants().len()
+        );
     }
 
     #[test]
     fn discriminants_are_the_enums_own() {
         let value = |name: &str| {
-            ABI_CONSTANTS
+            abi_constants()
                 .iter()
                 .find(|c| c.name.as_str() == name)
                 .unwrap()

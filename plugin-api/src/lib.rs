@@ -69,7 +69,7 @@ pub mod module;
 pub mod types;
 
 pub use abi_stable;
-pub use constants::{abi_fingerprint, AbiConstant, AbiConstants, ABI_CONSTANTS};
+pub use constants::{abi_constants, abi_fingerprint, AbiConstant, AbiConstants};
 pub use driver::{guard, Driver, DriverBox, FfiDriver, FfiDriver_TO, GuardedDriver};
 pub use host::{Host, HostBox, HostExt, Host_TO};
 pub use module::{PluginMod, PluginModRef, ABI_VERSION};

@@ -111,15 +111,18 @@ fn hello_driver_builds_alone_loads_and_is_listed() {
         .args(["-c", "sleep 60 & wait"])
         .spawn()
         .unwrap();
-    let has_child = wait_for(Duration::from_secs(5), || {
-        std::fs::read_to_string(format!(
-            "/proc/{}/task/{}/children",
-            parent.id(),
-            parent.id()
-        ))
-        .is_ok_and(|c| !c.trim().is_empty())
-    });
-    assert!(has_child, "sh started its child");
+    let children = || {
+        std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", parent.id()))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+            .collect::<Vec<i32>>()
+    };
+    assert!(
+        wait_for(Duration::from_secs(5), || !children().is_empty()),
+        "sh started its child"
+    );
+    let child = children()[0];
     let ctx = |id: String| InitContext {
         side: Side::Source,
         mode: Mode::Live,
@@ -140,9 +143,8 @@ fn hello_driver_builds_alone_loads_and_is_listed() {
         .init(ctx(parent.id().to_string()))
         .unwrap_err()
         .to_string();
-    let _ = Command::new("pkill")
-        .args(["-P", &parent.id().to_string()])
-        .status();
+    // SAFETY: kill(2) on the pid of the child this test's shell started.
+    unsafe { libc::kill(child, libc::SIGKILL) };
     let _ = parent.kill();
     let _ = parent.wait();
     assert!(err.contains("moves a single process"), "{err}");

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use abi_stable::library::{lib_header_from_path, LibHeader, LibraryError};
 use abi_stable::StableAbi;
-use phaul_plugin_api::{abi_fingerprint, Capabilities, DriverInfo, PluginModRef, ABI_CONSTANTS};
+use phaul_plugin_api::{abi_constants, abi_fingerprint, Capabilities, DriverInfo, PluginModRef};
 use serde::Serialize;
 
 use super::compat::{self, Refusal};
@@ -280,14 +280,14 @@ fn load_module(path: &Path) -> Result<(PluginModRef, DriverSummary), Refusal> {
 /// fingerprints: equal tables; otherwise constant by constant).
 fn check_constants(module: &PluginModRef, plugin_version: &str) -> Result<(), Refusal> {
     let engine_version = compat::engine_version().to_string();
-    let Some(abi_constants) = module.abi_constants() else {
+    let Some(entry) = module.abi_constants() else {
         return Err(Refusal::NoConstants(engine_version));
     };
-    let theirs = abi_constants();
+    let theirs = entry();
     if theirs.fingerprint == abi_fingerprint() {
         return Ok(());
     }
-    match compat::constants_mismatch(ABI_CONSTANTS, theirs.constants.as_slice()) {
+    match compat::constants_mismatch(abi_constants(), theirs.constants.as_slice()) {
         Some(mismatch) => Err(Refusal::Constants {
             plugin: plugin_version.to_string(),
             mismatch,

@@ -14,8 +14,7 @@
 //! Hooks, in the order the engine calls them (see `phaul_plugin_api::driver`
 //! for when each runs and what a failure does):
 //!
-//! - `info`: the htype's name and what it can do (live migration through
-//!   CRIU's page server).
+//! - `info`: the htype's name and what it can do (live migration).
 //! - `init` (both sides): the workload id must be a pid; the source checks
 //!   that the process exists and is alone (the `pid` htype moves trees).
 //! - `root_task_pid` (source): the pid CRIU dumps.
