@@ -569,13 +569,9 @@ impl Run {
     /// `phaul recover` on the source journal (it asks the destination),
     /// then on the destination journal.
     fn recover(&mut self, cell: &mut Cell, dir: &Path) {
-        let src = recover(self.src_plugins.path(), &self.src_journal, RECOVER_TIMEOUT);
+        let src = recover_settled(self.src_plugins.path(), &self.src_journal);
         check_recovery(cell, "source", &src, dir);
-        let dst = recover(
-            self.serve.plugins.path(),
-            &self.dst_journal,
-            RECOVER_TIMEOUT,
-        );
+        let dst = recover_settled(self.serve.plugins.path(), &self.dst_journal);
         check_recovery(cell, "destination", &dst, dir);
     }
 
@@ -755,6 +751,28 @@ fn check_recovery(cell: &mut Cell, side: &str, r: &Recovery, dir: &Path) {
 
 /// `{"pending": N, "sessions": [{"session": "<16 hex>", "side": <side>,
 /// "action": "...", "message": "..."}]}`.
+/// `phaul recover`, run again (as an operator would, told so) while the
+/// only sessions left pending are ones a phaul that still runs is busy
+/// finishing (`left-alone`), for up to 20 s.
+fn recover_settled(plugins: &Path, journal: &Path) -> phaul_tests::harness::Recovery {
+    let end = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = recover(plugins, journal, RECOVER_TIMEOUT);
+        let busy = r.json.as_ref().is_some_and(|j| {
+            j["pending"].as_u64().unwrap_or(0) > 0
+                && j["sessions"].as_array().is_some_and(|s| {
+                    s.iter()
+                        .filter(|a| a["pending"] == true)
+                        .all(|a| a["action"] == "left-alone")
+                })
+        });
+        if !busy || std::time::Instant::now() >= end {
+            return r;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 fn recovery_shape(j: &serde_json::Value, side: &str) -> Result<(), String> {
     j["pending"]
         .as_u64()
