@@ -173,7 +173,7 @@ fn trial_dump(
         tcp_established: env.opts.tcp_established,
         ..CriuOpts::default()
     };
-    let (defaults, _) = super::CriuDefaults::split(&env.opts.options)?;
+    let defaults = pre.prepared.criu_defaults;
     defaults.apply(&mut copts);
     // The driver only adjusts the options: it must not act for a trial.
     pre.prepared

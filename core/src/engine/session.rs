@@ -291,6 +291,8 @@ pub(crate) struct Prepared {
     pub info: phaul_plugin_api::DriverInfo,
     pub pid: i32,
     pub fs: phaul_plugin_api::FsSyncSpec,
+    /// The engine's CRIU options, taken out of the user's `-o` options.
+    pub criu_defaults: super::CriuDefaults,
 }
 
 /// Initialises the source driver and asks it about the workload.
@@ -301,7 +303,7 @@ pub(crate) fn prepare(
     launcher: &Arc<dyn Launcher>,
     criu_version: &str,
 ) -> Result<Prepared, PreflightError> {
-    let (_, driver_options) =
+    let (criu_defaults, driver_options) =
         super::CriuDefaults::split(&opts.options).map_err(PreflightError::Check)?;
     let host = EngineHost::new(
         &opts.htype,
@@ -349,6 +351,7 @@ pub(crate) fn prepare(
         info,
         pid,
         fs,
+        criu_defaults,
     })
 }
 

@@ -266,10 +266,7 @@ pub(crate) fn preflight(
     let roots = fs_roots(&prepared.fs);
     // What the dump will be asked for, to check the tree against it.
     let mut effective = CriuOpts::default();
-    super::CriuDefaults::split(&opts.options)
-        .map_err(PreflightError::Check)?
-        .0
-        .apply(&mut effective);
+    prepared.criu_defaults.apply(&mut effective);
     let mut prepared = prepared;
     prepared.driver.adjust_dump_opts(&mut effective)?;
     super::checks::check_session(prepared.pid, effective.shell_job)
@@ -459,9 +456,8 @@ impl<'a> Live<'a> {
             pid,
             fs: spec,
             info,
+            criu_defaults,
         } = prepared;
-        let (criu_defaults, _) =
-            super::CriuDefaults::split(&opts.options).map_err(PreflightError::Check)?;
         Ok((
             Live {
                 own_dump: info.capabilities.contains(Capabilities::OWN_DUMP),
