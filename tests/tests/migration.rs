@@ -4,7 +4,7 @@
 //! the source gone; and the failure paths, each of which must leave the
 //! source workload running and verifying, and nothing on the destination.
 
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use phaul_tests::harness::{
@@ -336,7 +336,7 @@ fn ctrl_c_during_a_hung_hook_rolls_back_at_once() {
         .arg(work.path())
         .arg("--journal-dir")
         .arg(journal.path())
-        .stderr(std::process::Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     assert!(
@@ -681,9 +681,22 @@ fn a_program_started_from_a_shell_is_refused_unless_it_moves_with_its_terminal()
         return;
     }
     let serve = Serve::start(PID, &[]);
-    // A child of this test: its session leader is not in its tree.
-    let mut child = Command::new("sleep").arg("1000").spawn().unwrap();
-    let pid = child.id() as i32;
+    // A program a shell started: the shell leads its session and process
+    // group, and is not in the tree rooted at the program. (Made explicitly
+    // with setsid: the test's own session may be anything, even session 0
+    // under a CI runner.)
+    let mut child = Command::new("setsid")
+        .args(["sh", "-c", "sleep 1000 & echo $!; wait"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let pid: i32 = line.trim().parse().unwrap();
     let src = plugin_dir(PID);
     let (out, json) = migrate(src.path(), "pid", pid, &serve.addr, &[]);
     assert_eq!(out.status.code(), Some(3));
@@ -698,6 +711,7 @@ fn a_program_started_from_a_shell_is_refused_unless_it_moves_with_its_terminal()
         "{stderr}"
     );
     assert!(alive(pid), "untouched");
+    unsafe { libc::kill(pid, libc::SIGKILL) };
     let _ = child.kill();
     let _ = child.wait();
 }
