@@ -1,22 +1,45 @@
-//! [`Conn`]: a connected stream socket (TCP, or a unix socketpair handed in
-//! by an embedder), readable and writable through a shared reference so one
-//! thread can read while another shuts it down.
+//! [`Conn`]: a connected stream socket (TCP, the local end of a TLS relay,
+//! or a unix socketpair handed in by an embedder), readable and writable
+//! through a shared reference so one thread can read while another shuts
+//! it down.
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// A connected stream socket.
 #[derive(Debug)]
 pub struct Conn {
     fd: OwnedFd,
+    /// Bytes a relay took from this socket and sent on (TLS).
+    relayed: Option<Arc<AtomicU64>>,
 }
 
 impl Conn {
     /// Wraps a connected stream socket.
     pub fn new(fd: OwnedFd) -> Self {
-        Self { fd }
+        Self { fd, relayed: None }
+    }
+
+    /// The local end of a relay that counts in `relayed` the bytes it took
+    /// from this socket and sent on.
+    pub(crate) fn with_counter(mut self, relayed: Arc<AtomicU64>) -> Self {
+        self.relayed = Some(relayed);
+        self
+    }
+
+    /// The relay's counter ([`Conn::relayed`]).
+    pub(crate) fn counter(&self) -> Option<Arc<AtomicU64>> {
+        self.relayed.clone()
+    }
+
+    /// Bytes written to this socket that its relay has sent on (None when
+    /// the socket is not a relay's).
+    pub fn relayed(&self) -> Option<u64> {
+        self.relayed.as_ref().map(|c| c.load(Ordering::Relaxed))
     }
 
     /// Takes over a descriptor number the process inherited (embedded
@@ -54,26 +77,13 @@ impl Conn {
             ));
         }
         // SAFETY: the caller hands over ownership.
-        Ok(Self {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-        })
+        Ok(Self::new(unsafe { OwnedFd::from_raw_fd(fd) }))
     }
 
     /// Disables Nagle's algorithm on TCP sockets (no-op for others) and
     /// turns on keepalive probing ([`Conn::set_keepalive`]).
     pub fn set_nodelay(&self) {
-        self.set_keepalive();
-        let one: libc::c_int = 1;
-        // SAFETY: valid option pointer; failure (not TCP) is ignored.
-        unsafe {
-            libc::setsockopt(
-                self.fd.as_raw_fd(),
-                libc::IPPROTO_TCP,
-                libc::TCP_NODELAY,
-                (&one as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
+        tune(self.fd.as_fd());
     }
 
     /// Turns on TCP keepalive probing and a 30 s user timeout, so that a
@@ -81,32 +91,14 @@ impl Conn {
     /// 30 s, however long the migration's own silences are. No-op for
     /// non-TCP sockets.
     pub fn set_keepalive(&self) {
-        let fd = self.fd.as_raw_fd();
-        let set = |level: libc::c_int, opt: libc::c_int, v: libc::c_int| {
-            // SAFETY: valid option pointer; failure (not TCP) is ignored.
-            unsafe {
-                libc::setsockopt(
-                    fd,
-                    level,
-                    opt,
-                    (&v as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
-        };
-        set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
-        set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 10);
-        set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 5);
-        set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 4);
-        // Data left unacknowledged (or a window left closed) for 30 s means
-        // the peer is gone, even if it never closed the connection.
-        set(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, 30_000);
+        keepalive(self.fd.as_fd());
     }
 
     /// Another handle on the same socket.
     pub fn try_clone(&self) -> io::Result<Conn> {
         Ok(Conn {
             fd: self.fd.try_clone()?,
+            relayed: self.relayed.clone(),
         })
     }
 
@@ -114,6 +106,13 @@ impl Conn {
     pub fn shutdown(&self) {
         // SAFETY: shutdown on an open descriptor.
         unsafe { libc::shutdown(self.fd.as_raw_fd(), libc::SHUT_RDWR) };
+    }
+
+    /// Ends the writing direction (the peer reads end-of-file; reading
+    /// goes on).
+    pub fn shutdown_write(&self) {
+        // SAFETY: shutdown on an open descriptor.
+        unsafe { libc::shutdown(self.fd.as_raw_fd(), libc::SHUT_WR) };
     }
 
     /// Sets how long a read may block (None: forever).
@@ -195,6 +194,52 @@ impl Conn {
     pub fn into_fd(self) -> OwnedFd {
         self.fd
     }
+}
+
+/// TCP_NODELAY and keepalive ([`keepalive`]) on a TCP socket; no-op for
+/// others.
+fn tune(fd: BorrowedFd<'_>) {
+    keepalive(fd);
+    let one: libc::c_int = 1;
+    // SAFETY: valid option pointer; failure (not TCP) is ignored.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+}
+
+/// Tunes a TCP socket as every phaul connection is ([`Conn::set_nodelay`]).
+pub(crate) fn tune_tcp(s: &TcpStream) {
+    tune(s.as_fd());
+}
+
+/// Keepalive probing and a 30 s user timeout on a TCP socket.
+fn keepalive(fd: BorrowedFd<'_>) {
+    let fd = fd.as_raw_fd();
+    let set = |level: libc::c_int, opt: libc::c_int, v: libc::c_int| {
+        // SAFETY: valid option pointer; failure (not TCP) is ignored.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                opt,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+    };
+    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 10);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 5);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 4);
+    // Data left unacknowledged (or a window left closed) for 30 s means
+    // the peer is gone, even if it never closed the connection.
+    set(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, 30_000);
 }
 
 impl From<TcpStream> for Conn {

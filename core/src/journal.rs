@@ -119,6 +119,10 @@ pub struct Record {
     /// Source only: the destination's address, to ask it later (none for
     /// connections an embedder handed in).
     pub peer: Option<String>,
+    /// Source only: the name the destination's TLS certificate was checked
+    /// against (none over `--insecure` TCP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_name: Option<String>,
     /// The workload's processes on this side (source: the frozen tree;
     /// destination: the restored root, once known).
     pub tasks: Vec<Task>,
@@ -142,6 +146,7 @@ impl Record {
             id: id.into(),
             mode: mode.into(),
             peer: None,
+            peer_name: None,
             tasks: Vec::new(),
             owner: None,
             note: String::new(),

@@ -11,7 +11,8 @@
 //! - [`engine`] runs a migration on the source ([`engine::source`]) and on
 //!   the destination ([`engine::dest`]), with rollback on failure; its
 //!   documentation lists the phases and what a failure does in each;
-//! - [`server`] is the destination service;
+//! - [`server`] is the destination service, and [`transport`] how the two
+//!   phauls reach each other (mutual TLS on every connection);
 //! - [`journal`] is each side's durable record of its decisions, which
 //!   `phaul recover` and a restarted `phaul serve` read;
 //! - [`fsync`] synchronises directory trees between the hosts, live (phaul's rsync);
@@ -32,6 +33,7 @@ pub mod plugins;
 pub mod proc;
 pub mod proto;
 pub mod server;
+pub mod transport;
 pub mod workdir;
 
 pub use error::{Error, Result};

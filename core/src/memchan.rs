@@ -1,7 +1,9 @@
 //! The memory channel: the connection CRIU's page stream travels on. CRIU
-//! is handed the socket itself (`ps.fd`) on both sides, so pages go from
-//! the dumped process's memory into the socket and from the socket into
-//! the destination's image files without passing through phaul.
+//! is handed the socket itself (`ps.fd`) on both sides: over `--insecure`
+//! TCP pages go from the dumped process's memory into the socket and from
+//! the socket into the destination's image files without passing through
+//! phaul; with TLS the socket is the local end of phaul's relay
+//! ([`crate::transport`]), which encrypts them.
 //!
 //! CRIU corks a page-server socket and never uncorks it before waiting for
 //! the page server's answer to its final close command, so on TCP the last
@@ -89,15 +91,21 @@ impl MemChannel {
         self.conn.as_raw_fd()
     }
 
-    /// Bytes sent so far and acknowledged by the peer (0 when the channel
-    /// is not TCP, e.g. an embedder's socketpair).
+    /// Bytes sent so far: acknowledged by the peer (TCP), or taken by the
+    /// TLS relay; 0 when neither is known (an embedder's socketpair).
     pub fn sent(&self) -> u64 {
-        bytes_acked(self.conn.as_raw_fd()).unwrap_or(0)
+        self.counted().unwrap_or(0)
+    }
+
+    fn counted(&self) -> Option<u64> {
+        self.conn
+            .relayed()
+            .or_else(|| bytes_acked(self.conn.as_raw_fd()))
     }
 
     /// Whether byte counts are available.
     pub fn counts_bytes(&self) -> bool {
-        bytes_acked(self.conn.as_raw_fd()).is_some()
+        self.counted().is_some()
     }
 
     /// Watches the channel while CRIU sends a pass: pushes stuck corked
@@ -107,7 +115,8 @@ impl MemChannel {
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
         let fd = self.conn.as_raw_fd();
-        let tcp = self.counts_bytes();
+        let tcp = bytes_acked(fd).is_some();
+        let relayed = self.conn.counter();
         let t = std::thread::Builder::new()
             .name("memchan".into())
             .spawn(move || {
@@ -122,11 +131,16 @@ impl MemChannel {
                         if n != last.0 {
                             last = (n, Instant::now());
                         }
-                        if shown.elapsed() >= Duration::from_millis(100) {
-                            progress
-                                .pass_progress(bytes_acked(fd).unwrap_or(0).saturating_sub(base));
-                            shown = Instant::now();
+                    }
+                    if shown.elapsed() >= Duration::from_millis(100) {
+                        let sent = match &relayed {
+                            Some(c) => Some(c.load(Ordering::Relaxed)),
+                            None => bytes_acked(fd),
+                        };
+                        if let Some(n) = sent {
+                            progress.pass_progress(n.saturating_sub(base));
                         }
+                        shown = Instant::now();
                     }
                     std::thread::sleep(Duration::from_micros(250));
                 }

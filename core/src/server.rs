@@ -1,9 +1,13 @@
-//! The destination service: accepts connections, routes each to a new
-//! migration, to the memory channel of a running one, or to a status query,
-//! and runs one migration at a time.
+//! The destination service: accepts connections, authenticates each
+//! ([`Acceptor`]: mutual TLS, or root-only loopback TCP with
+//! `--insecure`), routes it to a new migration, to the memory or file
+//! channel of a running one, or to a status query, and runs at most
+//! `max_concurrent` migrations at once.
 //!
-//! Until the transport is authenticated, plain TCP is only offered on
-//! loopback addresses: the service restores whatever it is sent, as root.
+//! It survives its clients: the handshake (TLS, preamble, first frame) has
+//! one deadline, connections still in their handshake are bounded (excess
+//! ones are closed at once), accept errors back off instead of spinning,
+//! and a refusal says nothing about other sessions.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
@@ -16,17 +20,28 @@ use crate::engine::recover;
 use crate::journal::{Journal, JournalError};
 use crate::plugins::Registry;
 use crate::proto::{read_preamble, FrameReader, MigrationMode, Msg, Outcome, Refusal};
+use crate::transport::{Acceptor, TlsError};
+
+/// How long a new connection has for its whole handshake: TLS, the
+/// preamble and its first message.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections in their handshake at once; more are closed at once.
+pub const MAX_HANDSHAKING: usize = 128;
+/// Memory and file connections waiting for their control connection.
+const MAX_PENDING: usize = 64;
 
 /// Why the service could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    /// A non-loopback address without authentication.
-    #[error(
-        "refusing to listen on {0}: phaul serve restores whatever it is sent, as root, and this \
-         version has no peer authentication; listen on a loopback address (127.0.0.1, ::1) or \
-         tunnel the connection"
-    )]
-    NotLoopback(SocketAddr),
+    /// An address the acceptor may not listen on (`--insecure` off
+    /// loopback).
+    #[error("refusing to listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: TlsError,
+    },
     /// The journal cannot be used.
     #[error(transparent)]
     Journal(#[from] JournalError),
@@ -38,16 +53,6 @@ pub enum ServeError {
         /// Why.
         source: std::io::Error,
     },
-}
-
-/// Whether the service may listen on `addr` (loopback only, until the
-/// transport is authenticated).
-pub fn check_listen_addr(addr: SocketAddr) -> Result<(), ServeError> {
-    if addr.ip().is_loopback() {
-        Ok(())
-    } else {
-        Err(ServeError::NotLoopback(addr))
-    }
 }
 
 /// Outcomes of sessions, for sources that lost their connection: the ones
@@ -107,8 +112,16 @@ enum Channel {
 impl Pending {
     fn put(&self, session: (u64, Channel), conn: Conn) {
         let mut m = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        // Forget memory connections nobody claimed for a minute.
+        // Forget memory connections nobody claimed for a minute, and the
+        // oldest beyond the bound.
         m.retain(|_, (t, _)| t.elapsed() < Duration::from_secs(60));
+        while m.len() >= MAX_PENDING {
+            let oldest = m.iter().min_by_key(|(_, (t, _))| *t).map(|(k, _)| *k);
+            match oldest {
+                Some(k) => drop(m.remove(&k)),
+                None => break,
+            }
+        }
         m.insert(session, (Instant::now(), conn));
         self.arrived.notify_all();
     }
@@ -136,11 +149,47 @@ impl Pending {
 /// A listening destination service.
 pub struct Server {
     listener: TcpListener,
+    acceptor: Acceptor,
     registry: Arc<Registry>,
     opts: DestOptions,
     outcomes: Outcomes,
     pending: Arc<Pending>,
-    busy: Arc<Mutex<Option<u64>>>,
+    slots: Arc<Slots>,
+    handshaking: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// The migrations running at once, up to a bound.
+#[derive(Debug)]
+struct Slots {
+    running: Mutex<Vec<u64>>,
+    max: usize,
+}
+
+impl Slots {
+    /// Takes a slot for `session`; None when all are taken.
+    fn take(self: &Arc<Self>, session: u64) -> Option<Slot> {
+        let mut r = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        if r.len() >= self.max || r.contains(&session) {
+            return None;
+        }
+        r.push(session);
+        Some(Slot {
+            slots: self.clone(),
+            session,
+        })
+    }
+}
+
+struct Slot {
+    slots: Arc<Slots>,
+    session: u64,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut r = self.slots.running.lock().unwrap_or_else(|p| p.into_inner());
+        r.retain(|s| *s != self.session);
+    }
 }
 
 impl std::fmt::Debug for Server {
@@ -152,23 +201,33 @@ impl std::fmt::Debug for Server {
 }
 
 impl Server {
-    /// Binds `addr` (loopback only).
+    /// Binds `addr`; every connection is checked by `acceptor`, and at most
+    /// `max_concurrent` migrations run at once.
     pub fn bind(
         addr: SocketAddr,
+        acceptor: Acceptor,
+        max_concurrent: usize,
         registry: Arc<Registry>,
         opts: DestOptions,
     ) -> Result<Server, ServeError> {
-        check_listen_addr(addr)?;
+        acceptor
+            .check_listen(addr)
+            .map_err(|source| ServeError::Listen { addr, source })?;
         let listener =
             TcpListener::bind(addr).map_err(|source| ServeError::Bind { addr, source })?;
         let journal = open_journal(&opts)?;
         Ok(Server {
             listener,
+            acceptor,
             registry,
             opts,
             outcomes: Outcomes::new(journal),
             pending: Arc::default(),
-            busy: Arc::default(),
+            slots: Arc::new(Slots {
+                running: Mutex::default(),
+                max: max_concurrent.max(1),
+            }),
+            handshaking: Arc::default(),
         })
     }
 
@@ -179,49 +238,100 @@ impl Server {
 
     /// Serves forever; `on_done` hears about every finished migration.
     pub fn run(&self, on_done: impl Fn(u64, &Result<DestSummary, String>) + Send + Sync + 'static) {
+        use std::sync::atomic::Ordering;
         let on_done = Arc::new(on_done);
+        let mut backoff = Duration::from_millis(5);
         for stream in self.listener.incoming() {
             let stream = match stream {
-                Ok(s) => s,
+                Ok(s) => {
+                    backoff = Duration::from_millis(5);
+                    s
+                }
                 Err(e) => {
+                    // Out of descriptors or memory: wait for some to be
+                    // freed rather than spin.
                     tracing::warn!("accept: {e}");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
                     continue;
                 }
             };
             let peer = stream.peer_addr().ok();
-            let conn = Conn::from(stream);
-            conn.set_nodelay();
-            let registry = self.registry.clone();
-            let opts = self.opts.clone();
-            let outcomes = self.outcomes.clone();
-            let pending = self.pending.clone();
-            let busy = self.busy.clone();
+            if self.handshaking.fetch_add(1, Ordering::SeqCst) >= MAX_HANDSHAKING {
+                self.handshaking.fetch_sub(1, Ordering::SeqCst);
+                tracing::debug!(?peer, "closed: too many connections in their handshake");
+                continue;
+            }
+            let handshaking = Guard(self.handshaking.clone());
+            let ctx = Ctx {
+                acceptor: self.acceptor.clone(),
+                registry: self.registry.clone(),
+                opts: self.opts.clone(),
+                outcomes: self.outcomes.clone(),
+                pending: self.pending.clone(),
+                slots: self.slots.clone(),
+            };
             let on_done = on_done.clone();
-            std::thread::spawn(move || {
-                if let Err(e) = route(
-                    conn, &registry, &opts, &outcomes, &pending, &busy, &*on_done,
-                ) {
-                    tracing::warn!(?peer, "{e}");
-                }
-            });
+            let spawned = std::thread::Builder::new()
+                .name("phaul-conn".into())
+                .spawn(move || {
+                    if let Err(e) = route(stream, &ctx, handshaking, &*on_done) {
+                        tracing::warn!(?peer, "{e}");
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::warn!(?peer, "cannot start a thread for a connection: {e}");
+            }
         }
     }
 }
 
+/// Counts a connection in its handshake until dropped.
+struct Guard(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// What a connection's thread needs.
+struct Ctx {
+    acceptor: Acceptor,
+    registry: Arc<Registry>,
+    opts: DestOptions,
+    outcomes: Outcomes,
+    pending: Arc<Pending>,
+    slots: Arc<Slots>,
+}
+
 fn route(
-    conn: Conn,
-    registry: &Registry,
-    opts: &DestOptions,
-    outcomes: &Outcomes,
-    pending: &Pending,
-    busy: &Mutex<Option<u64>>,
+    stream: std::net::TcpStream,
+    ctx: &Ctx,
+    handshaking: Guard,
     on_done: &(dyn Fn(u64, &Result<DestSummary, String>) + Send + Sync),
 ) -> Result<(), String> {
-    conn.set_read_timeout(Some(Duration::from_secs(30)))
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    let (conn, who) = ctx
+        .acceptor
+        .accept(stream, deadline)
         .map_err(|e| e.to_string())?;
-    read_preamble(&mut &conn).map_err(|e| e.to_string())?;
-    let first: Msg = FrameReader::new(&conn).read().map_err(|e| e.to_string())?;
-    conn.set_read_timeout(None).map_err(|e| e.to_string())?;
+    conn.set_deadline(Some(deadline))
+        .map_err(|e| e.to_string())?;
+    read_preamble(&mut &conn).map_err(|e| format!("{who}: {e}"))?;
+    let first: Msg = FrameReader::new(&conn)
+        .read()
+        .map_err(|e| format!("{who}: {e}"))?;
+    conn.set_deadline(None).map_err(|e| e.to_string())?;
+    drop(handshaking);
+    let Ctx {
+        registry,
+        opts,
+        outcomes,
+        pending,
+        slots,
+        ..
+    } = ctx;
     match first {
         Msg::AttachMemory { session } => {
             pending.put((session, Channel::Memory), conn);
@@ -243,21 +353,20 @@ fn route(
         Msg::Hello(hello) => {
             let session = hello.session;
             let mut control = Control::new(conn).map_err(|e| e.to_string())?;
-            {
-                let mut b = busy.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(other) = *b {
-                    let reason = format!(
-                        "another migration (session {other:016x}) is in progress; this service runs one at a time"
-                    );
-                    let _ = control.write(&Msg::Refused {
-                        kind: Refusal::Busy,
-                        reason: reason.clone(),
-                    });
-                    return Err(format!("refused session {session:016x}: {reason}"));
-                }
-                *b = Some(session);
-            }
-            let _busy = BusyGuard(busy);
+            let Some(_slot) = slots.take(session) else {
+                let reason = format!(
+                    "this service is running as many migrations as it allows ({}); try again \
+                     when one has finished",
+                    slots.max
+                );
+                let _ = control.write(&Msg::Refused {
+                    kind: Refusal::Busy,
+                    reason: reason.clone(),
+                });
+                return Err(format!(
+                    "refused session {session:016x} from {who}: {reason}"
+                ));
+            };
             let wait = |ch: Channel, what: &str| -> Result<Conn, String> {
                 pending
                     .take((session, ch), Duration::from_secs(30))
@@ -282,7 +391,7 @@ fn route(
             })?;
             let span = tracing::info_span!("serve", session = %format!("{session:016x}"));
             let _g = span.enter();
-            tracing::info!(htype = %hello.htype, id = %hello.id, "migration starting");
+            tracing::info!(htype = %hello.htype, id = %hello.id, peer = %who, "migration starting");
             let r = serve_session(registry, opts, &hello, control, mem, fs, &|o| {
                 outcomes.set(session, o)
             });
@@ -318,14 +427,6 @@ pub fn open_journal(opts: &DestOptions) -> Result<Journal, JournalError> {
         }
     }
     Ok(journal)
-}
-
-struct BusyGuard<'a>(&'a Mutex<Option<u64>>);
-
-impl Drop for BusyGuard<'_> {
-    fn drop(&mut self) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = None;
-    }
 }
 
 /// Embedded mode (`phaul serve --fd-rpc N --fd-mem N`): one migration over

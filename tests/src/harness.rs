@@ -236,6 +236,9 @@ fn spawn_serve(
     if !extra.iter().any(|a| a == "--journal-dir") {
         cmd.arg("--journal-dir").arg(journal);
     }
+    if !crate::pki::chooses_transport(extra) {
+        cmd.arg("--tls-dir").arg(&crate::pki::pki().dst);
+    }
     if log.is_some() {
         cmd.env("NO_COLOR", "1");
     }
@@ -774,6 +777,7 @@ pub fn migrate(
     if !extra.contains(&"--journal-dir") {
         cmd.arg("--journal-dir").arg(journal.path());
     }
+    source_transport(&mut cmd, extra);
     let out = cmd.args(extra).output().expect("run phaul migrate");
     let json = String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -784,6 +788,13 @@ pub fn migrate(
         String::from_utf8_lossy(&out.stderr)
     );
     (out, json)
+}
+
+/// The source's TLS files, unless `extra` chooses how to connect.
+pub fn source_transport(cmd: &mut Command, extra: &[&str]) {
+    if !crate::pki::chooses_transport(extra) {
+        cmd.arg("--tls-dir").arg(&crate::pki::pki().src);
+    }
 }
 
 /// The directory holding `lib` plugins for the source side.
@@ -841,6 +852,7 @@ impl Migration {
             .arg(work.path())
             .arg("--journal-dir")
             .arg(journal);
+        source_transport(&mut cmd, extra);
         if log.is_some() {
             cmd.env("NO_COLOR", "1");
         }
@@ -971,6 +983,8 @@ pub fn recover(plugins: &Path, journal: &Path, timeout_s: u64) -> Recovery {
         .arg(plugins)
         .args(["recover", "--journal-dir"])
         .arg(journal)
+        .arg("--tls-dir")
+        .arg(&crate::pki::pki().src)
         .args(["--json", "--timeout", &timeout_s.to_string()])
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())

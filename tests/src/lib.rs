@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 pub mod harness;
 pub mod out_of_tree;
+pub mod pki;
 pub mod proxy;
 pub mod trees;
 

@@ -4,14 +4,18 @@
 //! with phaul's own frame reader, so faults hit exact protocol points.
 //! A test can also cut every connection on demand ([`Proxy::cut`]) and let
 //! later connections through untouched ([`Proxy::heal`]), as a network that
-//! failed and came back.
+//! failed and came back. It ends TLS on both sides with the test PKI's
+//! certificates ([`crate::pki`]), as a network element holding both
+//! hosts' keys would: the frames in between are plain.
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use phaul_core::conn::Conn;
 use phaul_core::proto::{FrameReader, FrameWriter, Msg};
+use phaul_core::transport::{Acceptor, Identity, Remote, TlsClient, TlsFiles, TlsServer};
 
 /// What to break, and when.
 #[derive(Debug, Clone)]
@@ -48,16 +52,24 @@ struct State {
     /// The proxy was dropped: stop accepting.
     closed: AtomicBool,
     mem_bytes: AtomicU64,
-    sockets: Mutex<Vec<TcpStream>>,
+    sockets: Mutex<Vec<Conn>>,
+    /// How it is reached, and how it reaches the destination.
+    acceptor: Acceptor,
+    remote: Remote,
 }
 
 impl State {
     fn cut(&self) {
         self.triggered.store(true, Ordering::SeqCst);
         for s in self.sockets.lock().unwrap().iter() {
-            let _ = s.shutdown(Shutdown::Both);
+            s.shutdown();
         }
     }
+}
+
+/// The test PKI's identity in `dir`.
+fn identity(dir: &std::path::Path) -> Identity {
+    Identity::load(&TlsFiles::in_dir(dir)).expect("test TLS identity")
 }
 
 /// A running proxy.
@@ -68,8 +80,16 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Proxies to `target` with `fault`.
+    /// Proxies to `target` with `fault`. The proxy ends TLS on both sides:
+    /// the source sees the destination's certificate, the destination the
+    /// source's (so it can act on the protocol's frames in between).
     pub fn start(target: &str, fault: Fault) -> Proxy {
+        let pki = crate::pki::pki();
+        let acceptor = Acceptor::Tls(Arc::new(
+            TlsServer::new(&identity(&pki.dst), Vec::new()).expect("proxy TLS server"),
+        ));
+        let client = Arc::new(TlsClient::new(&identity(&pki.src)).expect("proxy TLS client"));
+        let remote = Remote::tls(target.parse().expect("target address"), client, "dst");
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
         let addr = listener.local_addr().unwrap().to_string();
         let state = Arc::new(State {
@@ -79,32 +99,17 @@ impl Proxy {
             closed: AtomicBool::new(false),
             mem_bytes: AtomicU64::new(0),
             sockets: Mutex::new(Vec::new()),
+            acceptor,
+            remote,
         });
-        let target = target.to_string();
         let st = state.clone();
         std::thread::spawn(move || {
             for client in listener.incoming().flatten() {
                 if st.closed.load(Ordering::SeqCst) {
                     return;
                 }
-                let Ok(server) = TcpStream::connect(&target) else {
-                    continue;
-                };
-                {
-                    let mut socks = st.sockets.lock().unwrap();
-                    socks.push(client.try_clone().unwrap());
-                    socks.push(server.try_clone().unwrap());
-                }
-                // After a cut the "network" works again for new
-                // connections; a stall keeps holding everything.
-                if st.triggered.load(Ordering::SeqCst)
-                    && matches!(st.fault, Fault::StallAt(_))
-                    && !st.healed.load(Ordering::SeqCst)
-                {
-                    st.cut();
-                }
                 let st = st.clone();
-                std::thread::spawn(move || handle(client, server, st));
+                std::thread::spawn(move || connect(client, st));
             }
         });
         Proxy { addr, state }
@@ -147,16 +152,41 @@ impl Drop for Proxy {
     }
 }
 
+/// Ends TLS for a new connection and opens one to the destination.
+fn connect(client: TcpStream, st: Arc<State>) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let Ok((client, _)) = st.acceptor.accept(client, deadline) else {
+        return;
+    };
+    let Ok(server) = st.remote.dial(std::time::Duration::from_secs(10)) else {
+        return;
+    };
+    {
+        let mut socks = st.sockets.lock().unwrap();
+        socks.push(client.try_clone().unwrap());
+        socks.push(server.try_clone().unwrap());
+    }
+    // After a cut the "network" works again for new connections; a stall
+    // keeps holding everything.
+    if st.triggered.load(Ordering::SeqCst)
+        && matches!(st.fault, Fault::StallAt(_))
+        && !st.healed.load(Ordering::SeqCst)
+    {
+        st.cut();
+    }
+    handle(client, server, st);
+}
+
 /// A connection the proxy cannot forward any more (its peer went away) is
 /// closed for the other peer too, as the network would show it; the copies
 /// kept for [`Proxy::cut`] would otherwise hold it open, and a writer
 /// blocked on it would wait forever.
-fn close_both(a: &TcpStream, b: &TcpStream) {
-    let _ = a.shutdown(Shutdown::Both);
-    let _ = b.shutdown(Shutdown::Both);
+fn close_both(a: &Conn, b: &Conn) {
+    a.shutdown();
+    b.shutdown();
 }
 
-fn handle(mut client: TcpStream, mut server: TcpStream, st: Arc<State>) {
+fn handle(mut client: Conn, mut server: Conn, st: Arc<State>) {
     let mut preamble = [0u8; 8];
     if client.read_exact(&mut preamble).is_err() || server.write_all(&preamble).is_err() {
         close_both(&client, &server);
@@ -177,13 +207,13 @@ fn handle(mut client: TcpStream, mut server: TcpStream, st: Arc<State>) {
         // Memory: raw bytes, counted, in both directions.
         std::thread::spawn(move || {
             let _ = std::io::copy(&mut &back_server, &mut back_preamble_client);
-            let _ = back_preamble_client.shutdown(Shutdown::Write);
+            back_preamble_client.shutdown_write();
         });
         let mut buf = vec![0u8; 64 << 10];
         loop {
             let n = match client.read(&mut buf) {
                 Ok(0) | Err(_) => {
-                    let _ = server.shutdown(Shutdown::Write);
+                    server.shutdown_write();
                     return;
                 }
                 Ok(n) => n,
@@ -217,7 +247,7 @@ fn handle(mut client: TcpStream, mut server: TcpStream, st: Arc<State>) {
 }
 
 /// Applies the fault for a frame named `name`; `false` means stop.
-fn check(st: &State, name: &str, to: &mut TcpStream, msg: Option<&Msg>) -> bool {
+fn check(st: &State, name: &str, to: &mut Conn, msg: Option<&Msg>) -> bool {
     if st.healed.load(Ordering::SeqCst) {
         return true;
     }
@@ -254,14 +284,14 @@ fn check(st: &State, name: &str, to: &mut TcpStream, msg: Option<&Msg>) -> bool 
     }
 }
 
-fn pump_frames(from: TcpStream, to: TcpStream, st: &State) {
+fn pump_frames(from: Conn, to: Conn, st: &State) {
     pump_frames_from(FrameReader::new(from), to, st)
 }
 
-fn pump_frames_from(mut reader: FrameReader<TcpStream>, mut to: TcpStream, st: &State) {
+fn pump_frames_from(mut reader: FrameReader<Conn>, mut to: Conn, st: &State) {
     loop {
         let Ok(msg) = reader.read::<Msg>() else {
-            let _ = to.shutdown(Shutdown::Write);
+            to.shutdown_write();
             return;
         };
         if !check(st, msg.name(), &mut to, Some(&msg)) {

@@ -175,6 +175,8 @@ fn killing_the_destination_during_the_transfer_rolls_back() {
             "--work-dir",
         ])
         .arg(serve.work.path())
+        .arg("--tls-dir")
+        .arg(&phaul_tests::pki::pki().dst)
         .output()
         .unwrap();
     assert!(!out.status.success(), "the port is taken");
@@ -327,6 +329,8 @@ fn ctrl_c_during_a_hung_hook_rolls_back_at_once() {
         .arg("--plugin-dir")
         .arg(src.path())
         .args(["migrate", "faulty", &w.pid.to_string(), "--to", &serve.addr])
+        .arg("--tls-dir")
+        .arg(&phaul_tests::pki::pki().src)
         .args([
             "-o",
             "hang=net_lock@source",
@@ -486,6 +490,8 @@ fn migrate_held_at_restore(serve: &Serve, pid: i32) -> Held {
             "--work-dir",
         ])
         .arg(work.path())
+        .arg("--tls-dir")
+        .arg(&phaul_tests::pki::pki().src)
         .spawn()
         .unwrap();
     assert!(
@@ -771,17 +777,25 @@ fn dry_run_checks_everything_and_moves_nothing() {
 }
 
 #[test]
-fn serve_refuses_non_loopback_addresses() {
-    let out = Command::new(phaul_tests::bin("phaul"))
-        .args(["serve", "--listen", "0.0.0.0:7070"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+fn serve_needs_tls_and_keeps_insecure_tcp_on_loopback() {
+    let serve = |args: &[&str]| {
+        let out = Command::new(phaul_tests::bin("phaul"))
+            .args(["serve", "--listen"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let e = serve(&["0.0.0.0:7070", "--insecure"]);
     assert!(
-        stderr.contains("refusing to listen on 0.0.0.0:7070"),
-        "{stderr}"
+        e.contains("refusing to listen on 0.0.0.0:7070") && e.contains("loopback"),
+        "{e}"
     );
+    let e = serve(&["127.0.0.1:7070"]);
+    assert!(e.contains("--tls-dir") && e.contains("--insecure"), "{e}");
+    let e = serve(&["127.0.0.1:7070", "--insecure", "--allow-peer", "src"]);
+    assert!(e.contains("--allow-peer needs TLS"), "{e}");
 }
 
 #[test]
@@ -815,8 +829,10 @@ fn the_service_runs_one_migration_at_a_time_and_survives_garbage() {
     assert_eq!(out.status.code(), Some(3));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("another migration") && stderr.contains("in progress"),
-        "{stderr}"
+        stderr.lines().any(|l| l.starts_with("phaul:")
+            && l.contains("as many migrations as it allows (1)")
+            && !l.contains("session")),
+        "refused without a word about the other session: {stderr}"
     );
     assert!(alive(second.pid));
     // Abort the held one; both workloads still run, and the service takes

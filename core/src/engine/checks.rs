@@ -91,7 +91,7 @@ fn namespace(pid: &str, ns: &str) -> Option<std::path::PathBuf> {
 }
 
 /// Parses `0100007F:1F90` (or the IPv6 form) from `/proc/net/tcp`.
-fn parse_addr(s: &str) -> Option<SocketAddr> {
+pub(crate) fn parse_addr(s: &str) -> Option<SocketAddr> {
     let (ip, port) = s.split_once(':')?;
     let port = u16::from_str_radix(port, 16).ok()?;
     let ip = match ip.len() {

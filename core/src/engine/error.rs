@@ -24,6 +24,14 @@ pub enum PeerError {
         /// Why.
         source: std::io::Error,
     },
+    /// TLS failed, or the destination refused this host's identity.
+    #[error("{addr}: {source}")]
+    Tls {
+        /// The address.
+        addr: String,
+        /// Why.
+        source: crate::transport::TlsError,
+    },
     /// An extra connection (memory, files) could not be opened.
     #[error("cannot open the {what} connection to {addr}: {source}")]
     Channel {

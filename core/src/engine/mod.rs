@@ -99,8 +99,6 @@ mod tests;
 
 pub use error::MigrationError;
 
-use std::net::SocketAddr;
-
 use phaul_plugin_api::{CgroupMode, CriuOpts, InitContext, KeyValue, Mode, NetworkLock, Side};
 
 use crate::plugins::EngineHost;
@@ -124,8 +122,10 @@ pub enum PreDump {
 /// How the source reaches the destination.
 #[derive(Debug)]
 pub enum Connector {
-    /// Connect to a `phaul serve` (a control and a memory connection).
-    Tcp(SocketAddr),
+    /// Connect to a `phaul serve` (a control connection, a memory
+    /// connection in live mode, a file connection when files are synced),
+    /// over mutual TLS or, on loopback, `--insecure` TCP.
+    Tcp(crate::transport::Remote),
     /// Connections the embedder already has.
     Given {
         /// The control channel.
@@ -141,7 +141,7 @@ impl Connector {
     /// For the report.
     pub fn describe(&self) -> String {
         match self {
-            Connector::Tcp(a) => a.to_string(),
+            Connector::Tcp(r) => r.addr.to_string(),
             Connector::Given { .. } => "given connections".to_string(),
         }
     }

@@ -42,6 +42,28 @@ pub struct RecoverOptions {
     pub timeout: Duration,
     /// Explicit decisions for sessions (by id).
     pub decisions: Vec<(u64, Decision)>,
+    /// This host's TLS identity, to ask destinations that were reached
+    /// over TLS (sessions that went over `--insecure` TCP need none).
+    pub tls: Option<std::sync::Arc<crate::transport::TlsClient>>,
+}
+
+/// The destination a source record names, secured as the migration was.
+fn remote_of(
+    rec: &Record,
+    peer: &str,
+    opts: &RecoverOptions,
+) -> Result<crate::transport::Remote, String> {
+    use crate::transport::Remote;
+    let addr = peer
+        .parse()
+        .map_err(|_| format!("the recorded destination {peer:?} is not an address"))?;
+    match (&rec.peer_name, &opts.tls) {
+        (Some(name), Some(tls)) => Ok(Remote::tls(addr, tls.clone(), name)),
+        (Some(_), None) => Err(format!(
+            "the migration to {peer} used TLS: pass --tls-dir to ask the destination"
+        )),
+        (None, _) => Remote::insecure(addr).map_err(|e| e.to_string()),
+    }
 }
 
 /// What recovery did with one session.
@@ -145,11 +167,9 @@ fn recover_source(
     let verdict = match (explicit, rec.peer.as_deref()) {
         (Some(Decision::KillSource), _) => Verdict::Runs,
         (Some(Decision::ResumeSource), _) => Verdict::Discarded,
-        (None, Some(peer)) => match peer.parse() {
-            Ok(addr) => session::ask(&addr, rec.session, opts.timeout, None),
-            Err(_) => Verdict::NoAnswer(format!(
-                "the recorded destination {peer:?} is not an address"
-            )),
+        (None, Some(peer)) => match remote_of(rec, peer, opts) {
+            Ok(remote) => session::ask(&remote, rec.session, opts.timeout, None),
+            Err(why) => Verdict::NoAnswer(why),
         },
         (None, None) => Verdict::NoAnswer("the connections were handed in by an embedder".into()),
     };

@@ -22,6 +22,7 @@ use crate::plugins::{Driver, EngineHost};
 use crate::proto::{
     FrameError, FrameReader, FrameWriter, Hello, MigrationMode, Msg, Outcome, Refusal, Welcome,
 };
+use crate::transport::{DialError, Remote};
 use crate::workdir::WorkDir;
 use crate::{proc, ABI_VERSION, PHAUL_VERSION};
 
@@ -160,21 +161,16 @@ pub(crate) fn connect(
     fs: bool,
 ) -> Result<Conns, PeerError> {
     let dial = |what: &'static str| -> Result<Conn, PeerError> {
-        let Connector::Tcp(addr) = connector else {
+        let Connector::Tcp(remote) = connector else {
             unreachable!("given connections are not dialled")
         };
-        std::net::TcpStream::connect_timeout(addr, Duration::from_secs(10))
-            .map(Conn::from)
-            .map_err(|source| match what {
-                "control" => PeerError::Connect {
-                    addr: addr.to_string(),
-                    source,
-                },
-                _ => PeerError::Channel {
-                    what,
-                    addr: addr.to_string(),
-                    source,
-                },
+        let addr = remote.addr.to_string();
+        remote
+            .dial(Duration::from_secs(10))
+            .map_err(|e| match (e, what) {
+                (DialError::Tls(source), _) => PeerError::Tls { addr, source },
+                (DialError::Connect(source), "control") => PeerError::Connect { addr, source },
+                (DialError::Connect(source), _) => PeerError::Channel { what, addr, source },
             })
     };
     let given = |c: Option<&Conn>, what: &'static str| -> Result<Conn, PeerError> {
@@ -451,11 +447,11 @@ pub(crate) fn fs_bytes(r: &Option<(Vec<crate::fsync::PassStats>, String)>) -> u6
         .map_or(0, |(p, _)| p.iter().map(|s| s.bytes_sent).sum())
 }
 
-/// Asks the destination at `addr` what became of `session`, once.
-pub fn query(addr: &std::net::SocketAddr, session: u64) -> Result<Outcome, String> {
-    let c = std::net::TcpStream::connect_timeout(addr, Duration::from_secs(2))
+/// Asks the destination `remote` what became of `session`, once.
+pub fn query(remote: &Remote, session: u64) -> Result<Outcome, String> {
+    let c = remote
+        .dial(Duration::from_secs(3))
         .map_err(|e| e.to_string())?;
-    let c = Conn::from(c);
     c.set_deadline(Some(Instant::now() + Duration::from_secs(5)))
         .map_err(|e| e.to_string())?;
     crate::proto::write_preamble(&mut &c).map_err(|e| e.to_string())?;
@@ -483,22 +479,17 @@ pub enum Verdict {
     NoAnswer(String),
 }
 
-/// Asks the destination at `addr` about `session` until it gives a final
+/// Asks the destination `remote` about `session` until it gives a final
 /// answer, `timeout` passes, or `abort` gives up.
-pub fn ask(
-    addr: &std::net::SocketAddr,
-    session: u64,
-    timeout: Duration,
-    abort: Option<&Abort>,
-) -> Verdict {
+pub fn ask(remote: &Remote, session: u64, timeout: Duration, abort: Option<&Abort>) -> Verdict {
     let deadline = Instant::now() + timeout;
     loop {
-        let last = match query(addr, session) {
+        let last = match query(remote, session) {
             Ok(Outcome::Resumed) => return Verdict::Runs,
             Ok(Outcome::RolledBack) => return Verdict::Discarded,
             Ok(Outcome::Unknown) => return Verdict::Unknown,
             Ok(Outcome::InProgress) => "the destination is still deciding".to_string(),
-            Err(e) => format!("cannot ask {addr}: {e}"),
+            Err(e) => format!("cannot ask {}: {e}", remote.addr),
         };
         if Instant::now() >= deadline || abort.is_some_and(Abort::giving_up) {
             return Verdict::NoAnswer(last);

@@ -446,10 +446,10 @@ impl<'a> Live<'a> {
             &opts.id,
             "live",
         );
-        record.peer = match env.connector {
-            Connector::Tcp(a) => Some(a.to_string()),
-            Connector::Given { .. } => None,
-        };
+        if let Connector::Tcp(remote) = env.connector {
+            record.peer = Some(remote.addr.to_string());
+            record.peer_name = remote.server_name().map(str::to_string);
+        }
         record.owner = proc::this_task();
         let Prepared {
             driver,
@@ -861,8 +861,8 @@ impl<'a> Live<'a> {
         tracing::warn!("{why}; asking the destination what became of the migration");
         self.env.progress.phase("asking the destination");
         let verdict = match self.env.connector {
-            Connector::Tcp(addr) => session::ask(
-                addr,
+            Connector::Tcp(remote) => session::ask(
+                remote,
                 self.env.session,
                 self.env.opts.resolve_timeout,
                 Some(self.env.abort),

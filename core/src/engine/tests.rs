@@ -538,6 +538,7 @@ fn failures_after_the_commit_never_leave_two_copies_and_recover_settles_them() {
             &RecoverOptions {
                 timeout: Duration::from_millis(100),
                 decisions: vec![],
+                tls: None,
             },
         )
         .unwrap();
@@ -549,6 +550,7 @@ fn failures_after_the_commit_never_leave_two_copies_and_recover_settles_them() {
             &RecoverOptions {
                 timeout: Duration::from_millis(100),
                 decisions: vec![(recs[0].session, decision)],
+                tls: None,
             },
         )
         .unwrap();

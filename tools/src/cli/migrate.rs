@@ -1,6 +1,5 @@
 //! `phaul migrate`: move a workload to a destination service.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -64,9 +63,15 @@ pub struct MigrateArgs {
     pub htype: String,
     /// The workload: a pid for the pid htype, a container name for others.
     pub id: String,
-    /// The destination `phaul serve` address.
-    #[arg(long, value_name = "ADDR:PORT")]
-    pub to: SocketAddr,
+    /// The destination `phaul serve` address (a name or an IP address).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub to: String,
+    /// The name the destination's certificate must carry (default: HOST
+    /// of --to).
+    #[arg(long, value_name = "NAME")]
+    pub peer_name: Option<String>,
+    #[command(flatten)]
+    pub tls: super::tls::TlsArgs,
     /// How to move it.
     #[arg(long, value_enum, default_value = "live")]
     pub mode: ModeArg,
@@ -247,6 +252,11 @@ pub fn run(dirs: &[PathBuf], quiet: bool, args: MigrateArgs) -> anyhow::Result<E
             .freeze_timeout
             .map(|s| Duration::from_secs_f64(s.max(0.1))),
     };
+    let connector = Connector::Tcp(super::tls::remote(
+        &args.to,
+        args.peer_name.as_deref(),
+        &args.tls,
+    )?);
     let abort = Arc::new(Abort::new());
     watch_signals(abort.clone()).context("installing signal handlers")?;
     let progress: Arc<dyn Progress> = if quiet || args.json {
@@ -258,7 +268,7 @@ pub fn run(dirs: &[PathBuf], quiet: bool, args: MigrateArgs) -> anyhow::Result<E
         let r = phaul_core::engine::dryrun::dry_run(
             &registry,
             &opts,
-            &Connector::Tcp(args.to),
+            &connector,
             progress.clone(),
             &abort,
         );
@@ -296,13 +306,7 @@ pub fn run(dirs: &[PathBuf], quiet: bool, args: MigrateArgs) -> anyhow::Result<E
             }
         };
     }
-    let result = migrate(
-        &registry,
-        &opts,
-        &Connector::Tcp(args.to),
-        progress.clone(),
-        &abort,
-    );
+    let result = migrate(&registry, &opts, &connector, progress.clone(), &abort);
     drop(progress);
     match result {
         Ok(report) => {

@@ -6,6 +6,7 @@ mod migrate;
 mod progress;
 mod recover;
 mod serve;
+mod tls;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -16,8 +17,12 @@ use phaul_core::plugins::{default_plugin_dirs, Registry};
 const AFTER_HELP: &str = "\
 Examples:
   phaul htypes                                   list the available drivers
-  phaul serve --listen 127.0.0.1:7070            run the destination service
-  phaul migrate pid 4242 --to 127.0.0.1:7070     move process tree 4242 there, live
+  phaul certs init --dir ca                      a CA for the hosts' certificates
+  phaul certs issue --dir ca --name dst --out dst-tls
+  phaul serve --listen 0.0.0.0:7070 --tls-dir /etc/phaul/tls
+                                                 run the destination service
+  phaul migrate pid 4242 --to dst:7070 --tls-dir /etc/phaul/tls
+                                                 move process tree 4242 there, live
   phaul recover                                  settle migrations a killed phaul left
   phaul --plugin-dir ./target/release/plugins htypes --json
 
@@ -56,6 +61,8 @@ pub enum Command {
     Migrate(migrate::MigrateArgs),
     /// Settle migrations a phaul that died left unfinished (from the journal).
     Recover(recover::RecoverArgs),
+    /// Make the certificates phaul's mutual TLS needs (a CA, host certificates).
+    Certs(tls::CertsArgs),
 }
 
 /// Sets up `tracing` to standard error, honouring RUST_LOG.
@@ -91,5 +98,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve(args) => serve::run(&cli.plugin_dirs, args),
         Command::Migrate(args) => migrate::run(&cli.plugin_dirs, cli.quiet, args),
         Command::Recover(args) => recover::run(args),
+        Command::Certs(args) => tls::run(args),
     }
 }

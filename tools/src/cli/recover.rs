@@ -33,6 +33,9 @@ Exit status:
   1  the journal cannot be read
   5  a migration is still undecided (see the message)")]
 pub struct RecoverArgs {
+    /// This host's TLS files, to ask destinations reached over TLS.
+    #[command(flatten)]
+    pub tls: super::tls::TlsArgs,
     /// The journal to read (the `--journal-dir` the migrations used).
     #[arg(long, value_name = "DIR", env = "PHAUL_JOURNAL_DIR", default_value = phaul_core::journal::DEFAULT_DIR)]
     pub journal_dir: PathBuf,
@@ -83,6 +86,12 @@ pub fn run(args: RecoverArgs) -> anyhow::Result<ExitCode> {
         &RecoverOptions {
             timeout: Duration::from_secs(args.timeout),
             decisions,
+            tls: match args.tls.files()? {
+                Some(f) => Some(std::sync::Arc::new(phaul_core::transport::TlsClient::new(
+                    &phaul_core::transport::Identity::load(&f)?,
+                )?)),
+                None => None,
+            },
         },
     )?;
     let pending = actions.iter().filter(|a| a.pending).count();

@@ -12,6 +12,7 @@ use clap::Args;
 use phaul_core::conn::Conn;
 use phaul_core::engine::dest::DestOptions;
 use phaul_core::server::{serve_connections, Server};
+use phaul_core::transport::{Acceptor, TlsServer};
 
 use super::{exit, load_registry};
 
@@ -19,17 +20,30 @@ use super::{exit, load_registry};
 #[derive(Debug, Args)]
 #[command(after_help = "\
 Examples:
-  phaul serve --listen 127.0.0.1:7070
-  phaul serve --listen 127.0.0.1:0 --once      # one migration, print the port first
+  phaul serve --listen 0.0.0.0:7070 --tls-dir /etc/phaul/tls
+  phaul serve --listen 10.0.0.2:7070 --tls-dir /etc/phaul/tls --allow-peer src.example
+  phaul serve --listen 127.0.0.1:0 --tls-dir tls --once   # one migration, print the port first
+  phaul serve --listen 127.0.0.1:7070 --insecure          # plain TCP, loopback, root only
   phaul serve --fd-rpc 3 --fd-mem 4            # connections handed in by the caller
   phaul serve --fd-rpc 3 --fd-fs 5             # a restart-mode migration with files
 
-Plain TCP is only offered on loopback addresses: the service restores whatever
-it is sent, as root, and this version does not authenticate peers.")]
+The service restores what it accepts as root, so it accepts only peers whose
+certificates chain to its CA (--tls-dir; make them with `phaul certs`), and
+with --allow-peer only those names. --insecure (plain TCP) is refused off
+loopback and accepts only connections from root's sockets.")]
 pub struct ServeArgs {
-    /// Address to listen on (loopback only).
+    /// Address to listen on.
     #[arg(long, value_name = "ADDR:PORT", required_unless_present = "fd_rpc")]
     pub listen: Option<SocketAddr>,
+    #[command(flatten)]
+    pub tls: super::tls::TlsArgs,
+    /// Accept only peers whose certificate carries this name (repeatable;
+    /// default: any certificate the CA signed).
+    #[arg(long = "allow-peer", value_name = "NAME")]
+    pub allow_peers: Vec<String>,
+    /// Migrations received at once; more are refused until one finishes.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub max_concurrent: u32,
     /// Serve one migration over an already-connected control socket (fd N).
     #[arg(long, value_name = "N", conflicts_with = "listen")]
     pub fd_rpc: Option<RawFd>,
@@ -67,8 +81,21 @@ pub struct ServeArgs {
 
 /// Runs `phaul serve`.
 pub fn run(dirs: &[PathBuf], args: ServeArgs) -> anyhow::Result<ExitCode> {
-    if let Some(addr) = args.listen {
-        phaul_core::server::check_listen_addr(addr)?;
+    let acceptor = match args.fd_rpc {
+        Some(_) => None,
+        None => Some(match args.tls.identity()? {
+            Some(id) => Acceptor::Tls(Arc::new(TlsServer::new(&id, args.allow_peers.clone())?)),
+            None => {
+                if !args.allow_peers.is_empty() {
+                    bail!("--allow-peer needs TLS (it checks the peer's certificate)");
+                }
+                Acceptor::Insecure
+            }
+        }),
+    };
+    if let (Some(a), Some(addr)) = (&acceptor, args.listen) {
+        a.check_listen(addr)
+            .with_context(|| format!("refusing to listen on {addr}"))?;
     }
     let registry = load_registry(dirs);
     registry.warn_skipped();
@@ -115,7 +142,14 @@ pub fn run(dirs: &[PathBuf], args: ServeArgs) -> anyhow::Result<ExitCode> {
     let addr = args
         .listen
         .expect("clap requires --listen without --fd-rpc");
-    let server = Server::bind(addr, Arc::new(registry), opts)?;
+    let acceptor = acceptor.expect("an acceptor without --fd-rpc");
+    let server = Server::bind(
+        addr,
+        acceptor,
+        args.max_concurrent as usize,
+        Arc::new(registry),
+        opts,
+    )?;
     let local = server.local_addr();
     // The first line of standard output is the address, for scripts.
     println!("listening on {local}");
