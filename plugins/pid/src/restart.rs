@@ -369,3 +369,43 @@ pub fn stop(pid: i32, grace: Duration) -> DriverResult<()> {
         left.join(", ")
     )))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn roundtrip(json: &str) -> DriverResult<Launch> {
+        let dir = std::env::temp_dir().join(format!("phaul-launch-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(META_FILE), json).unwrap();
+        let r = Launch::load(dir.to_str().unwrap());
+        std::fs::remove_dir_all(&dir).unwrap();
+        r
+    }
+
+    #[test]
+    fn version_1_descriptions_are_still_read_and_newer_ones_refused() {
+        let v1 = r#"{"exe": "/bin/true", "argv": ["true"], "cwd": "/", "env": []}"#;
+        let l = roundtrip(v1).unwrap();
+        assert_eq!(l.version, 1);
+        assert!(l.identity.is_none());
+        let v3 = r#"{"version": 3, "exe": "/bin/true", "argv": ["true"], "cwd": "/", "env": []}"#;
+        let e = roundtrip(v3).unwrap_err();
+        assert!(e.message.contains("version 3"), "{}", e.message);
+        let v2 = r#"{"version": 2, "exe": "/bin/true", "argv": ["true"], "cwd": "/", "env": []}"#;
+        assert!(roundtrip(v2).unwrap_err().message.contains("no identity"));
+    }
+
+    #[test]
+    fn a_recorded_launch_carries_the_identity_through_its_file() {
+        let me = std::process::id() as i32;
+        let l = Launch::record(me).unwrap();
+        assert_eq!(l.version, LAUNCH_VERSION);
+        let dir = std::env::temp_dir().join(format!("phaul-launch-rec-{me}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        l.save(dir.to_str().unwrap()).unwrap();
+        let back = Launch::load(dir.to_str().unwrap());
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(back.unwrap(), l);
+    }
+}
