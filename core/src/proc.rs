@@ -133,6 +133,21 @@ pub fn any_exists(tasks: &[crate::journal::Task]) -> bool {
     tasks.iter().any(|t| task_state(t) != TaskState::Gone)
 }
 
+/// The recorded processes that still exist, with every descendant they
+/// have now (children forked after the record; a process that reparented
+/// away is still found by its own record).
+pub fn remaining(tasks: &[crate::journal::Task]) -> Vec<crate::journal::Task> {
+    let mut out: Vec<crate::journal::Task> = Vec::new();
+    for t in tasks.iter().filter(|t| task_state(t) != TaskState::Gone) {
+        for d in self::tasks(t.pid) {
+            if task_state(&d) != TaskState::Gone && !out.contains(&d) {
+                out.push(d);
+            }
+        }
+    }
+    out
+}
+
 /// Kills the recorded processes and waits up to `timeout` for them to go.
 pub fn kill_tasks(tasks: &[crate::journal::Task], timeout: std::time::Duration) -> bool {
     signal_tasks(tasks, nix::sys::signal::Signal::SIGKILL);

@@ -194,8 +194,11 @@ pub trait Driver: Send + 'static {
     }
 
     /// Source, restart mode, after the last live filesystem pass: stop the
-    /// workload cleanly. Failure rolls back (the workload is started again
-    /// if it went down).
+    /// workload cleanly — every process of it. Failure rolls back (the
+    /// workload is started again if it went down). Afterwards, before the
+    /// final sync, the engine checks that nothing of the root task's tree
+    /// (as it was when the stop began) remains, kills what does with a
+    /// warning, and rolls back if anything survives that.
     fn stop(&mut self) -> DriverResult<()> {
         Err(DriverError::unsupported(
             "this driver has no restart mode (stop)",

@@ -496,14 +496,26 @@ impl Workload {
     /// Starts one whose state directory is `state` (e.g. inside a synced
     /// directory).
     pub fn spawn_in(state: &Path, spawn_flags: &[&str], args: &[&str]) -> Workload {
-        let out = Command::new(bin("phaul-workload"))
-            .arg("spawn")
+        Self::spawn_configured(state, spawn_flags, args, |_| {})
+    }
+
+    /// Like [`Workload::spawn_in`], `configure` adjusting the
+    /// `phaul-workload spawn` command first (e.g. a `pre_exec` giving it
+    /// another user, which the workload inherits).
+    pub fn spawn_configured(
+        state: &Path,
+        spawn_flags: &[&str],
+        args: &[&str],
+        configure: impl FnOnce(&mut Command),
+    ) -> Workload {
+        let mut cmd = Command::new(bin("phaul-workload"));
+        cmd.arg("spawn")
             .args(spawn_flags)
             .args(["--", "--state-dir"])
             .arg(state)
-            .args(args)
-            .output()
-            .expect("run phaul-workload spawn");
+            .args(args);
+        configure(&mut cmd);
+        let out = cmd.output().expect("run phaul-workload spawn");
         assert!(
             out.status.success(),
             "phaul-workload spawn failed: {}",

@@ -168,6 +168,13 @@ pub enum HandOverError {
     /// The final file sync failed.
     #[error("{0}")]
     FileSync(String),
+    /// Restart mode: processes of the tree still exist after the driver's
+    /// `stop` (and after SIGKILL).
+    #[error(
+        "processes {} of the workload's tree still run after it was stopped, even after SIGKILL",
+        .0.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ")
+    )]
+    NotStopped(Vec<i32>),
     /// Reading or writing the images failed.
     #[error("{what}: {source}")]
     Io {

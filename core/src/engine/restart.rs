@@ -4,6 +4,12 @@
 //! start afresh — this is a restart, not a live move. If the destination
 //! cannot start it, the source starts it again.
 //!
+//! Before the final sync the engine checks that nothing of the tree it
+//! recorded when the stop began still exists (the root, its descendants,
+//! those that reparented away, and what they forked since): the driver's
+//! `stop` should have stopped them all; what it left is killed, and what
+//! survives even that fails the hand-over (the source starts it again).
+//!
 //! The phases: live passes (nothing stopped; a failure abandons), the
 //! stop and final sync (a failure starts the workload again here), `Start`
 //! (the commit: from here only the destination's answer, or its answer to
@@ -94,7 +100,9 @@ pub(crate) fn source(
     let handed = (|| -> Result<i32, Failed> {
         let safe = |e: HandOverError| Failed::Safe(e.into());
         driver.net_lock().map_err(|e| safe(e.into()))?;
+        let tree = proc::tasks(pid);
         driver.stop().map_err(|e| safe(e.into()))?;
+        ensure_stopped(&tree).map_err(safe)?;
         if let Some(s) = sync.take() {
             env.progress.phase("final file sync");
             fs_report = Some(
@@ -202,6 +210,27 @@ pub(crate) fn source(
             }
             result
         }
+    }
+}
+
+/// Checks that nothing of `tree` (recorded before the driver's `stop`)
+/// exists any more; kills what does (with a warning: the driver should
+/// have stopped it).
+fn ensure_stopped(tree: &[crate::journal::Task]) -> Result<(), HandOverError> {
+    for _ in 0..3 {
+        let left = proc::remaining(tree);
+        if left.is_empty() {
+            return Ok(());
+        }
+        let pids: Vec<i32> = left.iter().map(|t| t.pid).collect();
+        tracing::warn!("the driver's stop left processes {pids:?} of the tree: killing them");
+        proc::kill_tasks(&left, std::time::Duration::from_secs(5));
+    }
+    match proc::remaining(tree) {
+        left if left.is_empty() => Ok(()),
+        left => Err(HandOverError::NotStopped(
+            left.iter().map(|t| t.pid).collect(),
+        )),
     }
 }
 

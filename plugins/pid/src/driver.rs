@@ -19,9 +19,11 @@
 //!   after SIGTERM before SIGKILL (default 10)
 //!
 //! In restart mode (`--mode restart`) the driver records the root process's
-//! program, arguments, working directory and environment on the source,
-//! stops the tree (`stop`), and starts the same command on the destination
-//! (`start`): a restart, not a live move.
+//! program, arguments, working directory, environment and identity (uids,
+//! gids, groups, umask, resource limits, cgroups) on the source, stops every
+//! process of the tree (`stop`), and starts the same command as the same
+//! identity on the destination (`start`): a restart, not a live move. See
+//! [`crate::restart`] and [`crate::identity`].
 
 use std::time::Duration;
 
@@ -226,10 +228,27 @@ impl Driver for PidDriver {
         let launch = self.launch.as_ref().ok_or_else(|| {
             DriverError::failed("nothing to start: no command line was recorded or received")
         })?;
+        if launch.identity.is_none() {
+            self.log(
+                LogLevel::Warn,
+                &format!(
+                    "the source recorded no identity (a version-{} description, from an older \
+                     phaul): starting {} as this service's user, in its cgroups",
+                    launch.version, launch.exe
+                ),
+            );
+        }
         let pid = launch.start()?;
+        let who = match &launch.identity {
+            Some(id) => format!(
+                " (uid {}, gid {}, groups {:?}, umask {:04o})",
+                id.uid.effective, id.gid.effective, id.groups, id.umask
+            ),
+            None => String::new(),
+        };
         self.log(
             LogLevel::Info,
-            &format!("started {} as pid {pid}", launch.exe),
+            &format!("started {} as pid {pid}{who}", launch.exe),
         );
         self.pid = pid;
         Ok(pid)

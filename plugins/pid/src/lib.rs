@@ -2,6 +2,7 @@
 //! See [`driver`] for what it does and the options it takes.
 
 pub mod driver;
+pub mod identity;
 pub mod restart;
 
 pub use driver::PidDriver;

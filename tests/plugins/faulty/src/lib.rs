@@ -26,6 +26,8 @@
 
 // The pid driver's source, compiled into this plugin (a cdylib cannot be
 // linked as a library, and its entry points would clash with ours).
+#[path = "../../../../plugins/pid/src/identity.rs"]
+mod identity;
 #[path = "../../../../plugins/pid/src/driver.rs"]
 mod pid_driver;
 #[path = "../../../../plugins/pid/src/restart.rs"]

@@ -9,12 +9,14 @@
 //! # Subcommands
 //!
 //! * `run --state-dir DIR [--mem-mib N] [--dirty-pct P] [--seed S] [--extras]
-//!   [--tcp-listen ADDR:PORT] [--objects KINDS]`: the workload itself, in the
+//!   [--linger-child] [--tcp-listen ADDR:PORT] [--objects KINDS]`: the workload itself, in the
 //!   foreground. It maps N MiB of anonymous memory, fills every 4096-byte
 //!   page with a deterministic pattern derived from (seed, page index, page
 //!   generation), then ticks about once per millisecond, rewriting P% of all
 //!   pages per second (round robin, each rewrite bumps the page's
 //!   generation). `--objects` adds self-checking kernel objects (below).
+//!   `--linger-child` forks a child that ignores SIGTERM and is left running
+//!   when the workload exits (only SIGKILL ends it).
 //! * `spawn [--pidns] [--netns] -- <run options...>`: starts `run` fully detached
 //!   (double fork + setsid, optionally as PID 1 of a new PID namespace),
 //!   prints its host PID and waits until it is ready.
@@ -84,6 +86,7 @@
 //! | `exiting` | true only in the final status |
 //! | `seed`, `dirty_pct`, `extras_enabled`, `tcp_enabled` | the options in use |
 //! | `extras_log_lines`, `pipe_msgs`, `pipe_seq_errors`, `child_pid`, `child_alive` | `--extras` state (0 / false when disabled) |
+//! | `linger_pid` | the `--linger-child` (0 when disabled) |
 //! | `tcp_requests`, `tcp_clients` | `--tcp-listen` state (0 when disabled) |
 //! | `objects` | `--objects` state: one entry per kind, `{"ok": bool, "detail": "..."}` from the last SIGUSR1 check (`ok` false with "not verified yet" before the first); `{}` when disabled |
 //!
@@ -93,6 +96,7 @@
 
 mod arena;
 mod extras;
+mod linger;
 mod objects;
 mod pattern;
 mod report;
@@ -152,6 +156,11 @@ pub struct RunArgs {
     /// Also exercise an open file, a pipe and a child process.
     #[arg(long)]
     pub extras: bool,
+
+    /// Also fork a child that ignores SIGTERM and outlives the workload
+    /// (only SIGKILL ends it).
+    #[arg(long)]
+    pub linger_child: bool,
 
     /// Also serve the line protocol "<u64>\n" -> "<u64+1>\n" on this address.
     #[arg(long, value_name = "ADDR:PORT")]

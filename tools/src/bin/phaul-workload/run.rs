@@ -87,6 +87,7 @@ struct Workload {
     arena: Arena,
     rate: DirtyRate,
     extras: Option<Extras>,
+    linger: Option<nix::unistd::Pid>,
     objects: Option<Objects>,
     tcp: Option<TcpServer>,
     timing: Timing,
@@ -119,6 +120,7 @@ impl Workload {
             dirty_pct: self.args.dirty_pct,
             extras_enabled: self.extras.is_some(),
             tcp_enabled: self.tcp.is_some(),
+            linger_pid: self.linger.map_or(0, |p| p.as_raw()),
             ..Status::default()
         };
         if let Some(x) = &mut self.extras {
@@ -191,6 +193,11 @@ pub fn run(args: &RunArgs) -> Result<()> {
     // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
     unsafe { libc::prctl(libc::PR_SET_NAME, c"phaul-workload".as_ptr(), 0, 0, 0) };
     // The children are forked before the big memory area exists.
+    let linger = if args.linger_child {
+        Some(crate::linger::start()?)
+    } else {
+        None
+    };
     let extras = if args.extras {
         Some(Extras::start(&args.state_dir)?)
     } else {
@@ -212,6 +219,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         rate: DirtyRate::new(arena.pages(), args.dirty_pct),
         arena,
         extras,
+        linger,
         objects,
         tcp,
         timing: Timing::default(),

@@ -41,6 +41,7 @@ pub struct Status {
     pub pipe_seq_errors: u64,
     pub child_pid: i32,
     pub child_alive: bool,
+    pub linger_pid: i32,
     pub tcp_enabled: bool,
     pub tcp_requests: u64,
     pub tcp_clients: u64,
