@@ -11,7 +11,8 @@
 //! - [`engine`] runs a migration on the source ([`engine::source`]) and on
 //!   the destination ([`engine::dest`]), with rollback on failure; its
 //!   documentation lists the phases and what a failure does in each;
-//! - [`server`] is the destination service;
+//! - [`server`] is the destination service, and [`policy`] what it
+//!   accepts from a source (htypes, file-sync roots);
 //! - [`journal`] is each side's durable record of its decisions, which
 //!   `phaul recover` and a restarted `phaul serve` read;
 //! - [`fsync`] synchronises directory trees between the hosts, live (phaul's rsync);
@@ -29,6 +30,7 @@ pub mod fsync;
 pub mod journal;
 pub mod memchan;
 pub mod plugins;
+pub mod policy;
 pub mod proc;
 pub mod proto;
 pub mod server;
