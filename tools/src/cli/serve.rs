@@ -94,6 +94,10 @@ pub fn run(dirs: &[PathBuf], args: ServeArgs) -> anyhow::Result<ExitCode> {
         bail!("no htype driver could be loaded; pass --plugin-dir DIR");
     }
     let policy = policy(&registry, &args)?;
+    // Refuse unsafe roots now, with what to do, rather than in every
+    // migration's pre-flight.
+    phaul_core::workdir::open_root(&args.work_dir, "work directory root", "--work-dir DIR")?;
+    phaul_core::workdir::open_root(&args.log_dir, "log directory root", "--log-dir DIR")?;
     phaul_core::workdir::sweep_stale(&args.work_dir, "dst");
     phaul_core::workdir::sweep_logs(&args.log_dir, phaul_core::workdir::LOG_MAX_AGE);
     let opts = DestOptions {
