@@ -205,18 +205,21 @@ impl Journal {
     /// ([`crate::workdir::open_root`]: made with `mkdir`, opened with
     /// `O_NOFOLLOW`, checked on the open descriptor).
     pub fn open(dir: &Path) -> Result<Journal, JournalError> {
-        crate::workdir::open_root(dir, "journal directory", "--journal-dir DIR").map_err(|e| {
-            match e {
-                crate::Error::UnsafeDir { why, .. } => JournalError::Unsafe {
-                    path: dir.to_path_buf(),
-                    why,
-                },
-                crate::Error::Path { source, path, .. } => JournalError::Io { path, source },
-                other => JournalError::Unsafe {
-                    path: dir.to_path_buf(),
-                    why: other.to_string(),
-                },
-            }
+        crate::workdir::open_root(
+            dir,
+            "journal directory",
+            "remove it (phaul creates it itself) or pass --journal-dir DIR",
+        )
+        .map_err(|e| match e {
+            crate::Error::UnsafeDir { why, .. } => JournalError::Unsafe {
+                path: dir.to_path_buf(),
+                why,
+            },
+            crate::Error::Path { source, path, .. } => JournalError::Io { path, source },
+            other => JournalError::Unsafe {
+                path: dir.to_path_buf(),
+                why: other.to_string(),
+            },
         })?;
         Ok(Journal {
             dir: dir.to_path_buf(),

@@ -52,8 +52,8 @@ impl WorkDir {
         let name = format!("{side}-{session:016x}");
         let path = root.join(&name);
         let logs = log_root.join(&name);
-        let root_fd = open_root(root, "work directory root", "--work-dir DIR")?;
-        let logs_fd = open_root(log_root, "log directory root", "--log-dir DIR")?;
+        let root_fd = open_root(root, "work directory root", FIX_WORK)?;
+        let logs_fd = open_root(log_root, "log directory root", FIX_LOGS)?;
         subdir(&logs_fd, log_root, &name)?;
         let dir = subdir(&root_fd, root, &name)?;
         for sub in ["images", "driver", "meta"] {
@@ -133,6 +133,11 @@ impl Drop for WorkDir {
     }
 }
 
+/// What to do about an unsafe work root.
+pub const FIX_WORK: &str = "remove it (phaul creates it itself) or pass --work-dir DIR";
+/// What to do about an unsafe log root.
+pub const FIX_LOGS: &str = "remove it (phaul creates it itself) or pass --log-dir DIR";
+
 /// Why a root or session directory cannot be trusted.
 fn unsafe_dir(what: &'static str, path: &Path, why: String) -> Error {
     Error::UnsafeDir {
@@ -155,10 +160,7 @@ fn check_owner(fd: &OwnedFd, what: &'static str, path: &Path, fix: &str) -> Resu
         return Err(unsafe_dir(
             what,
             path,
-            format!(
-                "owned by uid {}, not by root; remove it (phaul creates it itself) or {fix}",
-                st.st_uid
-            ),
+            format!("owned by uid {}, not by root; {fix}", st.st_uid),
         ));
     }
     if st.st_mode & 0o022 != 0 {
@@ -166,7 +168,7 @@ fn check_owner(fd: &OwnedFd, what: &'static str, path: &Path, fix: &str) -> Resu
             what,
             path,
             format!(
-                "writable by group or others (mode {:o}); make it 0700 (chmod 700) or {fix}",
+                "writable by group or others (mode {:o}); chmod 700 it, or {fix}",
                 st.st_mode & 0o7777
             ),
         ));
@@ -196,9 +198,7 @@ fn open_dir_at(
         Err(nix::errno::Errno::ELOOP) | Err(nix::errno::Errno::ENOTDIR) => Err(unsafe_dir(
             what,
             path,
-            format!(
-                "a symlink or not a directory (phaul never follows one here); remove it or {fix}"
-            ),
+            format!("a symlink or not a directory (phaul never follows one here); {fix}"),
         )),
         Err(e) => Err(Error::Path {
             what: "cannot open",
@@ -209,7 +209,7 @@ fn open_dir_at(
 }
 
 /// Opens a root phaul keeps its directories in (`what`, e.g. "work
-/// directory root"; `fix`, the option that names another): creates it if
+/// directory root"; `fix`, what to do about an unsafe one, e.g. [`FIX_WORK`]): creates it if
 /// missing (mode 0700; missing parents as `mkdir -p` would), then opens it
 /// with `O_DIRECTORY|O_NOFOLLOW` and checks the open directory: owned by
 /// root (or the user phaul runs as) and not writable by group or others.
@@ -285,7 +285,7 @@ fn write_owner(dir: &OwnedFd) -> std::io::Result<()> {
 /// Removes kept logs (`<side>-<session>` directories under `log_root`)
 /// older than `max_age`.
 pub fn sweep_logs(log_root: &Path, max_age: std::time::Duration) {
-    if !trusted(log_root, "log directory root", "--log-dir DIR") {
+    if !trusted(log_root, "log directory root", FIX_LOGS) {
         return;
     }
     let Ok(entries) = std::fs::read_dir(log_root) else {
@@ -317,7 +317,7 @@ const OWNER: &str = "owner";
 /// left alone. Returns the directories removed.
 pub fn sweep_stale(root: &Path, side: &str) -> Vec<PathBuf> {
     let mut removed = Vec::new();
-    if !trusted(root, "work directory root", "--work-dir DIR") {
+    if !trusted(root, "work directory root", FIX_WORK) {
         return removed;
     }
     let Ok(entries) = std::fs::read_dir(root) else {

@@ -14,6 +14,7 @@ use phaul_core::engine::dest::DestOptions;
 use phaul_core::plugins::Registry;
 use phaul_core::policy::DestPolicy;
 use phaul_core::server::{serve_connections, Server};
+use phaul_core::workdir;
 
 use super::{exit, load_registry};
 
@@ -96,8 +97,8 @@ pub fn run(dirs: &[PathBuf], args: ServeArgs) -> anyhow::Result<ExitCode> {
     let policy = policy(&registry, &args)?;
     // Refuse unsafe roots now, with what to do, rather than in every
     // migration's pre-flight.
-    phaul_core::workdir::open_root(&args.work_dir, "work directory root", "--work-dir DIR")?;
-    phaul_core::workdir::open_root(&args.log_dir, "log directory root", "--log-dir DIR")?;
+    workdir::open_root(&args.work_dir, "work directory root", workdir::FIX_WORK)?;
+    workdir::open_root(&args.log_dir, "log directory root", workdir::FIX_LOGS)?;
     phaul_core::workdir::sweep_stale(&args.work_dir, "dst");
     phaul_core::workdir::sweep_logs(&args.log_dir, phaul_core::workdir::LOG_MAX_AGE);
     let opts = DestOptions {
