@@ -10,6 +10,14 @@
 //! The `phaul` command line is built from the same pieces (the iteration
 //! loop and the page servers), with its own protocol on top.
 //!
+//! An embedder that runs phaul's whole destination service instead
+//! ([`crate::server::serve_connections`], [`crate::server::Server`])
+//! configures it with [`crate::engine::dest::DestOptions`], whose
+//! [`DestPolicy`] (re-exported here) is the destination's own: the htypes it
+//! accepts and the directories a file sync may write into (none unless
+//! allowed), checked before the source freezes anything. This module's
+//! [`Server`] writes only into its own `Config::work_dir`.
+//!
 //! ```no_run
 //! use phaul_core::api::*;
 //! # fn run(pid: i32, fd: i32, remote: impl Remote) -> Result<(), ApiError> {
@@ -42,6 +50,7 @@ use crate::engine::predump::PreDumpLoop;
 pub use crate::engine::predump::Remote;
 use crate::engine::report::{NoProgress, PassReport};
 pub use crate::engine::PreDump;
+pub use crate::policy::{DestPolicy, PolicyError};
 
 /// Errors of the library API.
 #[derive(Debug, thiserror::Error)]

@@ -57,6 +57,18 @@ pub enum Error {
         /// The cause.
         source: std::io::Error,
     },
+    /// A directory phaul would trust (a work or log root, a session
+    /// directory) is not safe: a symlink, another user's, or writable by
+    /// others.
+    #[error("{what} {}: {why}", path.display())]
+    UnsafeDir {
+        /// Which directory.
+        what: &'static str,
+        /// Where.
+        path: PathBuf,
+        /// What is wrong and what to do.
+        why: String,
+    },
     /// An I/O error.
     #[error("{what}: {source}")]
     Io {

@@ -204,31 +204,28 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> JournalError + '_ {
 
 impl Journal {
     /// Opens (creating it, mode 0700) the journal in `dir`. A directory
-    /// that others can write, or that is not a directory, is refused: the
-    /// journal decides what happens to workloads.
+    /// that others can write, that belongs to another user, or that is not
+    /// a directory (a symlink included) is refused: the journal decides
+    /// what happens to workloads. The checks are those of the work root
+    /// ([`crate::workdir::open_root`]: made with `mkdir`, opened with
+    /// `O_NOFOLLOW`, checked on the open descriptor).
     pub fn open(dir: &Path) -> Result<Journal, JournalError> {
-        use std::os::unix::fs::{DirBuilderExt, MetadataExt};
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(io(dir))?;
-        let meta = std::fs::symlink_metadata(dir).map_err(io(dir))?;
-        let unsafe_dir = |why: &str| JournalError::Unsafe {
-            path: dir.to_path_buf(),
-            why: why.into(),
-        };
-        if !meta.is_dir() {
-            return Err(unsafe_dir("not a directory (a symlink is not accepted)"));
-        }
-        if meta.mode() & 0o022 != 0 {
-            return Err(unsafe_dir(
-                "writable by group or others; make it 0700 (chmod 700)",
-            ));
-        }
-        if meta.uid() != nix::unistd::geteuid().as_raw() {
-            return Err(unsafe_dir("owned by another user"));
-        }
+        crate::workdir::open_root(
+            dir,
+            "journal directory",
+            "remove it (phaul creates it itself) or pass --journal-dir DIR",
+        )
+        .map_err(|e| match e {
+            crate::Error::UnsafeDir { why, .. } => JournalError::Unsafe {
+                path: dir.to_path_buf(),
+                why,
+            },
+            crate::Error::Path { source, path, .. } => JournalError::Io { path, source },
+            other => JournalError::Unsafe {
+                path: dir.to_path_buf(),
+                why: other.to_string(),
+            },
+        })?;
         Ok(Journal {
             dir: dir.to_path_buf(),
         })
@@ -386,6 +383,15 @@ mod tests {
         std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
         let e = Journal::open(d.path()).unwrap_err();
         assert!(e.to_string().contains("writable by group or others"), "{e}");
+    }
+
+    #[test]
+    fn a_symlink_as_the_journal_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("real")).unwrap();
+        std::os::unix::fs::symlink(d.path().join("real"), d.path().join("j")).unwrap();
+        let e = Journal::open(&d.path().join("j")).unwrap_err();
+        assert!(e.to_string().contains("symlink"), "{e}");
     }
 
     #[test]

@@ -11,8 +11,9 @@
 //! - [`engine`] runs a migration on the source ([`engine::source`]) and on
 //!   the destination ([`engine::dest`]), with rollback on failure; its
 //!   documentation lists the phases and what a failure does in each;
-//! - [`server`] is the destination service, and [`transport`] how the two
-//!   phauls reach each other (mutual TLS on every connection);
+//! - [`server`] is the destination service, [`policy`] what it accepts
+//!   from a source (htypes, file-sync roots), and [`transport`] how the
+//!   two phauls reach each other (mutual TLS on every connection);
 //! - [`journal`] is each side's durable record of its decisions, which
 //!   `phaul recover` and a restarted `phaul serve` read;
 //! - [`fsync`] synchronises directory trees between the hosts, live (phaul's rsync);
@@ -30,6 +31,7 @@ pub mod fsync;
 pub mod journal;
 pub mod memchan;
 pub mod plugins;
+pub mod policy;
 pub mod proc;
 pub mod proto;
 pub mod server;

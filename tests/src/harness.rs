@@ -1030,3 +1030,37 @@ pub fn recover(plugins: &Path, journal: &Path, timeout_s: u64) -> Recovery {
         stderr: std::fs::read_to_string(err.path()).unwrap_or_default(),
     }
 }
+
+/// Migrates `w` (htype pid) to `serve` with `extra` arguments and requires
+/// a refusal by the destination's pre-flight whose message says each of
+/// `expect`, that left the workload as it was and never reached the
+/// freeze (the source's journal, written before the freeze, stays empty).
+pub fn assert_refused_in_preflight(w: &Workload, serve: &Serve, extra: &[&str], expect: &[&str]) {
+    let before = w.report();
+    let journal = tempfile::tempdir().unwrap();
+    let j = journal.path().to_str().unwrap();
+    let mut args = vec!["--journal-dir", j];
+    args.extend_from_slice(extra);
+    let src = plugin_dir(&[("phaul_pid", "libphaul_pid.so")]);
+    let (out, json) = migrate(src.path(), "pid", w.pid, &serve.addr, &args);
+    assert_eq!(out.status.code(), Some(3), "refused in pre-flight");
+    let json = json.expect("--json failure");
+    assert_eq!(json["error"], "refused");
+    assert_eq!(json["phase"], "preflight");
+    assert_eq!(json["side"], "destination");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for e in expect {
+        assert!(stderr.contains(e), "the message says {e:?}: {stderr}");
+    }
+    assert_eq!(
+        std::fs::read_dir(journal.path()).unwrap().count(),
+        0,
+        "nothing was frozen"
+    );
+    let after = w.report();
+    w.assert_intact(&after);
+    assert!(after["counter"].as_u64() > before["counter"].as_u64());
+    assert!(wait_for(Duration::from_secs(5), || serve
+        .criu_processes()
+        .is_empty()));
+}

@@ -8,7 +8,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use phaul_tests::harness::{
-    alive, migrate, processes_with_cwd_under, reap, setup, wait_for, Serve, Workload,
+    alive, assert_refused_in_preflight, migrate, processes_with_cwd_under, reap, setup, wait_for,
+    Serve, Workload,
 };
 use phaul_tests::plugin_dir;
 use phaul_tests::proxy::{Fault, Proxy};
@@ -601,37 +602,24 @@ fn preflight_refusals_touch_nothing() {
     assert!(processes_with_cwd_under(serve.work.path()).is_empty());
 }
 
-/// A refusal that names what is taken, leaves the workload as it was and
-/// never reached the freeze (the journal, written before the freeze, stays
-/// empty).
-fn assert_refused_in_preflight(w: &Workload, serve: &Serve, extra: &[&str], expect: &[&str]) {
-    let before = w.report();
-    let journal = tempfile::tempdir().unwrap();
-    let j = journal.path().to_str().unwrap();
-    let mut args = vec!["--journal-dir", j];
-    args.extend_from_slice(extra);
-    let src = plugin_dir(PID);
-    let (out, json) = migrate(src.path(), "pid", w.pid, &serve.addr, &args);
-    assert_eq!(out.status.code(), Some(3), "refused in pre-flight");
-    let json = json.expect("--json failure");
-    assert_eq!(json["error"], "refused");
-    assert_eq!(json["phase"], "preflight");
-    assert_eq!(json["side"], "destination");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    for e in expect {
-        assert!(stderr.contains(e), "the message says {e:?}: {stderr}");
+#[test]
+fn an_htype_the_destination_does_not_allow_is_refused() {
+    if !setup() {
+        return;
     }
-    assert_eq!(
-        std::fs::read_dir(journal.path()).unwrap().count(),
-        0,
-        "nothing was frozen"
+    // Both drivers are loaded there, but only `faulty` is accepted.
+    let serve = Serve::start(FAULTY, &["--allow-htype", "faulty"]);
+    let w = Workload::spawn(&["--mem-mib", "16"]);
+    assert_refused_in_preflight(
+        &w,
+        &serve,
+        &[],
+        &[
+            "does not accept htype `pid`",
+            "--allow-htype pid",
+            "the destination refused (policy)",
+        ],
     );
-    let after = w.report();
-    w.assert_intact(&after);
-    assert!(after["counter"].as_u64() > before["counter"].as_u64());
-    assert!(wait_for(Duration::from_secs(5), || serve
-        .criu_processes()
-        .is_empty()));
 }
 
 #[test]
@@ -854,7 +842,7 @@ fn a_destination_without_room_for_the_images_refuses() {
     // A 4 MiB tmpfs as the destination's work root; the workload has 32 MiB.
     let small = phaul_tests::harness::shm_dir("small");
     let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .args(["-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs"])
         .arg(small.path())
         .status()
         .unwrap();

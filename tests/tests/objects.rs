@@ -42,7 +42,8 @@ fn hosts() -> Hosts {
     }
 }
 
-/// `phaul serve` in its own mount namespace where `data` shows `backing`.
+/// `phaul serve` in its own mount namespace where `data` shows `backing`,
+/// allowed to sync into `data`.
 fn destination(h: &Hosts) -> Serve {
     let script = format!(
         "mount --bind '{}' '{}' && exec \"$0\" \"$@\"",
@@ -60,7 +61,7 @@ fn destination(h: &Hosts) -> Serve {
             &script,
         ],
         PID,
-        &[],
+        &["--allow-sync-root", h.data.to_str().unwrap()],
     )
 }
 

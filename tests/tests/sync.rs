@@ -9,7 +9,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use phaul_tests::harness::{alive, migrate, reap, setup, shm_dir, wait_for, Serve, Workload};
+use phaul_tests::harness::{
+    alive, assert_refused_in_preflight, migrate, reap, setup, shm_dir, wait_for, Serve, Workload,
+};
 use phaul_tests::plugin_dir;
 use phaul_tests::trees::{assert_same, every_kind};
 
@@ -40,8 +42,19 @@ fn hosts() -> Hosts {
     }
 }
 
-/// `phaul serve` in its own mount namespace where `data` shows `backing`.
+/// `phaul serve` in its own mount namespace where `data` shows `backing`,
+/// allowed to sync into `data` only.
 fn destination(h: &Hosts, plugins: &[(&str, &str)]) -> Serve {
+    destination_allowing(h, plugins, &[&h.data])
+}
+
+/// Like [`destination`], with file syncs allowed into `allowed`.
+fn destination_allowing(h: &Hosts, plugins: &[(&str, &str)], allowed: &[&Path]) -> Serve {
+    let mut extra = Vec::new();
+    for a in allowed {
+        extra.push("--allow-sync-root");
+        extra.push(a.to_str().unwrap());
+    }
     let script = format!(
         "mount --bind '{}' '{}' && exec \"$0\" \"$@\"",
         h.backing.display(),
@@ -58,7 +71,7 @@ fn destination(h: &Hosts, plugins: &[(&str, &str)]) -> Serve {
             &script,
         ],
         plugins,
-        &[],
+        &extra,
     )
 }
 
@@ -156,7 +169,11 @@ fn restart_mode_stops_here_and_starts_there() {
     if !setup() {
         return;
     }
-    let (h, serve) = setup_hosts(PID);
+    // A root inside an allowed directory (not the directory itself).
+    let h = hosts();
+    every_kind(&h.data.join("static"));
+    let parent = h.data.parent().unwrap().to_path_buf();
+    let serve = destination_allowing(&h, PID, &[&parent]);
     let mut w = Workload::spawn_in(&h.data.join("state"), &[], &["--mem-mib", "8", "--extras"]);
     let src = plugin_dir(PID);
     let old = w.pid;
@@ -657,7 +674,7 @@ fn restart_mode_starts_the_workload_again_on_the_source_as_what_it_was_when_the_
             &script,
         ],
         PID,
-        &[],
+        &["--allow-sync-root", h.data.to_str().unwrap()],
     );
     let mut w = identity_workload(&h, &cg);
     let old = w.pid;
@@ -702,4 +719,91 @@ fn restart_mode_starts_the_workload_again_on_the_source_as_what_it_was_when_the_
         check_identity(*k, &cgroup).unwrap();
     }
     w.assert_intact(&w.report());
+}
+
+/// Nothing of `h.data` reached the destination (its `backing`).
+fn nothing_arrived(h: &Hosts) {
+    assert_eq!(
+        std::fs::read_dir(&h.backing).unwrap().count(),
+        0,
+        "nothing was written on the destination"
+    );
+}
+
+#[test]
+fn a_sync_root_the_destination_does_not_allow_is_refused_before_anything_freezes() {
+    if !setup() {
+        return;
+    }
+    let h = hosts();
+    every_kind(&h.data.join("static"));
+    let data = h.data.to_str().unwrap();
+    let w = Workload::spawn_in(&h.data.join("state"), &["--pidns"], &["--mem-mib", "8"]);
+    // By default no file sync is allowed at all.
+    let serve = destination_allowing(&h, PID, &[]);
+    assert_refused_in_preflight(
+        &w,
+        &serve,
+        &["--sync", data],
+        &[
+            "the destination refused (policy)",
+            &format!("file sync into {data}"),
+            "--allow-sync-root",
+            "no --allow-sync-root was given",
+        ],
+    );
+    nothing_arrived(&h);
+    drop(serve);
+    // Nor one outside the allowed directories.
+    let other = shm_dir("sync-allowed");
+    let serve = destination_allowing(&h, PID, &[other.path()]);
+    assert_refused_in_preflight(
+        &w,
+        &serve,
+        &["--sync", data],
+        &[
+            &format!("file sync into {data}"),
+            &other.path().display().to_string(),
+            "--allow-sync-root",
+        ],
+    );
+    nothing_arrived(&h);
+    assert_eq!(std::fs::read_dir(other.path()).unwrap().count(), 0);
+}
+
+#[test]
+fn dot_dot_and_symlinks_in_sync_roots_do_not_get_past_the_destination() {
+    if !setup() {
+        return;
+    }
+    let h = hosts();
+    every_kind(&h.data.join("static"));
+    let base = h.data.parent().unwrap().to_path_buf();
+    let allowed = base.join("allowed");
+    std::fs::create_dir(&allowed).unwrap();
+    // A symlink inside the allowed directory that leads to `data`.
+    std::os::unix::fs::symlink(&h.data, allowed.join("link")).unwrap();
+    let w = Workload::spawn_in(&h.data.join("state"), &["--pidns"], &["--mem-mib", "8"]);
+    let serve = destination_allowing(&h, PID, &[&allowed]);
+    let dotdot = format!("{}/../data", allowed.display());
+    let link = format!("{}/link", allowed.display());
+    for root in [&dotdot, &link] {
+        assert_refused_in_preflight(
+            &w,
+            &serve,
+            &["--sync", root],
+            &[
+                "the destination refused (policy)",
+                &format!("file sync into {root} (resolved: {})", h.data.display()),
+                "--allow-sync-root",
+            ],
+        );
+        nothing_arrived(&h);
+    }
+    // The allowed directory itself got nothing either.
+    let names: Vec<_> = std::fs::read_dir(&allowed)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("link")]);
 }

@@ -17,6 +17,34 @@
 //! kills the copy (verified with CRIU 4.2.1); if the CRIU worker dies, the
 //! copy is stuck in CRIU's restorer and never runs — the abandon path (or
 //! a restarted service reading the journal) kills it.
+//!
+//! # What comes from the source, and what from this side
+//!
+//! This side runs with its own [`DestOptions`]: its work, log and journal
+//! directories, its CRIU, its hook deadlines and commit timeout, and its
+//! [`DestPolicy`] (which htypes it accepts, which directories a file sync
+//! may write into), checked first in pre-flight, before the source freezes
+//! anything. The driver's work directory is this side's
+//! (`<work_root>/dst-<session>/driver`), never a path from the source.
+//!
+//! The source describes the workload: its htype and id, the mode, and the
+//! `-o` options (`Hello::options`). The engine's CRIU options among them
+//! (`file-locks`, `link-remap`, `ghost-limit`, `evasive-devices`) and the
+//! driver's own still initialise this side's driver: they describe the
+//! workload being moved (its terminal, its external resources, which
+//! directories travel with it), and both drivers must agree on them (the
+//! same `fs_sync` roots, compared below). So that a source cannot choose
+//! where this side writes, the roots a file sync writes into — which the
+//! driver derives from those options — are checked against the policy:
+//! resolved, required inside an allowed directory, and opened here, so the
+//! receiver writes through the descriptors that were checked. Options that
+//! name other resources of this host (for the pid htype, `external`
+//! entries, whose restore-side value can be a host directory bind-mounted
+//! into the workload, and `veth` host-side names and bridges) are opaque
+//! to the engine and still taken from the source; a policy for them
+//! belongs to the driver. Nor does the policy limit what the restored
+//! workload itself may do: it runs with the privileges its images say, so
+//! who may send a migration at all is the transport's question.
 
 use std::io::Write;
 use std::os::fd::AsRawFd;
@@ -33,6 +61,7 @@ use crate::criu::rpc::ReqType;
 use crate::criu::{stats, Criu, CriuBinary, CriuError, Event, Launcher};
 use crate::journal::{self, Journal, Record, Task};
 use crate::plugins::{Driver, EngineHost, Registry};
+use crate::policy::{DestPolicy, PolicyError};
 use crate::proc::{self, TaskState};
 use crate::proto::{FrameError, Hello, MigrationMode, Msg, Outcome, Refusal, Welcome};
 use crate::workdir::{free_bytes, WorkDir};
@@ -63,6 +92,9 @@ pub struct DestOptions {
     /// Deadlines for driver hooks (`--hook-timeout HOOK=SECONDS`), on top of
     /// the engine's and the driver's own.
     pub hook_deadlines: Vec<(String, Duration)>,
+    /// What this side accepts, whatever the source asks for: htypes and
+    /// the directories a file sync may write into ([`crate::policy`]).
+    pub policy: DestPolicy,
 }
 
 /// What the destination did, for its log.
@@ -261,6 +293,16 @@ impl<'a> Session<'a> {
                 ),
             ));
         }
+        // This side's policy, before anything else is set up: the htype,
+        // and the directories a file sync would write into (resolved,
+        // checked and opened now; the receiver writes through these
+        // descriptors only).
+        let policy = |e: PolicyError| DestError::Refused(Refusal::Policy, e.to_string());
+        opts.policy.check_htype(&hello.htype).map_err(policy)?;
+        let sync_roots = opts
+            .policy
+            .open_sync_roots(&hello.fs_roots)
+            .map_err(policy)?;
         let mut driver = driver.map_err(|e| DestError::Refused(Refusal::Htype, e.to_string()))?;
         driver
             .apply_deadlines(&opts.hook_deadlines)
@@ -338,6 +380,9 @@ impl<'a> Session<'a> {
             Arc::new(|_| Err("feature checks are only available on the source".to_string())),
         );
         let drv = refuse(Refusal::Driver);
+        // The source's options describe the workload (see the module
+        // documentation); the sync roots they lead to were checked against
+        // this side's policy above.
         let (criu_defaults, driver_options) =
             super::CriuDefaults::split(&hello.options).map_err(refuse(Refusal::Other))?;
         driver
@@ -366,8 +411,7 @@ impl<'a> Session<'a> {
         }
         if !hello.fs_roots.is_empty() {
             let fs = fs.ok_or_else(|| other("the source opened no file connection".into()))?;
-            let roots = hello.fs_roots.iter().map(PathBuf::from).collect();
-            rx.fs = Some(DestSync::start(fs, roots).map_err(other)?);
+            rx.fs = Some(DestSync::start(fs, sync_roots).map_err(other)?);
         }
         let mode = match hello.mode {
             MigrationMode::Live => "live",

@@ -12,7 +12,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::conn::Conn;
-use crate::fsync::{should_stop, FsStopRules, PassStats, Receiver, Sender};
+use crate::fsync::{should_stop, FsStopRules, PassStats, Receiver, Root, Sender};
 
 /// What the sync thread reports.
 enum Event {
@@ -115,9 +115,10 @@ pub struct DestSync {
 }
 
 impl DestSync {
-    /// Serves the source's passes on `conn` into `roots`.
-    pub fn start(mut conn: Conn, roots: Vec<PathBuf>) -> Result<DestSync, String> {
-        let mut receiver = Receiver::new(roots).map_err(|e| e.to_string())?;
+    /// Serves the source's passes on `conn` into `roots` (opened, and
+    /// checked against the destination's policy, in its pre-flight).
+    pub fn start(mut conn: Conn, roots: Vec<Root>) -> Result<DestSync, String> {
+        let mut receiver = Receiver::with_roots(roots);
         let (tx, result) = channel();
         std::thread::Builder::new()
             .name("fs-sync".into())

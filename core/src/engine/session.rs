@@ -278,6 +278,7 @@ fn refusal_name(k: Refusal) -> &'static str {
         Refusal::InUse => "in use",
         Refusal::Driver => "driver",
         Refusal::Other => "error",
+        Refusal::Policy => "policy",
     }
 }
 

@@ -249,6 +249,7 @@ fn run(case: Case) -> Result_ {
         journal_dir: dirs.path().join("dst-journal"),
         log_dir: dirs.path().join("dst-logs"),
         hook_deadlines: deadlines.clone(),
+        policy: Default::default(),
     };
     let (dst_fail, dst_panic) = (case.dst_fail, case.dst_panic);
     let dest = std::thread::spawn(move || {

@@ -9,6 +9,12 @@
 //! `..` nor a symlink planted inside the tree (by an earlier message) can
 //! lead out of it; every operation is then an `*at` call on that
 //! directory descriptor and the final name, none of which follows it.
+//!
+//! The roots themselves are resolved once ([`resolve_root`]: symlinks and
+//! `..` in the configured path resolved, which is what a destination's
+//! policy checks) and opened along that resolved path without following
+//! any symlink ([`Root`]), so the directory the receiver writes into is
+//! the one that was checked.
 
 use std::ffi::{CString, OsStr};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -57,31 +63,115 @@ pub fn check_path(path: &[u8], allow_root: bool) -> Result<Vec<&[u8]>, FsyncErro
     Ok(comps)
 }
 
+/// Where the absolute directory `path` really is on this host: its
+/// longest existing prefix canonicalised (every symlink and `..` in it
+/// resolved), followed by the rest, which does not exist yet and must be
+/// plain names (a `..` there cannot be resolved, so it is refused).
+pub fn resolve_root(path: &Path) -> Result<PathBuf, FsyncError> {
+    use std::path::Component;
+    let why = |why: &str| FsyncError::Root {
+        path: path.to_path_buf(),
+        why: why.into(),
+    };
+    if !path.is_absolute() {
+        return Err(why("not an absolute path"));
+    }
+    let comps: Vec<Component<'_>> = path.components().collect();
+    let mut n = comps.len();
+    loop {
+        let prefix: PathBuf = comps[..n].iter().collect();
+        match std::fs::canonicalize(&prefix) {
+            Ok(mut real) => {
+                for c in &comps[n..] {
+                    match c {
+                        Component::Normal(name) => real.push(name),
+                        Component::CurDir => {}
+                        _ => {
+                            return Err(why(
+                                "`..` after a part that does not exist cannot be resolved",
+                            ))
+                        }
+                    }
+                }
+                return Ok(real);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && n > 1 => n -= 1,
+            Err(e) => return Err(FsyncError::io("resolving", path, e)),
+        }
+    }
+}
+
 /// A receiver root: its path and an open descriptor on it.
+///
+/// Opened by walking its resolved path ([`resolve_root`]) from `/` one
+/// name at a time with `O_NOFOLLOW` (creating what is missing with
+/// `mkdirat`), so the directory opened is the one at that path, with no
+/// symlink anywhere on the way: a path checked against a policy and then
+/// changed (a component swapped for a symlink) fails to open instead of
+/// leading elsewhere. Everything the receiver does afterwards is relative
+/// to the descriptor.
 #[derive(Debug)]
-pub(crate) struct Root {
+pub struct Root {
     pub(crate) path: PathBuf,
     pub(crate) fd: Arc<OwnedFd>,
 }
 
 impl Root {
-    /// Creates the directory if missing (like `mkdir -p`) and opens it.
-    pub(crate) fn open(path: PathBuf) -> Result<Root, FsyncError> {
-        if !path.is_absolute() {
-            return Err(FsyncError::Root {
-                path,
-                why: "not an absolute path".into(),
-            });
+    /// Resolves `path` ([`resolve_root`]), creates what is missing (like
+    /// `mkdir -p`, mode 0755) and opens it without following symlinks.
+    pub fn open(path: PathBuf) -> Result<Root, FsyncError> {
+        let resolved = resolve_root(&path)?;
+        Root::open_resolved(resolved)
+    }
+
+    /// Opens (creating what is missing) an already resolved absolute path:
+    /// one that has only plain names, none of them a symlink.
+    pub fn open_resolved(path: PathBuf) -> Result<Root, FsyncError> {
+        use std::path::Component;
+        let bad = |why: String| FsyncError::Root {
+            path: path.clone(),
+            why,
+        };
+        let mut fd = sys::open(c"/", libc::O_RDONLY | libc::O_DIRECTORY)
+            .map_err(|e| FsyncError::io("opening", "/", e))?;
+        let mut here = PathBuf::from("/");
+        for c in path.components() {
+            let name = match c {
+                Component::RootDir => continue,
+                Component::Normal(name) => name,
+                _ => return Err(bad("not a resolved path (`.` or `..` in it)".into())),
+            };
+            here.push(name);
+            let cname =
+                sys::cstring(name.as_bytes()).map_err(|e| FsyncError::io("opening", &here, e))?;
+            let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW;
+            let mut r = sys::openat(fd.as_fd(), &cname, flags, 0);
+            if matches!(&r, Err(e) if e.raw_os_error() == Some(libc::ENOENT)) {
+                match sys::mkdirat(fd.as_fd(), &cname, 0o755) {
+                    Err(e) if e.raw_os_error() != Some(libc::EEXIST) => {
+                        return Err(FsyncError::io("creating", &here, e))
+                    }
+                    _ => {}
+                }
+                r = sys::openat(fd.as_fd(), &cname, flags, 0);
+            }
+            fd = r.map_err(|e| match e.raw_os_error() {
+                Some(libc::ELOOP) | Some(libc::ENOTDIR) => bad(format!(
+                    "{} is a symlink or not a directory (a root is never reached through a symlink)",
+                    here.display()
+                )),
+                _ => FsyncError::io("opening", &here, e),
+            })?;
         }
-        std::fs::create_dir_all(&path).map_err(|e| FsyncError::io("creating", &path, e))?;
-        let c = sys::cstring(path.as_os_str().as_bytes())
-            .map_err(|e| FsyncError::io("opening", &path, e))?;
-        let fd = sys::open(&c, libc::O_RDONLY | libc::O_DIRECTORY)
-            .map_err(|e| FsyncError::io("opening", &path, e))?;
         Ok(Root {
             path,
             fd: Arc::new(fd),
         })
+    }
+
+    /// The root's resolved path.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 }
 

@@ -62,7 +62,7 @@ pub(crate) mod testutil;
 
 use serde::{Deserialize, Serialize};
 
-pub use confine::check_path;
+pub use confine::{check_path, resolve_root, Root};
 pub use error::FsyncError;
 pub use msg::FsMsg;
 pub use receiver::Receiver;

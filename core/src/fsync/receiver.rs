@@ -121,13 +121,19 @@ enum Step {
 
 impl Receiver {
     /// `roots`: the same absolute paths as the sender's, on this host
-    /// (created if missing, like `mkdir -p`).
+    /// (resolved and created if missing, like `mkdir -p`; see [`Root`]).
     pub fn new(roots: Vec<PathBuf>) -> Result<Receiver, FsyncError> {
         let roots = roots
             .into_iter()
             .map(Root::open)
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Receiver { roots })
+    }
+
+    /// A receiver for roots already opened (by a caller that checked them
+    /// against its policy first: what it checked is what is written).
+    pub fn with_roots(roots: Vec<Root>) -> Receiver {
+        Receiver { roots }
     }
 
     /// The roots, in root-id order.

@@ -32,7 +32,9 @@ pub struct Hello {
     pub id: String,
     /// Live or restart.
     pub mode: MigrationMode,
-    /// The driver options (both sides' drivers get them).
+    /// The driver options (both sides' drivers get them; the paths they
+    /// make the destination write into are checked against its own
+    /// policy, see [`crate::engine::dest`]).
     pub options: Vec<(String, String)>,
     /// `cpuinfo.img` from CRIU on the source (empty in restart mode).
     pub cpuinfo: Vec<u8>,
@@ -94,6 +96,9 @@ pub enum Refusal {
     Driver,
     /// Anything else.
     Other,
+    /// The destination's own policy does not allow it (an htype it does
+    /// not accept, a file-sync root outside its allowed directories).
+    Policy,
 }
 
 /// What became of a session, as the destination remembers it.

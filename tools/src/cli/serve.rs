@@ -11,8 +11,11 @@ use anyhow::{bail, Context};
 use clap::Args;
 use phaul_core::conn::Conn;
 use phaul_core::engine::dest::DestOptions;
+use phaul_core::plugins::Registry;
+use phaul_core::policy::DestPolicy;
 use phaul_core::server::{serve_connections, Server};
 use phaul_core::transport::{Acceptor, TlsServer};
+use phaul_core::workdir;
 
 use super::{exit, load_registry};
 
@@ -26,6 +29,14 @@ Examples:
   phaul serve --listen 127.0.0.1:7070 --insecure          # plain TCP, loopback, root only
   phaul serve --fd-rpc 3 --fd-mem 4            # connections handed in by the caller
   phaul serve --fd-rpc 3 --fd-fs 5             # a restart-mode migration with files
+  phaul serve --listen 127.0.0.1:7070 --allow-htype pid --allow-sync-root /srv
+                                               # pid workloads only; file syncs into /srv and below
+
+The destination decides what it accepts, not the source: --allow-htype (default:
+every loaded htype) and --allow-sync-root (default: none, so a migration that
+syncs files is refused until its directories are allowed). Sync roots are
+resolved (symlinks, `..`) before they are compared, and refused in pre-flight,
+before the source freezes anything.
 
 The service restores what it accepts as root, so it accepts only peers whose
 certificates chain to its CA (--tls-dir; make them with `phaul certs`), and
@@ -77,6 +88,14 @@ pub struct ServeArgs {
     /// answers for earlier sessions from it; `phaul recover` reads it).
     #[arg(long, value_name = "DIR", env = "PHAUL_JOURNAL_DIR", default_value = phaul_core::journal::DEFAULT_DIR)]
     pub journal_dir: PathBuf,
+    /// Accept migrations of this htype only (repeatable; default: every
+    /// loaded htype).
+    #[arg(long = "allow-htype", value_name = "NAME")]
+    pub allow_htypes: Vec<String>,
+    /// Let file syncs write into DIR and below (repeatable, absolute;
+    /// default: none, so a migration that syncs files is refused).
+    #[arg(long = "allow-sync-root", value_name = "DIR")]
+    pub allow_sync_roots: Vec<PathBuf>,
 }
 
 /// Runs `phaul serve`.
@@ -102,6 +121,11 @@ pub fn run(dirs: &[PathBuf], args: ServeArgs) -> anyhow::Result<ExitCode> {
     if registry.plugins().next().is_none() {
         bail!("no htype driver could be loaded; pass --plugin-dir DIR");
     }
+    let policy = policy(&registry, &args)?;
+    // Refuse unsafe roots now, with what to do, rather than in every
+    // migration's pre-flight.
+    workdir::open_root(&args.work_dir, "work directory root", workdir::FIX_WORK)?;
+    workdir::open_root(&args.log_dir, "log directory root", workdir::FIX_LOGS)?;
     phaul_core::workdir::sweep_stale(&args.work_dir, "dst");
     phaul_core::workdir::sweep_logs(&args.log_dir, phaul_core::workdir::LOG_MAX_AGE);
     let opts = DestOptions {
@@ -112,6 +136,7 @@ pub fn run(dirs: &[PathBuf], args: ServeArgs) -> anyhow::Result<ExitCode> {
         journal_dir: args.journal_dir,
         log_dir: args.log_dir.clone(),
         hook_deadlines: args.hook_timeouts.clone(),
+        policy,
     };
     if let Some(rpc) = args.fd_rpc {
         phaul_core::server::open_journal(&opts)?;
@@ -174,4 +199,26 @@ pub fn run(dirs: &[PathBuf], args: ServeArgs) -> anyhow::Result<ExitCode> {
         }
     });
     Ok(ExitCode::from(exit::SUCCESS))
+}
+
+/// This side's policy from `--allow-htype` and `--allow-sync-root`, each
+/// checked: an htype must be loaded, a directory absolute.
+fn policy(registry: &Registry, args: &ServeArgs) -> anyhow::Result<DestPolicy> {
+    for h in &args.allow_htypes {
+        if registry.get(h).is_none() {
+            bail!("--allow-htype {h}: no such htype is loaded (see `phaul htypes`)");
+        }
+    }
+    for d in &args.allow_sync_roots {
+        if !d.is_absolute() {
+            bail!(
+                "--allow-sync-root {}: must be an absolute path",
+                d.display()
+            );
+        }
+    }
+    Ok(DestPolicy {
+        allow_htypes: (!args.allow_htypes.is_empty()).then(|| args.allow_htypes.clone()),
+        allow_sync_roots: args.allow_sync_roots.clone(),
+    })
 }
