@@ -2,7 +2,8 @@
 # Set up a fresh machine (as root), build phaul, and run the main job: a
 # live migration of a running workload (256 MiB of memory, 5% of it
 # rewritten per second, a heartbeat every millisecond) from this host to a
-# `phaul serve` on loopback, with real CRIU. The workload checks every page
+# `phaul serve` on loopback over mutual TLS (the demo makes its own CA and
+# two host certificates), with real CRIU. The workload checks every page
 # of its memory after the move and reports the longest pause it noticed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,8 +30,14 @@ cleanup() {
 }
 trap cleanup EXIT
 
-echo "[demo] starting the destination: phaul serve --listen 127.0.0.1:7070 --once"
-"$phaul" serve --listen 127.0.0.1:7070 --once >"$state/serve.out" 2>"$serve_log" &
+echo "[demo] certificates: a CA, then one certificate per host (phaul certs)"
+"$phaul" certs init --dir "$state/ca" >/dev/null
+"$phaul" certs issue --dir "$state/ca" --name dst --also 127.0.0.1 --out "$state/dst-tls" >/dev/null
+"$phaul" certs issue --dir "$state/ca" --name src --out "$state/src-tls" >/dev/null
+
+echo "[demo] starting the destination: phaul serve --listen 127.0.0.1:7070 --tls-dir dst-tls --allow-peer src --once"
+"$phaul" serve --listen 127.0.0.1:7070 --tls-dir "$state/dst-tls" --allow-peer src --once \
+  >"$state/serve.out" 2>"$serve_log" &
 serve_pid=$!
 for _ in $(seq 50); do grep -q listening "$state/serve.out" 2>/dev/null && break; sleep 0.1; done
 
@@ -40,8 +47,8 @@ sleep 1
 before=$("$bin/phaul-workload" report --state-dir "$state" --pid "$pid")
 echo "[demo] workload pid $pid: $(echo "$before" | python3 -c 'import json,sys; s=json.load(sys.stdin); print("counter %d, %d pages verified, %d bad" % (s["counter"], s["pages_verified"], s["pages_bad"]))')"
 
-echo "[demo] phaul migrate pid $pid --to 127.0.0.1:7070"
-"$phaul" migrate pid "$pid" --to 127.0.0.1:7070 | tee "$state/summary.txt"
+echo "[demo] phaul migrate pid $pid --to 127.0.0.1:7070 --tls-dir src-tls"
+"$phaul" migrate pid "$pid" --to 127.0.0.1:7070 --tls-dir "$state/src-tls" | tee "$state/summary.txt"
 new_pid=$(sed -n 's/.*(pid \([0-9]*\) there).*/\1/p' "$state/summary.txt")
 wait "$serve_pid" || true
 serve_pid=
