@@ -157,7 +157,7 @@ fn compatible(a: &str, b: &str) -> bool {
 }
 
 /// A file name the source may create: a plain name, no path.
-fn safe_name(name: &str) -> Result<&str> {
+pub(crate) fn safe_name(name: &str) -> Result<&str> {
     if name.is_empty()
         || name == "."
         || name == ".."
@@ -170,6 +170,50 @@ fn safe_name(name: &str) -> Result<&str> {
         )));
     }
     Ok(name)
+}
+
+/// What [`check_hello`] found a Hello to ask for.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct HelloChecks {
+    /// Bytes the work directory must have free: the images plus 10%.
+    pub(crate) need_bytes: u64,
+    /// The engine's CRIU options (`-o file-locks=...` and the like).
+    pub(crate) criu_defaults: super::CriuDefaults,
+    /// The other options: the driver's.
+    pub(crate) driver_options: Vec<(String, String)>,
+}
+
+/// The side-effect-free part of the pre-flight: every check of a Hello
+/// that needs nothing but the Hello (the phaul and ABI versions, the
+/// options, the space arithmetic). The source controls every field, so
+/// nothing here may panic whatever it sends; the checks that look at this
+/// host (a driver, free space, pids, CRIU) follow in `Session::preflight`.
+pub(crate) fn check_hello(hello: &Hello) -> Result<HelloChecks> {
+    if !hello.force && !compatible(&hello.phaul_version, PHAUL_VERSION) {
+        return Err(DestError::Refused(
+            Refusal::Version,
+            format!(
+                "source phaul {} and destination phaul {PHAUL_VERSION} are not compatible (use --force to try anyway)",
+                hello.phaul_version
+            ),
+        ));
+    }
+    if !compatible(&hello.abi_version, ABI_VERSION) {
+        return Err(DestError::Refused(
+            Refusal::Version,
+            format!(
+                "source plugin ABI {} and destination plugin ABI {ABI_VERSION} differ",
+                hello.abi_version
+            ),
+        ));
+    }
+    let (criu_defaults, driver_options) =
+        super::CriuDefaults::split(&hello.options).map_err(refuse(Refusal::Other))?;
+    Ok(HelloChecks {
+        need_bytes: hello.need_bytes + hello.need_bytes / 10,
+        criu_defaults,
+        driver_options,
+    })
 }
 
 /// Where a session stands.
@@ -243,30 +287,16 @@ impl<'a> Session<'a> {
         fs: Option<Conn>,
     ) -> Result<(Session<'a>, Receiving)> {
         let live = hello.mode == MigrationMode::Live;
-        if !hello.force && !compatible(&hello.phaul_version, PHAUL_VERSION) {
-            return Err(DestError::Refused(
-                Refusal::Version,
-                format!(
-                    "source phaul {} and destination phaul {PHAUL_VERSION} are not compatible (use --force to try anyway)",
-                    hello.phaul_version
-                ),
-            ));
-        }
-        if !compatible(&hello.abi_version, ABI_VERSION) {
-            return Err(DestError::Refused(
-                Refusal::Version,
-                format!(
-                    "source plugin ABI {} and destination plugin ABI {ABI_VERSION} differ",
-                    hello.abi_version
-                ),
-            ));
-        }
+        let HelloChecks {
+            need_bytes: need,
+            criu_defaults,
+            driver_options,
+        } = check_hello(hello)?;
         let mut driver = driver.map_err(|e| DestError::Refused(Refusal::Htype, e.to_string()))?;
         driver
             .apply_deadlines(&opts.hook_deadlines)
             .map_err(|e| DestError::Refused(Refusal::Driver, e.to_string()))?;
         let free = free_bytes(&opts.work_root);
-        let need = hello.need_bytes + hello.need_bytes / 10;
         if free < need {
             return Err(DestError::Refused(
                 Refusal::Space,
@@ -338,8 +368,6 @@ impl<'a> Session<'a> {
             Arc::new(|_| Err("feature checks are only available on the source".to_string())),
         );
         let drv = refuse(Refusal::Driver);
-        let (criu_defaults, driver_options) =
-            super::CriuDefaults::split(&hello.options).map_err(refuse(Refusal::Other))?;
         driver
             .init(super::init_context(
                 Side::Destination,
