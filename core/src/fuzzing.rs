@@ -482,8 +482,14 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         v.extend(encode(m));
         v
     };
+    // The regression input of the need_bytes overflow (see the README).
+    let huge = Hello {
+        need_bytes: u64::MAX - 5,
+        ..hello.clone()
+    };
     let firsts = [
         ("hello-live", Msg::Hello(Box::new(hello.clone()))),
+        ("hello-huge-need-bytes", Msg::Hello(Box::new(huge))),
         ("hello-restart", Msg::Hello(Box::new(restart))),
         ("attach-memory", Msg::AttachMemory { session: 1 }),
         ("query", Msg::Query { session: 1 }),

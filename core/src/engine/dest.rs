@@ -210,7 +210,7 @@ pub(crate) fn check_hello(hello: &Hello) -> Result<HelloChecks> {
     let (criu_defaults, driver_options) =
         super::CriuDefaults::split(&hello.options).map_err(refuse(Refusal::Other))?;
     Ok(HelloChecks {
-        need_bytes: hello.need_bytes + hello.need_bytes / 10,
+        need_bytes: hello.need_bytes.saturating_add(hello.need_bytes / 10),
         criu_defaults,
         driver_options,
     })
@@ -1130,6 +1130,38 @@ mod tests {
         for bad in ["", ".", "..", "../x", "/etc/passwd", "a/b", "x\0y"] {
             assert!(safe_name(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_huge_image_size_is_refused_for_space_not_a_panic() {
+        // Found by review while writing the hello fuzz target: the space
+        // the images need (plus 10%) overflowed for a need_bytes near
+        // u64::MAX, a panic in debug builds and, wrapped in release, a
+        // small number that passed the space check.
+        let hello = Hello {
+            session: 1,
+            phaul_version: PHAUL_VERSION.into(),
+            abi_version: ABI_VERSION.into(),
+            criu_version: None,
+            htype: "pid".into(),
+            id: "1".into(),
+            mode: MigrationMode::Restart,
+            options: vec![("ghost-limit".into(), "4096".into())],
+            cpuinfo: Vec::new(),
+            need_bytes: u64::MAX - 5,
+            force: false,
+            tcp_established: false,
+            keep_images: false,
+            fs_roots: Vec::new(),
+            no_start: false,
+            pids: Vec::new(),
+            bound: Vec::new(),
+            dry_run: false,
+        };
+        let c = check_hello(&hello).unwrap();
+        assert_eq!(c.need_bytes, u64::MAX);
+        assert_eq!(c.criu_defaults.ghost_limit, 4096);
+        assert!(c.driver_options.is_empty());
     }
 
     #[test]
