@@ -283,6 +283,16 @@ impl Sandbox {
             } else {
                 std::env::temp_dir()
             };
+            // Earlier processes' directories (libFuzzer exits without
+            // unwinding, so nobody removed them) go first.
+            for e in std::fs::read_dir(&parent).into_iter().flatten().flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Some(pid) = name.strip_prefix("phaul-fuzz-") {
+                    if !Path::new("/proc").join(pid).exists() {
+                        let _ = force_remove(&e.path());
+                    }
+                }
+            }
             let base = parent.join(format!("phaul-fuzz-{}", std::process::id()));
             let _ = force_remove(&base);
             std::fs::create_dir_all(&base).expect("creating the scratch directory");
