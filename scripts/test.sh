@@ -13,6 +13,8 @@ echo "[test] cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "[test] building the workspace (binaries, plugins, test plugins)"
 cargo build --workspace --all-targets --quiet
+echo "[test] fuzzing: 20 s per target (longer by hand: ./scripts/fuzz.sh 600)"
+./scripts/fuzz.sh 20
 
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast "$@"

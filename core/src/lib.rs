@@ -17,6 +17,8 @@
 //! - [`journal`] is each side's durable record of its decisions, which
 //!   `phaul recover` and a restarted `phaul serve` read;
 //! - [`fsync`] synchronises directory trees between the hosts, live (phaul's rsync);
+//! - [`fuzzing`] (only with the non-default `fuzzing` feature) holds the
+//!   entry points of the fuzz targets in `fuzz/`;
 //! - [`api`] is the library API for embedders (a config, a server, a client
 //!   and `migrate()`, in the shape of the Go phaul library).
 
@@ -28,6 +30,8 @@ pub mod criu;
 pub mod engine;
 pub mod error;
 pub mod fsync;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod journal;
 pub mod memchan;
 pub mod plugins;

@@ -27,7 +27,7 @@ fn strip(line: &str) -> String {
     let mut l = line.trim();
     if l.starts_with('(') {
         if let Some(i) = l.find(") ") {
-            l = &l[i + 2..];
+            l = l[i + 2..].trim_start();
         }
     }
     if let Some(rest) = l.strip_prefix("Error (") {
@@ -141,6 +141,18 @@ mod tests {
             Some("Dumping FAILED.")
         );
         assert_eq!(failing_line("(0.1) Info: all good\n"), None);
+    }
+
+    #[test]
+    fn extra_spaces_after_the_timestamp_do_not_keep_the_prefix() {
+        // Found by the criu_rpc fuzz target: the `Error (file:line): `
+        // prefix and a leading space stayed when two spaces followed the
+        // timestamp.
+        assert_eq!(
+            failing_line("(00.02000)  Error (criu/cr-restore.c:1): Can't fork for 4242\n")
+                .as_deref(),
+            Some("Can't fork for 4242")
+        );
     }
 
     #[test]

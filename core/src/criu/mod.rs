@@ -17,7 +17,7 @@ pub mod diagnose;
 pub(crate) mod fake;
 pub mod rpc;
 pub mod stats;
-mod worker;
+pub(crate) mod worker;
 
 use std::path::{Path, PathBuf};
 

@@ -75,7 +75,7 @@ fn read_entry(path: &Path) -> Result<StatsEntry, StatsError> {
     parse_entry(&buf).map_err(|detail| StatsError::Format { path: p, detail })
 }
 
-fn parse_entry(buf: &[u8]) -> Result<StatsEntry, String> {
+pub(crate) fn parse_entry(buf: &[u8]) -> Result<StatsEntry, String> {
     let word = |at: usize| -> Result<u32, String> {
         buf.get(at..at + 4)
             .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))

@@ -87,6 +87,87 @@ fn log_level() -> i32 {
         .unwrap_or(2)
 }
 
+// What phaul makes of CRIU's answers, apart from the socket: pure
+// functions of the bytes CRIU sent, so that a confused or hostile worker
+// (or a CRIU of another version) can only cause an error, never a panic.
+// The fuzz target `criu_rpc` runs them on arbitrary packets.
+
+/// Decodes one packet from the worker's socket.
+pub(crate) fn decode_resp(packet: &[u8], during: &str) -> Result<Resp, CriuError> {
+    Resp::decode(packet).map_err(|e| CriuError::Protocol {
+        during: during.to_string(),
+        detail: e.to_string(),
+    })
+}
+
+/// Checks that an answer is of the type of the request `sent` (a raw
+/// [`ReqType`]); CRIU answers PAGE_SERVER_CHLD with the PAGE_SERVER type.
+pub(crate) fn check_answer_type(sent: i32, resp: &Resp) -> Result<(), CriuError> {
+    let t = ReqType::try_from(sent).unwrap_or(ReqType::Empty);
+    let same = resp.r#type == sent
+        || (t == ReqType::PageServerChld && resp.r#type == ReqType::PageServer as i32);
+    if same {
+        Ok(())
+    } else {
+        let during = req_name(t);
+        Err(CriuError::Protocol {
+            during: during.to_string(),
+            detail: format!("answer of type {} to a {during} request", resp.r#type),
+        })
+    }
+}
+
+/// A started request's next answer: a notification or its final answer.
+pub(crate) fn event(resp: Resp) -> Event {
+    if resp.r#type == ReqType::Notify as i32 {
+        let n = resp.notify.unwrap_or_default();
+        return Event::Notify {
+            script: n.script.unwrap_or_default(),
+            pid: n.pid,
+        };
+    }
+    Event::Done(resp)
+}
+
+/// The version in an answer to VERSION; an error if it is missing or
+/// older than [`MIN_VERSION`].
+pub(crate) fn version_of(resp: &Resp) -> Result<CriuVersion, CriuError> {
+    let v = resp.version.as_ref().ok_or_else(|| CriuError::Protocol {
+        during: "version".into(),
+        detail: "no version in the answer".into(),
+    })?;
+    let found = CriuVersion {
+        major: v.major_number.max(0) as u32,
+        minor: v.minor_number.max(0) as u32,
+        sublevel: v.sublevel.unwrap_or(0).max(0) as u32,
+    };
+    if found < MIN_VERSION {
+        return Err(CriuError::TooOld { found });
+    }
+    Ok(found)
+}
+
+/// The page server's pid in an answer to PAGE_SERVER_CHLD.
+pub(crate) fn page_server_pid(resp: &Resp) -> Result<i32, CriuError> {
+    resp.ps
+        .as_ref()
+        .and_then(|p| p.pid)
+        .ok_or_else(|| CriuError::Protocol {
+            during: "page-server".into(),
+            detail: "no page server pid in the answer".into(),
+        })
+}
+
+/// The line of a failed answer's `cr_errmsg` that says what failed (used
+/// when the request's log cannot be read).
+pub(crate) fn errmsg_line(resp: &Resp) -> Option<String> {
+    resp.cr_errmsg.as_deref().and_then(|m| {
+        super::diagnose::failing_line(m).or_else(|| {
+            (!m.contains("RLIMIT_NOFILE") && !m.trim().is_empty()).then(|| m.trim().to_string())
+        })
+    })
+}
+
 impl Worker {
     /// Starts `criu swrk`. `inherit` are descriptors the worker must see
     /// under the same numbers (page-server sockets named in `ps.fd`).
@@ -232,10 +313,7 @@ impl Worker {
                 detail: format!("message of {n} bytes exceeds the 64 KiB limit"),
             });
         }
-        Resp::decode(&buf[..n]).map_err(|e| CriuError::Protocol {
-            during: during.to_string(),
-            detail: e.to_string(),
-        })
+        decode_resp(&buf[..n], during)
     }
 
     fn failure(&self, t: ReqType, resp: &Resp, log: Option<&str>) -> CriuError {
@@ -248,14 +326,7 @@ impl Worker {
             line: log_path
                 .as_deref()
                 .and_then(super::diagnose::failing_line_in)
-                .or_else(|| {
-                    resp.cr_errmsg.as_deref().and_then(|m| {
-                        super::diagnose::failing_line(m).or_else(|| {
-                            (!m.contains("RLIMIT_NOFILE") && !m.trim().is_empty())
-                                .then(|| m.trim().to_string())
-                        })
-                    })
-                }),
+                .or_else(|| errmsg_line(resp)),
             log: log_path,
         }
     }
@@ -283,15 +354,7 @@ impl Worker {
         let during = req_name(t);
         self.send(&req, during)?;
         let resp = self.recv(during)?;
-        // CRIU answers PAGE_SERVER_CHLD with the PAGE_SERVER type.
-        let same = resp.r#type == req.r#type
-            || (t == ReqType::PageServerChld && resp.r#type == ReqType::PageServer as i32);
-        if !same {
-            return Err(CriuError::Protocol {
-                during: during.to_string(),
-                detail: format!("answer of type {} to a {during} request", resp.r#type),
-            });
-        }
+        check_answer_type(req.r#type, &resp)?;
         if !resp.success {
             return Err(self.failure(t, &resp, log));
         }
@@ -313,15 +376,7 @@ impl Worker {
 
     /// The next notification or the final answer of a started request.
     pub fn next_event(&mut self, t: ReqType) -> Result<Event, CriuError> {
-        let resp = self.recv(req_name(t))?;
-        if resp.r#type == ReqType::Notify as i32 {
-            let n = resp.notify.unwrap_or_default();
-            return Ok(Event::Notify {
-                script: n.script.unwrap_or_default(),
-                pid: n.pid,
-            });
-        }
-        Ok(Event::Done(resp))
+        Ok(event(self.recv(req_name(t))?))
     }
 
     /// Turns a failed final answer into an error quoting CRIU's log.
@@ -349,19 +404,7 @@ impl Worker {
     /// CRIU's version; an error if it is older than [`MIN_VERSION`].
     pub fn version(&mut self) -> Result<CriuVersion, CriuError> {
         let resp = self.call(ReqType::Version, None, true)?;
-        let v = resp.version.ok_or_else(|| CriuError::Protocol {
-            during: "version".into(),
-            detail: "no version in the answer".into(),
-        })?;
-        let found = CriuVersion {
-            major: v.major_number.max(0) as u32,
-            minor: v.minor_number.max(0) as u32,
-            sublevel: v.sublevel.unwrap_or(0).max(0) as u32,
-        };
-        if found < MIN_VERSION {
-            return Err(CriuError::TooOld { found });
-        }
-        Ok(found)
+        version_of(&resp)
     }
 
     /// Whether the kernel can track dirty memory (needed for pre-dumps).
@@ -439,12 +482,7 @@ impl Worker {
             },
             Some(log),
         )?;
-        resp.ps
-            .and_then(|p| p.pid)
-            .ok_or_else(|| CriuError::Protocol {
-                during: "page-server".into(),
-                detail: "no page server pid in the answer".into(),
-            })
+        page_server_pid(&resp)
     }
 
     /// Options naming an images directory; CRIU's working directory (logs,

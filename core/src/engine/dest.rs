@@ -189,7 +189,7 @@ fn compatible(a: &str, b: &str) -> bool {
 }
 
 /// A file name the source may create: a plain name, no path.
-fn safe_name(name: &str) -> Result<&str> {
+pub(crate) fn safe_name(name: &str) -> Result<&str> {
     if name.is_empty()
         || name == "."
         || name == ".."
@@ -202,6 +202,50 @@ fn safe_name(name: &str) -> Result<&str> {
         )));
     }
     Ok(name)
+}
+
+/// What [`check_hello`] found a Hello to ask for.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct HelloChecks {
+    /// Bytes the work directory must have free: the images plus 10%.
+    pub(crate) need_bytes: u64,
+    /// The engine's CRIU options (`-o file-locks=...` and the like).
+    pub(crate) criu_defaults: super::CriuDefaults,
+    /// The other options: the driver's.
+    pub(crate) driver_options: Vec<(String, String)>,
+}
+
+/// The side-effect-free part of the pre-flight: every check of a Hello
+/// that needs nothing but the Hello (the phaul and ABI versions, the
+/// options, the space arithmetic). The source controls every field, so
+/// nothing here may panic whatever it sends; the checks that look at this
+/// host (a driver, free space, pids, CRIU) follow in `Session::preflight`.
+pub(crate) fn check_hello(hello: &Hello) -> Result<HelloChecks> {
+    if !hello.force && !compatible(&hello.phaul_version, PHAUL_VERSION) {
+        return Err(DestError::Refused(
+            Refusal::Version,
+            format!(
+                "source phaul {} and destination phaul {PHAUL_VERSION} are not compatible (use --force to try anyway)",
+                hello.phaul_version
+            ),
+        ));
+    }
+    if !compatible(&hello.abi_version, ABI_VERSION) {
+        return Err(DestError::Refused(
+            Refusal::Version,
+            format!(
+                "source plugin ABI {} and destination plugin ABI {ABI_VERSION} differ",
+                hello.abi_version
+            ),
+        ));
+    }
+    let (criu_defaults, driver_options) =
+        super::CriuDefaults::split(&hello.options).map_err(refuse(Refusal::Other))?;
+    Ok(HelloChecks {
+        need_bytes: hello.need_bytes.saturating_add(hello.need_bytes / 10),
+        criu_defaults,
+        driver_options,
+    })
 }
 
 /// Where a session stands.
@@ -275,24 +319,11 @@ impl<'a> Session<'a> {
         fs: Option<Conn>,
     ) -> Result<(Session<'a>, Receiving)> {
         let live = hello.mode == MigrationMode::Live;
-        if !hello.force && !compatible(&hello.phaul_version, PHAUL_VERSION) {
-            return Err(DestError::Refused(
-                Refusal::Version,
-                format!(
-                    "source phaul {} and destination phaul {PHAUL_VERSION} are not compatible (use --force to try anyway)",
-                    hello.phaul_version
-                ),
-            ));
-        }
-        if !compatible(&hello.abi_version, ABI_VERSION) {
-            return Err(DestError::Refused(
-                Refusal::Version,
-                format!(
-                    "source plugin ABI {} and destination plugin ABI {ABI_VERSION} differ",
-                    hello.abi_version
-                ),
-            ));
-        }
+        let HelloChecks {
+            need_bytes: need,
+            criu_defaults,
+            driver_options,
+        } = check_hello(hello)?;
         // This side's policy, before anything else is set up: the htype,
         // and the directories a file sync would write into (resolved,
         // checked and opened now; the receiver writes through these
@@ -308,7 +339,6 @@ impl<'a> Session<'a> {
             .apply_deadlines(&opts.hook_deadlines)
             .map_err(|e| DestError::Refused(Refusal::Driver, e.to_string()))?;
         let free = free_bytes(&opts.work_root);
-        let need = hello.need_bytes + hello.need_bytes / 10;
         if free < need {
             return Err(DestError::Refused(
                 Refusal::Space,
@@ -383,8 +413,6 @@ impl<'a> Session<'a> {
         // The source's options describe the workload (see the module
         // documentation); the sync roots they lead to were checked against
         // this side's policy above.
-        let (criu_defaults, driver_options) =
-            super::CriuDefaults::split(&hello.options).map_err(refuse(Refusal::Other))?;
         driver
             .init(super::init_context(
                 Side::Destination,
@@ -1146,6 +1174,38 @@ mod tests {
         for bad in ["", ".", "..", "../x", "/etc/passwd", "a/b", "x\0y"] {
             assert!(safe_name(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_huge_image_size_is_refused_for_space_not_a_panic() {
+        // Found by review while writing the hello fuzz target: the space
+        // the images need (plus 10%) overflowed for a need_bytes near
+        // u64::MAX, a panic in debug builds and, wrapped in release, a
+        // small number that passed the space check.
+        let hello = Hello {
+            session: 1,
+            phaul_version: PHAUL_VERSION.into(),
+            abi_version: ABI_VERSION.into(),
+            criu_version: None,
+            htype: "pid".into(),
+            id: "1".into(),
+            mode: MigrationMode::Restart,
+            options: vec![("ghost-limit".into(), "4096".into())],
+            cpuinfo: Vec::new(),
+            need_bytes: u64::MAX - 5,
+            force: false,
+            tcp_established: false,
+            keep_images: false,
+            fs_roots: Vec::new(),
+            no_start: false,
+            pids: Vec::new(),
+            bound: Vec::new(),
+            dry_run: false,
+        };
+        let c = check_hello(&hello).unwrap();
+        assert_eq!(c.need_bytes, u64::MAX);
+        assert_eq!(c.criu_defaults.ghost_limit, 4096);
+        assert!(c.driver_options.is_empty());
     }
 
     #[test]

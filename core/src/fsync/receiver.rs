@@ -534,6 +534,19 @@ impl Apply<'_> {
                 path: at.local.clone(),
                 why: why.into(),
             };
+            // Never open anything but a regular file: a device node an
+            // earlier message made could act on open (a watchdog, a tape).
+            match sys::lstatat(at.dir(), &name) {
+                Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFREG => {}
+                Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFLNK => {
+                    return Err(changed("it is now a symlink"))
+                }
+                Ok(_) => return Err(changed("it is no longer a regular file")),
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                    return Err(changed("it is missing"))
+                }
+                Err(e) => return Err(FsyncError::io("reading", &at.local, e)),
+            }
             let old = match sys::openat(
                 at.dir(),
                 &name,

@@ -6,7 +6,7 @@ use std::fs;
 use std::io::Write;
 use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::symlink;
+use std::os::unix::fs::{symlink, OpenOptionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -799,4 +799,61 @@ fn the_sender_never_reads_through_a_symlink_swapped_in_during_a_pass() {
     assert_same(&src, &dst);
     assert!(dst.join("d").is_symlink());
     p.finish(&mut s);
+}
+
+#[test]
+fn a_delta_onto_a_fifo_or_device_node_never_opens_it() {
+    // Found while writing the fsync_receiver fuzz target: a delta `File`
+    // onto a name that an earlier message had made a device node opened
+    // the node (read-only) before looking at what it was, and opening a
+    // device can act (a watchdog starts, a tape rewinds). Seen here with a
+    // FIFO: opening it for reading wakes a writer blocked in open(2).
+    let t = scratch();
+    let root = t.path().join("root");
+    fs::create_dir_all(&root).unwrap();
+    let fifo = root.join("f");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let opened = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (fifo, opened) = (fifo.clone(), opened.clone());
+        std::thread::spawn(move || {
+            let f = fs::OpenOptions::new().write(true).open(&fifo);
+            opened.store(true, Ordering::SeqCst);
+            f
+        })
+    };
+    // Let the writer block in open.
+    std::thread::sleep(Duration::from_millis(100));
+    let (mut a, mut bsock) = UnixStream::pair().unwrap();
+    {
+        let mut w = FrameWriter::new(&mut a);
+        w.write(&FsMsg::Begin {
+            pass: 2,
+            final_pass: false,
+            roots: 1,
+        })
+        .unwrap();
+        w.write(&FsMsg::File {
+            root: 0,
+            path: b("f"),
+            size: 6,
+            delta: true,
+        })
+        .unwrap();
+    }
+    let err = Receiver::new(vec![root.clone()])
+        .unwrap()
+        .serve(&mut bsock)
+        .unwrap_err();
+    assert!(matches!(err, FsyncError::Changed { .. }), "{err}");
+    std::thread::sleep(Duration::from_millis(100));
+    let woke = opened.load(Ordering::SeqCst);
+    // Release the writer (a reader of our own), then check.
+    let _reader = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo)
+        .unwrap();
+    writer.join().unwrap().unwrap();
+    assert!(!woke, "the receiver opened the FIFO");
 }
