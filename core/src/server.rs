@@ -5,9 +5,9 @@
 //! `max_concurrent` migrations at once.
 //!
 //! It survives its clients: the handshake (TLS, preamble, first frame) has
-//! one deadline, connections still in their handshake are bounded (excess
-//! ones are closed at once), accept errors back off instead of spinning,
-//! and a refusal says nothing about other sessions.
+//! one deadline, connections still in their handshake are bounded (the
+//! oldest is closed to make room for a new one), accept errors back off
+//! instead of spinning, and a refusal says nothing about other sessions.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
@@ -25,7 +25,9 @@ use crate::transport::{Acceptor, TlsError};
 /// How long a new connection has for its whole handshake: TLS, the
 /// preamble and its first message.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connections in their handshake at once; more are closed at once.
+/// Connections in their handshake at once; beyond it the one that has
+/// waited longest is closed to make room (a legitimate handshake takes
+/// milliseconds, so idle or trickling clients are the ones that go).
 pub const MAX_HANDSHAKING: usize = 128;
 /// Memory and file connections waiting for their control connection.
 const MAX_PENDING: usize = 64;
@@ -155,7 +157,38 @@ pub struct Server {
     outcomes: Outcomes,
     pending: Arc<Pending>,
     slots: Arc<Slots>,
-    handshaking: Arc<std::sync::atomic::AtomicUsize>,
+    handshaking: Arc<Handshakes>,
+}
+
+/// Connections in their handshake, oldest first.
+#[derive(Debug, Default)]
+struct Handshakes {
+    conns: Mutex<std::collections::VecDeque<(u64, std::net::TcpStream)>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl Handshakes {
+    /// Counts `s` in until the guard drops, closing the oldest connection
+    /// in its handshake if there are too many.
+    fn admit(self: &Arc<Self>, s: &std::net::TcpStream) -> Option<Guard> {
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let clone = s.try_clone().ok()?;
+        let mut c = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        while c.len() >= MAX_HANDSHAKING {
+            if let Some((_, old)) = c.pop_front() {
+                tracing::debug!(
+                    peer = ?old.peer_addr().ok(),
+                    "closed the connection that waited longest in its handshake"
+                );
+                let _ = old.shutdown(std::net::Shutdown::Both);
+            }
+        }
+        c.push_back((id, clone));
+        Some(Guard {
+            handshakes: self.clone(),
+            id,
+        })
+    }
 }
 
 /// The migrations running at once, up to a bound.
@@ -238,7 +271,6 @@ impl Server {
 
     /// Serves forever; `on_done` hears about every finished migration.
     pub fn run(&self, on_done: impl Fn(u64, &Result<DestSummary, String>) + Send + Sync + 'static) {
-        use std::sync::atomic::Ordering;
         let on_done = Arc::new(on_done);
         let mut backoff = Duration::from_millis(5);
         for stream in self.listener.incoming() {
@@ -257,12 +289,9 @@ impl Server {
                 }
             };
             let peer = stream.peer_addr().ok();
-            if self.handshaking.fetch_add(1, Ordering::SeqCst) >= MAX_HANDSHAKING {
-                self.handshaking.fetch_sub(1, Ordering::SeqCst);
-                tracing::debug!(?peer, "closed: too many connections in their handshake");
+            let Some(handshaking) = self.handshaking.admit(&stream) else {
                 continue;
-            }
-            let handshaking = Guard(self.handshaking.clone());
+            };
             let ctx = Ctx {
                 acceptor: self.acceptor.clone(),
                 registry: self.registry.clone(),
@@ -287,11 +316,19 @@ impl Server {
 }
 
 /// Counts a connection in its handshake until dropped.
-struct Guard(Arc<std::sync::atomic::AtomicUsize>);
+struct Guard {
+    handshakes: Arc<Handshakes>,
+    id: u64,
+}
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        let mut c = self
+            .handshakes
+            .conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        c.retain(|(id, _)| *id != self.id);
     }
 }
 

@@ -13,8 +13,23 @@ fn main() -> ExitCode {
     match cli::run(args) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("phaul: error: {e:#}");
+            eprintln!("phaul: error: {}", chain(&e));
             ExitCode::from(cli::exit::FAILURE)
         }
     }
+}
+
+/// The error and its causes, each once: most of phaul's errors already say
+/// their cause in their own message.
+fn chain(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let c = cause.to_string();
+        if text.is_empty() {
+            text = c;
+        } else if !text.contains(&c) {
+            text = format!("{text}: {c}");
+        }
+    }
+    text
 }

@@ -317,6 +317,19 @@ fn peer_diag(e: &PeerError) -> (&'static str, Option<String>, Option<String>) {
             ..
         } => (peer, criu_log.clone(), hint.clone()),
         PeerError::Refused { .. } => ("destination", None, None),
+        PeerError::Tls {
+            source: crate::transport::TlsError::Refused(_),
+            ..
+        } => (
+            "destination",
+            None,
+            Some(
+                "the destination decides whom it accepts: its CA (ca.pem in its --tls-dir) \
+                 must have signed this host's certificate, and its --allow-peer list (if any) \
+                 must name this host"
+                    .into(),
+            ),
+        ),
         _ => ("source", None, None),
     }
 }

@@ -145,6 +145,23 @@ impl Connector {
             Connector::Given { .. } => "given connections".to_string(),
         }
     }
+
+    /// How the connections are secured, for the report: mutual TLS through
+    /// phaul's relay (and whether this kernel could have done TLS itself),
+    /// plain TCP, or the embedder's own connections.
+    pub fn transport(&self) -> String {
+        match self {
+            Connector::Tcp(r) if r.encrypted() => format!(
+                "mutual TLS 1.3, pages relayed through phaul ({})",
+                match crate::transport::kernel_tls() {
+                    true => "this kernel has TLS offload, which this version does not use yet",
+                    false => "this kernel has no TLS offload",
+                }
+            ),
+            Connector::Tcp(_) => "plain TCP (--insecure)".to_string(),
+            Connector::Given { .. } => "connections handed in by the embedder".to_string(),
+        }
+    }
 }
 
 /// CRIU behaviours every htype shares, chosen with `-o KEY[=VALUE]` like

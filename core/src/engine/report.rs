@@ -61,6 +61,8 @@ pub struct Report {
     pub mode: &'static str,
     /// Where it went.
     pub destination: String,
+    /// How the connections were secured ([`crate::engine::Connector::transport`]).
+    pub transport: String,
     /// The root pid on the destination.
     pub destination_pid: i32,
     /// From start to finish, microseconds.

@@ -159,6 +159,7 @@ pub(crate) fn source(
                 id: opts.id.clone(),
                 mode: "restart",
                 destination: env.connector.describe(),
+                transport: env.connector.transport(),
                 destination_pid: new_pid,
                 total_time_us: env.started.elapsed().as_micros() as u64,
                 frozen_time_us: stopped_at.elapsed().as_micros() as u64,

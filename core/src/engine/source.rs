@@ -942,6 +942,7 @@ impl<'a> Live<'a> {
             id: opts.id.clone(),
             mode: "live",
             destination: self.env.connector.describe(),
+            transport: self.env.connector.transport(),
             destination_pid: dest_pid,
             total_time_us: self.env.started.elapsed().as_micros() as u64,
             frozen_time_us: resumed_at.saturating_duration_since(frozen_at).as_micros() as u64,

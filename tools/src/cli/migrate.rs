@@ -325,8 +325,8 @@ pub fn run(dirs: &[PathBuf], quiet: bool, args: MigrateArgs) -> anyhow::Result<E
                     exit::AFTER_COMMIT
                 }
             };
+            let d = e.diagnosis();
             if args.json {
-                let d = e.diagnosis();
                 println!(
                     "{}",
                     serde_json::json!({
@@ -340,7 +340,11 @@ pub fn run(dirs: &[PathBuf], quiet: bool, args: MigrateArgs) -> anyhow::Result<E
                     })
                 );
             }
-            eprintln!("phaul: migration {e}");
+            let message = e.to_string();
+            eprintln!("phaul: migration {message}");
+            if let Some(h) = d.hint.as_deref().filter(|h| !message.contains(h)) {
+                eprintln!("phaul: what to do: {h}");
+            }
             Ok(ExitCode::from(code))
         }
     }
@@ -449,6 +453,7 @@ fn print_summary(r: &Report) {
     if let Some(reason) = &r.fs_stop_reason {
         println!("  file sync passes stopped: {reason}");
     }
+    println!("  transport: {}", r.transport);
     println!(
         "  on the wire: {} ({} memory, {} images)",
         mib(r.bytes_on_wire),
