@@ -261,7 +261,9 @@ impl Relay {
                 revents: 0,
             },
             libc::pollfd {
-                fd: if unix_ev != 0 {
+                // Watched for a hang-up alone once the engine stopped
+                // writing: if it closes its end, nobody will read.
+                fd: if unix_ev != 0 || self.engine_done && !self.engine_told {
                     self.unix.as_raw_fd()
                 } else {
                     -1
@@ -282,8 +284,10 @@ impl Relay {
             }
         }
         // The engine closed its end altogether: nothing will read what the
-        // peer sends; finish.
-        if fds[1].revents & (libc::POLLHUP | libc::POLLERR) != 0 && self.pending_in() > 0 {
+        // peer sends; finish (and let the peer see the connection go).
+        if fds[1].revents & (libc::POLLHUP | libc::POLLERR) != 0
+            && (self.pending_in() > 0 || self.engine_done && !self.engine_told)
+        {
             return Err(io::Error::new(
                 io::ErrorKind::BrokenPipe,
                 "the local end closed",

@@ -213,3 +213,38 @@ fn insecure_is_loopback_only() {
         .check_listen("0.0.0.0:7070".parse().unwrap())
         .is_err());
 }
+
+#[test]
+fn a_side_that_closes_its_end_ends_the_connection_for_the_other() {
+    let p = pki();
+    let (c, s) = pair(&p, &p.src, "dst", &[]);
+    let (c, (s, _)) = (c.unwrap(), s.unwrap());
+    let relays = || {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .flatten()
+            .filter(|t| {
+                std::fs::read_to_string(t.path().join("comm"))
+                    .is_ok_and(|c| c.trim() == "tls-relay")
+            })
+            .count()
+    };
+    // (A new thread names itself once it runs.)
+    let end = Instant::now() + Duration::from_secs(5);
+    while relays() < 2 && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let before = relays();
+    assert!(before >= 2);
+    drop(c);
+    let mut buf = [0u8; 8];
+    assert_eq!((&s).read(&mut buf).unwrap(), 0, "end-of-file");
+    // Its relay thread ends too, although this side keeps its end open
+    // and sends nothing (it would otherwise wait on the peer forever).
+    let end = Instant::now() + Duration::from_secs(5);
+    while relays() >= before && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(relays() < before, "the closed side's relay ended");
+    drop(s);
+}
