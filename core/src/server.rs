@@ -151,12 +151,7 @@ impl Pending {
 /// A listening destination service.
 pub struct Server {
     listener: TcpListener,
-    acceptor: Acceptor,
-    registry: Arc<Registry>,
-    opts: DestOptions,
-    outcomes: Outcomes,
-    pending: Arc<Pending>,
-    slots: Arc<Slots>,
+    ctx: Ctx,
     handshaking: Arc<Handshakes>,
 }
 
@@ -251,15 +246,17 @@ impl Server {
         let journal = open_journal(&opts)?;
         Ok(Server {
             listener,
-            acceptor,
-            registry,
-            opts,
-            outcomes: Outcomes::new(journal),
-            pending: Arc::default(),
-            slots: Arc::new(Slots {
-                running: Mutex::default(),
-                max: max_concurrent.max(1),
-            }),
+            ctx: Ctx {
+                acceptor,
+                registry,
+                opts,
+                outcomes: Outcomes::new(journal),
+                pending: Arc::default(),
+                slots: Arc::new(Slots {
+                    running: Mutex::default(),
+                    max: max_concurrent.max(1),
+                }),
+            },
             handshaking: Arc::default(),
         })
     }
@@ -292,14 +289,7 @@ impl Server {
             let Some(handshaking) = self.handshaking.admit(&stream) else {
                 continue;
             };
-            let ctx = Ctx {
-                acceptor: self.acceptor.clone(),
-                registry: self.registry.clone(),
-                opts: self.opts.clone(),
-                outcomes: self.outcomes.clone(),
-                pending: self.pending.clone(),
-                slots: self.slots.clone(),
-            };
+            let ctx = self.ctx.clone();
             let on_done = on_done.clone();
             let spawned = std::thread::Builder::new()
                 .name("phaul-conn".into())
@@ -333,6 +323,7 @@ impl Drop for Guard {
 }
 
 /// What a connection's thread needs.
+#[derive(Clone)]
 struct Ctx {
     acceptor: Acceptor,
     registry: Arc<Registry>,

@@ -53,6 +53,17 @@ pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     cond()
 }
 
+/// Runs `ip ARGS...` (iproute2), which must succeed.
+pub fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A throw-away directory on tmpfs (phaul's default work directories are
 /// there too).
 pub fn shm_dir(tag: &str) -> tempfile::TempDir {

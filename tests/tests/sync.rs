@@ -50,13 +50,19 @@ fn destination(h: &Hosts, plugins: &[(&str, &str)]) -> Serve {
 
 /// Like [`destination`], with file syncs allowed into `allowed`.
 fn destination_allowing(h: &Hosts, plugins: &[(&str, &str)], allowed: &[&Path]) -> Serve {
+    destination_after(h, plugins, allowed, "")
+}
+
+/// Like [`destination_allowing`], running the shell commands `first` in
+/// its mount namespace before it starts (e.g. to hide a mount).
+fn destination_after(h: &Hosts, plugins: &[(&str, &str)], allowed: &[&Path], first: &str) -> Serve {
     let mut extra = Vec::new();
     for a in allowed {
         extra.push("--allow-sync-root");
         extra.push(a.to_str().unwrap());
     }
     let script = format!(
-        "mount --bind '{}' '{}' && exec \"$0\" \"$@\"",
+        "{first}mount --bind '{}' '{}' && exec \"$0\" \"$@\"",
         h.backing.display(),
         h.data.display()
     );
@@ -657,24 +663,11 @@ fn restart_mode_starts_the_workload_again_on_the_source_as_what_it_was_when_the_
     every_kind(&h.data.join("static"));
     // The destination does not mount the first hierarchy the workload is in.
     let (controllers, point, _) = &cg.dirs[0];
-    let script = format!(
-        "umount -l '{}' && mount --bind '{}' '{}' && exec \"$0\" \"$@\"",
-        point.display(),
-        h.backing.display(),
-        h.data.display()
-    );
-    let serve = Serve::start_wrapped(
-        &[
-            "unshare",
-            "-m",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            &script,
-        ],
+    let serve = destination_after(
+        &h,
         PID,
-        &["--allow-sync-root", h.data.to_str().unwrap()],
+        &[&h.data],
+        &format!("umount -l '{}' && ", point.display()),
     );
     let mut w = identity_workload(&h, &cg);
     let old = w.pid;

@@ -13,18 +13,8 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use phaul_tests::harness::{alive, migrate, reap, setup, wait_for, Workload};
+use phaul_tests::harness::{alive, ip, migrate, reap, setup, wait_for, Workload};
 use phaul_tests::{bin, plugin_dir};
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// The test's own bridge, removed on drop.
 struct Bridge(String);

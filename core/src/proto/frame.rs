@@ -31,6 +31,12 @@ pub enum FrameError {
     Preamble(String),
 }
 
+/// Whether four bytes start a TLS record (alert or handshake, TLS 1.0-1.3
+/// record versions).
+fn looks_like_tls(b: [u8; 4]) -> bool {
+    matches!(b[0], 0x15 | 0x16) && b[1] == 3 && b[2] <= 4
+}
+
 /// Writes the preamble.
 pub fn write_preamble(w: &mut impl Write) -> Result<(), FrameError> {
     let mut buf = [0u8; 8];
@@ -86,15 +92,24 @@ impl<R: Read> FrameReader<R> {
 
     /// The next frame, decoded.
     pub fn read<T: DeserializeOwned>(&mut self) -> Result<T, FrameError> {
-        let mut len = [0u8; 4];
-        read_exact_or_closed(&mut self.inner, &mut len)?;
-        let len = u32::from_le_bytes(len) as usize;
+        let mut head = [0u8; 4];
+        read_exact_or_closed(&mut self.inner, &mut head)?;
+        let len = u32::from_le_bytes(head) as usize;
         if len > MAX_FRAME {
             return Err(FrameError::TooLarge(len));
         }
         self.buf.resize(len, 0);
         match self.inner.read_exact(&mut self.buf) {
             Ok(()) => {}
+            // A TLS alert (or handshake) record where a frame should be,
+            // then the close: the peer speaks TLS and this side does not.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof && looks_like_tls(head) => {
+                return Err(FrameError::Preamble(
+                    "the peer answered in TLS: it is not running with --insecure, so this side \
+                     needs its TLS files (--tls-dir)"
+                        .into(),
+                ))
+            }
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
                 return Err(FrameError::Malformed(format!(
                     "connection closed inside a {len}-byte frame"

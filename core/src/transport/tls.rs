@@ -220,7 +220,10 @@ impl TlsServer {
         let mut tls = Connection::from(
             rustls::ServerConnection::new(self.config.clone()).map_err(config_err)?,
         );
-        handshake(&mut tls, &mut tcp, deadline).map_err(|e| TlsError::Handshake(e.to_string()))?;
+        if let Err(e) = handshake(&mut tls, &mut tcp, deadline) {
+            linger(&mut tcp);
+            return Err(TlsError::Handshake(e.to_string()));
+        }
         let names = tls
             .peer_certificates()
             .and_then(|c| c.first())
@@ -268,6 +271,22 @@ fn explain(e: std::io::Error, server_name: &str) -> String {
         _ => String::new(),
     };
     format!("{e}{hint}")
+}
+
+/// Closes a connection whose handshake failed so that the alert rustls
+/// wrote reaches the peer: closing with its unread bytes still queued would
+/// send a reset, which can destroy the alert before the peer reads it (a
+/// plain-TCP phaul then sees "connection reset" instead of the reason).
+fn linger(tcp: &mut TcpStream) {
+    let _ = tcp.shutdown(std::net::Shutdown::Write);
+    let _ = tcp.set_read_timeout(Some(std::time::Duration::from_millis(200)));
+    let mut sink = [0u8; 4096];
+    for _ in 0..16 {
+        match tcp.read(&mut sink) {
+            Ok(n) if n > 0 => continue,
+            _ => break,
+        }
+    }
 }
 
 fn set_deadline(tcp: &TcpStream, deadline: Instant) -> std::io::Result<()> {
