@@ -5,8 +5,13 @@
 //! rewritten per second, a heartbeat every millisecond) and each run, it
 //! migrates the workload with every method in turn:
 //!
-//! - `phaul`: `phaul serve` + `phaul migrate` over loopback (images on
-//!   tmpfs, pages streamed through the memory channel);
+//! - `phaul`: `phaul serve` + `phaul migrate` over loopback with mutual
+//!   TLS, phaul's default (images on tmpfs, pages streamed through the
+//!   memory channel: CRIU writes into a socketpair, a relay thread in each
+//!   phaul encrypts or decrypts); the certificates are made for the run
+//!   with `phaul certs` in a temporary directory;
+//! - `phaul-insecure`: the same with `--insecure` on both sides (plain TCP,
+//!   CRIU gets the memory socket itself, no relay), to show what TLS costs;
 //! - `naive`: `criu dump` to a directory on disk, `cp -a` of the directory,
 //!   `criu restore` from the copy;
 //! - `floor`: `criu dump` to tmpfs and `criu restore` from the same tmpfs,
@@ -14,11 +19,13 @@
 //!
 //! It records the downtime the application itself saw (the largest gap in
 //! its heartbeat), CRIU's frozen time, the total time, the bytes moved, and
-//! phaul's own CPU time and peak memory (each phaul process, from
-//! `wait4`), then writes every run as JSON, a Markdown table with
-//! min/median/max and the ratios phaul/floor and phaul/naive, and the data
-//! for the plot (`bench/plot.py` draws it). It also measures a plain
-//! loopback TCP stream, the baseline for phaul's memory channel.
+//! phaul's own CPU time and peak memory (each phaul process's VmHWM,
+//! sampled; and `wait4`'s figure, which also covers the CRIU workers it
+//! reaped), then writes every run as JSON, a Markdown table with
+//! min/median/max, the ratios phaul/floor, phaul/naive and TLS/insecure,
+//! and the data for the plot (`bench/plot.py` draws it). It also measures
+//! a plain loopback TCP stream and the same stream through phaul's TLS
+//! relays, the baselines for phaul's memory channel.
 
 mod channel;
 mod methods;
@@ -54,7 +61,11 @@ struct Args {
     #[arg(long, default_value = "bench/results")]
     out: PathBuf,
     /// Methods to run.
-    #[arg(long, value_delimiter = ',', default_value = "phaul,naive,floor")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "phaul,phaul-insecure,naive,floor"
+    )]
     methods: Vec<Method>,
     /// Where the naive method dumps and copies (a disk directory).
     #[arg(long, default_value = "/var/tmp/phaul-bench")]
@@ -100,10 +111,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         "phaul-bench: measuring the memory channel ({} MiB)",
         args.channel_mib
     );
-    let channel = channel::measure(args.channel_mib << 20)?;
+    let channel = channel::measure(args.channel_mib << 20, env.tls_dir())?;
     eprintln!(
-        "phaul-bench: plain loopback TCP: {:.0} MiB/s",
-        channel.tcp_mib_s
+        "phaul-bench: plain loopback TCP: {:.0} MiB/s; through the TLS relays: {:.0} MiB/s",
+        channel.tcp_mib_s, channel.tls_mib_s
     );
 
     let mut results: Vec<RunResult> = Vec::new();
