@@ -20,7 +20,7 @@ doc = json.load(open(src))
 runs = [r for r in doc["runs"] if not r.get("error")]
 rates = sorted({r["dirty_pct"] for r in runs})
 fig, axes = plt.subplots(1, len(rates), figsize=(5 * len(rates), 4.2), squeeze=False, sharey=True)
-styles = {"phaul": ("tab:blue", "o"), "phaul-insecure": ("tab:purple", "D"), "naive": ("tab:red", "s"), "floor": ("tab:green", "^")}
+styles = {"phaul": ("tab:blue", "o"), "phaul-insecure": ("tab:purple", "D"), "phaul-baseline": ("tab:cyan", "v"), "naive": ("tab:red", "s"), "floor": ("tab:green", "^")}
 for ax, rate in zip(axes[0], rates):
     by = defaultdict(lambda: defaultdict(list))
     for r in runs:

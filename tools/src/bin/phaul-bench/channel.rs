@@ -15,7 +15,7 @@ use phaul_core::transport::{Acceptor, Identity, Remote, TlsClient, TlsFiles, Tls
 use serde::Serialize;
 
 /// The baseline, MiB/s.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Channel {
     /// Plain loopback TCP, one stream, 1 MiB writes.
     pub tcp_mib_s: f64,

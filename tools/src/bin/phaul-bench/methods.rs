@@ -22,6 +22,8 @@ pub enum Method {
     /// The same with `--insecure` on both sides: plain TCP, the memory
     /// socket handed to CRIU without a relay.
     PhaulInsecure,
+    /// `phaul` (TLS) from another build (`--baseline DIR`).
+    PhaulBaseline,
     /// criu dump to disk, cp -a, criu restore.
     Naive,
     /// criu dump to tmpfs, criu restore from it.
@@ -34,6 +36,7 @@ impl Method {
         match self {
             Method::Phaul => "phaul",
             Method::PhaulInsecure => "phaul-insecure",
+            Method::PhaulBaseline => "phaul-baseline",
             Method::Naive => "naive",
             Method::Floor => "floor",
         }
@@ -98,6 +101,8 @@ pub struct Env {
     /// The certificates of this run (`phaul certs`): `src/` and `dst/`,
     /// each a `--tls-dir`.
     tls: PathBuf,
+    /// Another build's `phaul` (`--baseline`).
+    baseline: Option<PathBuf>,
 }
 
 impl Drop for Env {
@@ -332,7 +337,18 @@ impl Env {
             disk: disk.to_path_buf(),
             shm,
             tls,
+            baseline: None,
         })
+    }
+
+    /// Uses `dir/phaul` for the `phaul-baseline` method.
+    pub fn set_baseline(&mut self, dir: &Path) -> anyhow::Result<()> {
+        let phaul = dir.join("phaul");
+        if !phaul.exists() {
+            bail!("{} is missing", phaul.display());
+        }
+        self.baseline = Some(phaul);
+        Ok(())
     }
 
     /// The certificates' directory (`ca/`, `src/`, `dst/`).
@@ -389,8 +405,15 @@ impl Env {
             // covers exactly the migration.
             self.report(&state, pid)?;
             let new = match method {
-                Method::Phaul => self.phaul(pid, true, &mut r)?,
-                Method::PhaulInsecure => self.phaul(pid, false, &mut r)?,
+                Method::Phaul => self.phaul(pid, &self.bin.join("phaul"), true, &mut r)?,
+                Method::PhaulInsecure => self.phaul(pid, &self.bin.join("phaul"), false, &mut r)?,
+                Method::PhaulBaseline => {
+                    let phaul = self
+                        .baseline
+                        .clone()
+                        .ok_or_else(|| anyhow!("phaul-baseline needs --baseline DIR"))?;
+                    self.phaul(pid, &phaul, true, &mut r)?
+                }
                 Method::Naive => self.criu_cli(pid, true, &mut r)?,
                 Method::Floor => self.criu_cli(pid, false, &mut r)?,
             };
@@ -414,7 +437,13 @@ impl Env {
 
     /// `phaul serve` + `phaul migrate`, with TLS (`secure`) or
     /// `--insecure` on both sides.
-    fn phaul(&self, pid: i32, secure: bool, r: &mut RunResult) -> anyhow::Result<i32> {
+    fn phaul(
+        &self,
+        pid: i32,
+        phaul: &Path,
+        secure: bool,
+        r: &mut RunResult,
+    ) -> anyhow::Result<i32> {
         let work = self.shm.join("phaul-work");
         let security = |side: &str| -> Vec<std::ffi::OsString> {
             match secure {
@@ -422,7 +451,7 @@ impl Env {
                 false => vec!["--insecure".into()],
             }
         };
-        let mut serve = Command::new(self.bin.join("phaul"))
+        let mut serve = Command::new(phaul)
             .arg("--plugin-dir")
             .arg(&self.plugins)
             .args([
@@ -445,7 +474,7 @@ impl Env {
             .unwrap_or_default()
             .to_string();
         let t = Instant::now();
-        let migrate = Command::new(self.bin.join("phaul"))
+        let migrate = Command::new(phaul)
             .arg("--plugin-dir")
             .arg(&self.plugins)
             .args([

@@ -87,10 +87,15 @@ fn cell(x: Option<(f64, f64, f64)>) -> String {
 type Key = (u64, i64);
 
 /// The methods, in table order.
-const METHODS: [&str; 4] = ["phaul", "phaul-insecure", "naive", "floor"];
+const METHODS: [&str; 5] = ["phaul", "phaul-baseline", "phaul-insecure", "naive", "floor"];
 
 /// The table.
-pub fn markdown(machine: &Value, channel: &Channel, runs: &[RunResult]) -> String {
+pub fn markdown(
+    machine: &Value,
+    channel: &Channel,
+    baseline: Option<&Channel>,
+    runs: &[RunResult],
+) -> String {
     let mut by: BTreeMap<(Key, &str), Vec<&RunResult>> = BTreeMap::new();
     for r in runs.iter().filter(|r| r.error.is_none()) {
         by.entry(((r.mem_mib, (r.dirty_pct * 100.0) as i64), r.method))
@@ -227,6 +232,33 @@ pub fn markdown(machine: &Value, channel: &Channel, runs: &[RunResult]) -> Strin
             );
         }
     }
+    if by.keys().any(|(_, m)| *m == "phaul-baseline") {
+        let _ = writeln!(
+            s,
+            "\n## This build against the baseline build (both TLS; ratio this / baseline)\n"
+        );
+        let _ = writeln!(
+            s,
+            "| MiB | dirty %/s | downtime ms this / baseline | ratio | channel MiB/s this / baseline | ratio | phaul CPU ms this / baseline | ratio |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
+        for key in &keys {
+            let show = |f: &dyn Fn(&RunResult) -> f64| {
+                let (a, b) = (med(*key, "phaul", f), med(*key, "phaul-baseline", f));
+                let g = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.1}"));
+                format!("{} / {} | {}", g(a), g(b), ratio(a, b))
+            };
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} |",
+                key.0,
+                key.1 as f64 / 100.0,
+                show(&|r| r.downtime_ms),
+                show(&|r| r.channel_mib_s.unwrap_or(0.0)),
+                show(&|r| r.phaul_cpu_ms.unwrap_or(0.0)),
+            );
+        }
+    }
     let _ = writeln!(s, "\n## Raw channels ({} MiB, one stream, 1 MiB writes)\n", channel.bytes >> 20);
     let per_gib = |cpu: f64| cpu / (channel.bytes as f64 / (1u64 << 30) as f64);
     let _ = writeln!(s, "| channel | MiB/s | CPU ms per GiB (all threads) |");
@@ -244,6 +276,22 @@ pub fn markdown(machine: &Value, channel: &Channel, runs: &[RunResult]) -> Strin
         100.0 * channel.tls_mib_s / channel.tcp_mib_s,
         per_gib(channel.tls_cpu_ms)
     );
+    if let Some(b) = baseline {
+        let per_gib = |cpu: f64| cpu / (b.bytes as f64 / (1u64 << 30) as f64);
+        let _ = writeln!(
+            s,
+            "| baseline build: loopback TCP | {:.0} | {:.0} |",
+            b.tcp_mib_s,
+            per_gib(b.tcp_cpu_ms)
+        );
+        let _ = writeln!(
+            s,
+            "| baseline build: TLS relays | {:.0} ({:.0}% of its TCP) | {:.0} |",
+            b.tls_mib_s,
+            100.0 * b.tls_mib_s / b.tcp_mib_s,
+            per_gib(b.tls_cpu_ms)
+        );
+    }
     let _ = writeln!(s, "\n## Ratios (median downtime)\n");
     let _ = writeln!(
         s,
@@ -305,7 +353,7 @@ pub fn markdown(machine: &Value, channel: &Channel, runs: &[RunResult]) -> Strin
         .map(|r| r.mem_mib)
         .max()
         .unwrap_or(0);
-    for m in ["phaul", "phaul-insecure"] {
+    for m in ["phaul", "phaul-baseline", "phaul-insecure"] {
         let chan = mmm(runs
             .iter()
             .filter(|r| r.mem_mib == largest && r.error.is_none() && r.method == m)
@@ -321,7 +369,7 @@ pub fn markdown(machine: &Value, channel: &Channel, runs: &[RunResult]) -> Strin
             ));
         }
     }
-    for m in ["phaul", "phaul-insecure"] {
+    for m in ["phaul", "phaul-baseline", "phaul-insecure"] {
         let mine: Vec<&RunResult> = runs
             .iter()
             .filter(|r| r.method == m && r.error.is_none())
