@@ -53,7 +53,7 @@ struct Relay {
     tcp: TcpStream,
     unix: UnixStream,
     /// Plaintext from the network, not yet written to the engine, from
-    /// `inbound_at` on.
+    /// `inbound_at` on; never longer than 2 * IN_LIMIT.
     inbound: Vec<u8>,
     inbound_at: usize,
     /// Plaintext from the engine rustls did not take yet, from
@@ -153,6 +153,13 @@ impl Relay {
                     let n = chunk.len();
                     if self.inbound_at == self.inbound.len() {
                         self.inbound.clear();
+                        self.inbound_at = 0;
+                    } else if self.inbound.len() + n > 2 * IN_LIMIT {
+                        // An engine that never quite catches up never
+                        // empties `inbound`: drop what it took, or the
+                        // buffer grows with the stream (at most IN_LIMIT
+                        // bytes move per IN_LIMIT written).
+                        self.inbound.drain(..self.inbound_at);
                         self.inbound_at = 0;
                     }
                     self.inbound.extend_from_slice(chunk);
