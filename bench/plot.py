@@ -19,7 +19,7 @@ dst = sys.argv[2] if len(sys.argv) > 2 else src.rsplit("/", 1)[0] + "/downtime.p
 doc = json.load(open(src))
 runs = [r for r in doc["runs"] if not r.get("error")]
 rates = sorted({r["dirty_pct"] for r in runs})
-fig, axes = plt.subplots(1, len(rates), figsize=(5 * len(rates), 4.2), squeeze=False, sharey=True)
+fig, axes = plt.subplots(1, len(rates), figsize=(max(8, 5 * len(rates)), 4.2), squeeze=False, sharey=True)
 styles = {"phaul": ("tab:blue", "o"), "phaul-insecure": ("tab:purple", "D"), "phaul-baseline": ("tab:cyan", "v"), "naive": ("tab:red", "s"), "floor": ("tab:green", "^")}
 for ax, rate in zip(axes[0], rates):
     by = defaultdict(lambda: defaultdict(list))
@@ -32,7 +32,8 @@ for ax, rate in zip(axes[0], rates):
         lo = [m - min(sizes[x]) for m, x in zip(med, xs)]
         hi = [max(sizes[x]) - m for m, x in zip(med, xs)]
         color, marker = styles.get(method, ("gray", "x"))
-        ax.errorbar(xs, med, yerr=[lo, hi], label=method, color=color, marker=marker, capsize=3)
+        label = "phaul (TLS)" if method == "phaul" else method
+        ax.errorbar(xs, med, yerr=[lo, hi], label=label, color=color, marker=marker, capsize=3)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("workload memory (MiB)")
@@ -41,7 +42,7 @@ for ax, rate in zip(axes[0], rates):
 axes[0][0].set_ylabel("downtime seen by the application (ms)")
 axes[0][0].legend()
 m = doc["machine"]
-fig.suptitle(f"phaul vs dump-copy-restore vs the no-copy floor — {m['cpus']} CPUs, Linux {m['kernel']}, {doc['date']}")
+fig.suptitle(f"phaul vs dump-copy-restore vs the no-copy floor — {m['cpus']} CPUs, Linux {m['kernel']}, {doc['date']}", fontsize=10)
 fig.tight_layout()
 fig.savefig(dst, dpi=110)
 print(f"wrote {dst}")
