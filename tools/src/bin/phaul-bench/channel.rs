@@ -79,7 +79,10 @@ fn tcp_pair() -> anyhow::Result<(TcpStream, TcpStream)> {
 /// the certificates in `tls` (`src/`, `dst/` as `phaul certs issue` wrote
 /// them).
 fn tls_pair(tls: &Path) -> anyhow::Result<(phaul_core::conn::Conn, phaul_core::conn::Conn)> {
-    let server = TlsServer::new(&Identity::load(&TlsFiles::in_dir(&tls.join("dst")))?, vec![])?;
+    let server = TlsServer::new(
+        &Identity::load(&TlsFiles::in_dir(&tls.join("dst")))?,
+        vec![],
+    )?;
     let client = TlsClient::new(&Identity::load(&TlsFiles::in_dir(&tls.join("src")))?)?;
     let l = TcpListener::bind("127.0.0.1:0")?;
     let remote = Remote::tls(l.local_addr()?, Arc::new(client), "127.0.0.1");

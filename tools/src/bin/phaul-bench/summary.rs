@@ -87,7 +87,13 @@ fn cell(x: Option<(f64, f64, f64)>) -> String {
 type Key = (u64, i64);
 
 /// The methods, in table order.
-const METHODS: [&str; 5] = ["phaul", "phaul-baseline", "phaul-insecure", "naive", "floor"];
+const METHODS: [&str; 5] = [
+    "phaul",
+    "phaul-baseline",
+    "phaul-insecure",
+    "naive",
+    "floor",
+];
 
 /// The table.
 pub fn markdown(
@@ -189,7 +195,10 @@ pub fn markdown(
         _ => "-".into(),
     };
     if by.keys().any(|(_, m)| *m == "phaul-insecure") {
-        let _ = writeln!(s, "\n## TLS against --insecure (medians; ratio TLS / insecure)\n");
+        let _ = writeln!(
+            s,
+            "\n## TLS against --insecure (medians; ratio TLS / insecure)\n"
+        );
         let _ = writeln!(
             s,
             "Same workloads, runs interleaved. Channel: memory over CRIU's memwrite time; dump: \
@@ -259,7 +268,11 @@ pub fn markdown(
             );
         }
     }
-    let _ = writeln!(s, "\n## Raw channels ({} MiB, one stream, 1 MiB writes)\n", channel.bytes >> 20);
+    let _ = writeln!(
+        s,
+        "\n## Raw channels ({} MiB, one stream, 1 MiB writes)\n",
+        channel.bytes >> 20
+    );
     let per_gib = |cpu: f64| cpu / (channel.bytes as f64 / (1u64 << 30) as f64);
     let _ = writeln!(s, "| channel | MiB/s | CPU ms per GiB (all threads) |");
     let _ = writeln!(s, "|---|---|---|");
