@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Set up a fresh machine (as root), build phaul in release mode, and run the
-# benchmark: phaul against dump-copy-restore and the no-copy floor, side by
-# side, then draw the plot. Results go to bench/results/ (results.json,
-# results.md, downtime.png). Arguments are passed to phaul-bench, e.g.
+# benchmark: phaul (mutual TLS, certificates made for the run with
+# `phaul certs`) and phaul --insecure against dump-copy-restore and the
+# no-copy floor, side by side, then draw the plots. Results go to
+# bench/results/ (results.json, results.md, downtime.png, channel.png). Arguments are passed to phaul-bench, e.g.
 #   ./scripts/bench.sh --sizes 64,256 --runs 3
 set -euo pipefail
 cd "$(dirname "$0")/.."

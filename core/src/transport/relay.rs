@@ -22,7 +22,10 @@ use crate::conn::Conn;
 const IN_LIMIT: usize = 1 << 20;
 /// Plaintext rustls may hold encrypted for the network.
 const OUT_LIMIT: usize = 1 << 20;
-/// One read from either side.
+/// One read from either side. From the network the relay reads into its
+/// own buffer and feeds rustls from there: rustls reads at most 4 KiB per
+/// `read_tls`, which read straight from the socket would cost a syscall
+/// (and, on the TCP side, often an ACK) per 4 KiB.
 const CHUNK: usize = 256 << 10;
 
 /// Starts relaying `tls` (handshake done) over `tcp`; the engine's end.
@@ -49,11 +52,19 @@ struct Relay {
     tls: Connection,
     tcp: TcpStream,
     unix: UnixStream,
-    /// Plaintext from the network, not yet written to the engine.
+    /// Plaintext from the network, not yet written to the engine, from
+    /// `inbound_at` on; never longer than 2 * IN_LIMIT.
     inbound: Vec<u8>,
     inbound_at: usize,
-    /// Plaintext from the engine rustls did not take yet.
+    /// Plaintext from the engine rustls did not take yet, from
+    /// `outbound_at` on.
     outbound: Vec<u8>,
+    outbound_at: usize,
+    /// Bytes read from the network, not yet given to rustls: `net_at` to
+    /// `net_len`.
+    net: Vec<u8>,
+    net_at: usize,
+    net_len: usize,
     buf: Vec<u8>,
     /// The peer will send nothing more (close_notify or EOF).
     peer_done: bool,
@@ -79,6 +90,10 @@ impl Relay {
             inbound: Vec::new(),
             inbound_at: 0,
             outbound: Vec::new(),
+            outbound_at: 0,
+            net: vec![0; CHUNK],
+            net_at: 0,
+            net_len: 0,
             buf: vec![0; CHUNK],
             peer_done: false,
             engine_told: false,
@@ -101,6 +116,14 @@ impl Relay {
         self.inbound.len() - self.inbound_at
     }
 
+    fn pending_out(&self) -> usize {
+        self.outbound.len() - self.outbound_at
+    }
+
+    fn pending_net(&self) -> usize {
+        self.net_len - self.net_at
+    }
+
     fn pump(&mut self) -> io::Result<()> {
         loop {
             self.decrypted()?;
@@ -115,20 +138,32 @@ impl Relay {
         }
     }
 
-    /// Moves plaintext rustls decrypted into `inbound`.
+    /// Moves plaintext rustls decrypted into `inbound` (straight from
+    /// rustls's buffer).
     fn decrypted(&mut self) -> io::Result<()> {
+        use std::io::BufRead;
         while self.pending_in() < IN_LIMIT {
-            match self.tls.reader().read(&mut self.buf) {
-                Ok(0) => {
+            let mut reader = self.tls.reader();
+            match reader.fill_buf() {
+                Ok([]) => {
                     self.peer_done = true;
                     break;
                 }
-                Ok(n) => {
+                Ok(chunk) => {
+                    let n = chunk.len();
                     if self.inbound_at == self.inbound.len() {
                         self.inbound.clear();
                         self.inbound_at = 0;
+                    } else if self.inbound.len() + n > 2 * IN_LIMIT {
+                        // An engine that never quite catches up never
+                        // empties `inbound`: drop what it took, or the
+                        // buffer grows with the stream (at most IN_LIMIT
+                        // bytes move per IN_LIMIT written).
+                        self.inbound.drain(..self.inbound_at);
+                        self.inbound_at = 0;
                     }
-                    self.inbound.extend_from_slice(&self.buf[..n]);
+                    self.inbound.extend_from_slice(chunk);
+                    reader.consume(n);
                 }
                 Err(e) if would_block(&e) => break,
                 // EOF without close_notify: the peer is gone; whatever the
@@ -160,14 +195,19 @@ impl Relay {
 
     fn pull_from_engine(&mut self) -> io::Result<()> {
         loop {
-            if !self.outbound.is_empty() {
-                let n = self.tls.writer().write(&self.outbound)?;
-                self.outbound.drain(..n);
+            if self.pending_out() > 0 {
+                let n = self
+                    .tls
+                    .writer()
+                    .write(&self.outbound[self.outbound_at..])?;
+                self.outbound_at += n;
                 self.sent.fetch_add(n as u64, Ordering::Relaxed);
-                if !self.outbound.is_empty() {
+                if self.pending_out() > 0 {
                     return Ok(());
                 }
             }
+            self.outbound.clear();
+            self.outbound_at = 0;
             if self.engine_done {
                 return Ok(());
             }
@@ -177,7 +217,13 @@ impl Relay {
                     self.tls.send_close_notify();
                     return Ok(());
                 }
-                Ok(n) => self.outbound.extend_from_slice(&self.buf[..n]),
+                // Straight to rustls; only what it does not take yet is
+                // kept.
+                Ok(n) => {
+                    let took = self.tls.writer().write(&self.buf[..n])?;
+                    self.sent.fetch_add(took as u64, Ordering::Relaxed);
+                    self.outbound.extend_from_slice(&self.buf[took..n]);
+                }
                 Err(e) if would_block(&e) => return Ok(()),
                 Err(e) => return Err(e),
             }
@@ -199,13 +245,34 @@ impl Relay {
         Ok(())
     }
 
-    /// Reads and decrypts what the network has (4 KiB per read: rustls's
-    /// read size), until it would block or `inbound` is full.
+    /// Reads and decrypts what the network has, until it would block or
+    /// `inbound` is full: one read of up to [`CHUNK`] bytes from the
+    /// socket, handed to rustls in its 4 KiB steps.
     fn pull_from_network(&mut self) -> io::Result<()> {
         while !self.peer_done && self.pending_in() < IN_LIMIT {
-            match self.tls.read_tls(&mut self.tcp) {
+            if self.pending_net() == 0 {
+                match (&self.tcp).read(&mut self.net) {
+                    Ok(0) => {
+                        // Lets rustls see the EOF (and tell a clean
+                        // close_notify from a cut connection).
+                        let _ = self.tls.read_tls(&mut io::empty());
+                        self.peer_done = true;
+                        continue;
+                    }
+                    Ok(n) => {
+                        self.net_at = 0;
+                        self.net_len = n;
+                    }
+                    Err(e) if would_block(&e) => return Ok(()),
+                    Err(e) => return Err(e),
+                }
+            }
+            let mut bytes = &self.net[self.net_at..self.net_len];
+            match self.tls.read_tls(&mut bytes) {
+                // close_notify came: rustls takes nothing more.
                 Ok(0) => self.peer_done = true,
-                Ok(_) => {
+                Ok(n) => {
+                    self.net_at += n;
                     if let Err(e) = self.tls.process_new_packets() {
                         // Tell the peer why (an alert), then give up.
                         let _ = self.tls.write_tls(&mut self.tcp);
@@ -213,7 +280,6 @@ impl Relay {
                     }
                     self.decrypted()?;
                 }
-                Err(e) if would_block(&e) => return Ok(()),
                 Err(e) => return Err(e),
             }
         }
@@ -228,14 +294,16 @@ impl Relay {
             .tls
             .process_new_packets()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        if state.plaintext_bytes_to_read() > 0 && self.pending_in() < IN_LIMIT {
+        if (state.plaintext_bytes_to_read() > 0 || (self.pending_net() > 0 && !self.peer_done))
+            && self.pending_in() < IN_LIMIT
+        {
             return Ok(());
         }
-        if !self.outbound.is_empty() && !self.tls.wants_write() {
+        if self.pending_out() > 0 && !self.tls.wants_write() {
             return Ok(());
         }
         let mut tcp_ev = 0;
-        if !self.peer_done && self.pending_in() < IN_LIMIT {
+        if !self.peer_done && self.pending_in() < IN_LIMIT && self.pending_net() == 0 {
             tcp_ev |= libc::POLLIN;
         }
         if self.tls.wants_write() {
@@ -245,7 +313,7 @@ impl Relay {
         if self.pending_in() > 0 {
             unix_ev |= libc::POLLOUT;
         }
-        if !self.engine_done && self.outbound.is_empty() {
+        if !self.engine_done && self.pending_out() == 0 {
             unix_ev |= libc::POLLIN;
         }
         // A descriptor nobody waits on is left out (-1), so that a hang-up

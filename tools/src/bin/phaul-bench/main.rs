@@ -5,8 +5,13 @@
 //! rewritten per second, a heartbeat every millisecond) and each run, it
 //! migrates the workload with every method in turn:
 //!
-//! - `phaul`: `phaul serve` + `phaul migrate` over loopback (images on
-//!   tmpfs, pages streamed through the memory channel);
+//! - `phaul`: `phaul serve` + `phaul migrate` over loopback with mutual
+//!   TLS, phaul's default (images on tmpfs, pages streamed through the
+//!   memory channel: CRIU writes into a socketpair, a relay thread in each
+//!   phaul encrypts or decrypts); the certificates are made for the run
+//!   with `phaul certs` in a temporary directory;
+//! - `phaul-insecure`: the same with `--insecure` on both sides (plain TCP,
+//!   CRIU gets the memory socket itself, no relay), to show what TLS costs;
 //! - `naive`: `criu dump` to a directory on disk, `cp -a` of the directory,
 //!   `criu restore` from the copy;
 //! - `floor`: `criu dump` to tmpfs and `criu restore` from the same tmpfs,
@@ -14,11 +19,13 @@
 //!
 //! It records the downtime the application itself saw (the largest gap in
 //! its heartbeat), CRIU's frozen time, the total time, the bytes moved, and
-//! phaul's own CPU time and peak memory (each phaul process, from
-//! `wait4`), then writes every run as JSON, a Markdown table with
-//! min/median/max and the ratios phaul/floor and phaul/naive, and the data
-//! for the plot (`bench/plot.py` draws it). It also measures a plain
-//! loopback TCP stream, the baseline for phaul's memory channel.
+//! phaul's own CPU time and peak memory (each phaul process's VmHWM,
+//! sampled; and `wait4`'s figure, which also covers the CRIU workers it
+//! reaped), then writes every run as JSON, a Markdown table with
+//! min/median/max, the ratios phaul/floor, phaul/naive and TLS/insecure,
+//! and the data for the plot (`bench/plot.py` draws it). It also measures
+//! a plain loopback TCP stream and the same stream through phaul's TLS
+//! relays, the baselines for phaul's memory channel.
 
 mod channel;
 mod methods;
@@ -54,7 +61,11 @@ struct Args {
     #[arg(long, default_value = "bench/results")]
     out: PathBuf,
     /// Methods to run.
-    #[arg(long, value_delimiter = ',', default_value = "phaul,naive,floor")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "phaul,phaul-insecure,naive,floor"
+    )]
     methods: Vec<Method>,
     /// Where the naive method dumps and copies (a disk directory).
     #[arg(long, default_value = "/var/tmp/phaul-bench")]
@@ -62,6 +73,15 @@ struct Args {
     /// Bytes streamed by the memory-channel measurement, MiB.
     #[arg(long, default_value_t = 2048)]
     channel_mib: u64,
+    /// Only measure the raw channels and print them as JSON.
+    #[arg(long)]
+    channel_only: bool,
+    /// A directory with another build of phaul (`phaul`, `phaul-bench`),
+    /// e.g. before a transport change: adds the method `phaul-baseline`
+    /// (that build's phaul, with TLS) and its raw channels, measured in the
+    /// same run.
+    #[arg(long, value_name = "DIR")]
+    baseline: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -84,7 +104,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
-    let env = methods::Env::new(&args.disk_dir)?;
+    let mut env = methods::Env::new(&args.disk_dir)?;
     let free_mib = methods::free_memory_mib();
     let mut sizes = Vec::new();
     for &m in &args.sizes {
@@ -100,18 +120,51 @@ fn run(args: Args) -> anyhow::Result<()> {
         "phaul-bench: measuring the memory channel ({} MiB)",
         args.channel_mib
     );
-    let channel = channel::measure(args.channel_mib << 20)?;
+    let channel = channel::measure(args.channel_mib << 20, env.tls_dir())?;
     eprintln!(
-        "phaul-bench: plain loopback TCP: {:.0} MiB/s",
-        channel.tcp_mib_s
+        "phaul-bench: plain loopback TCP: {:.0} MiB/s; through the TLS relays: {:.0} MiB/s",
+        channel.tcp_mib_s, channel.tls_mib_s
     );
+    if args.channel_only {
+        println!("{}", serde_json::to_string(&channel)?);
+        return Ok(());
+    }
+    let baseline_channel = match &args.baseline {
+        Some(dir) => {
+            let out = std::process::Command::new(dir.join("phaul-bench"))
+                .args(["--channel-only", "--channel-mib"])
+                .arg(args.channel_mib.to_string())
+                .arg("--out")
+                .arg(&args.out)
+                .stderr(std::process::Stdio::inherit())
+                .output()
+                .with_context(|| format!("running {}/phaul-bench", dir.display()))?;
+            if !out.status.success() {
+                bail!("{}/phaul-bench --channel-only failed", dir.display());
+            }
+            let c: channel::Channel = serde_json::from_slice(&out.stdout)?;
+            eprintln!(
+                "phaul-bench: baseline build: loopback TCP {:.0} MiB/s; through its TLS relays {:.0} MiB/s",
+                c.tcp_mib_s, c.tls_mib_s
+            );
+            Some(c)
+        }
+        None => None,
+    };
+    let mut methods = args.methods.clone();
+    if let Some(dir) = &args.baseline {
+        env.set_baseline(dir)?;
+        if !methods.contains(&Method::PhaulBaseline) {
+            methods.insert(1, Method::PhaulBaseline);
+        }
+    }
 
     let mut results: Vec<RunResult> = Vec::new();
     for &mem in &sizes {
         for &rate in &args.rates {
             for run in 1..=args.runs {
                 // Methods interleave so that drift hits them alike.
-                for &method in &args.methods {
+                for &method in &methods {
                     let r = env.run(method, mem, rate, run);
                     match &r.error {
                         None => eprintln!(
@@ -136,11 +189,12 @@ fn run(args: Args) -> anyhow::Result<()> {
         "machine": machine,
         "date": summary::today(),
         "channel": channel,
+        "baseline_channel": baseline_channel,
         "runs": results,
     });
     let json_path = args.out.join("results.json");
     std::fs::write(&json_path, serde_json::to_string_pretty(&doc)?)?;
-    let table = summary::markdown(&machine, &channel, &results);
+    let table = summary::markdown(&machine, &channel, baseline_channel.as_ref(), &results);
     std::fs::write(args.out.join("results.md"), &table)?;
     println!("{table}");
     eprintln!("phaul-bench: wrote {} and results.md", json_path.display());

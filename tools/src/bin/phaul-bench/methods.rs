@@ -1,6 +1,7 @@
-//! The three ways of moving the workload, each timed and checked: phaul
-//! over loopback, dump-copy-restore with the CRIU command line, and the
-//! no-copy floor.
+//! The ways of moving the workload, each timed and checked: phaul over
+//! loopback with mutual TLS (its default) and with `--insecure` (plain TCP,
+//! CRIU gets the socket itself), dump-copy-restore with the CRIU command
+//! line, and the no-copy floor.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -13,10 +14,16 @@ use serde_json::Value;
 
 /// A migration method.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum Method {
-    /// phaul serve + phaul migrate over loopback.
+    /// phaul serve + phaul migrate over loopback, mutual TLS (certificates
+    /// made by `phaul certs` for this run).
     Phaul,
+    /// The same with `--insecure` on both sides: plain TCP, the memory
+    /// socket handed to CRIU without a relay.
+    PhaulInsecure,
+    /// `phaul` (TLS) from another build (`--baseline DIR`).
+    PhaulBaseline,
     /// criu dump to disk, cp -a, criu restore.
     Naive,
     /// criu dump to tmpfs, criu restore from it.
@@ -28,6 +35,8 @@ impl Method {
     pub fn name(self) -> &'static str {
         match self {
             Method::Phaul => "phaul",
+            Method::PhaulInsecure => "phaul-insecure",
+            Method::PhaulBaseline => "phaul-baseline",
             Method::Naive => "naive",
             Method::Floor => "floor",
         }
@@ -58,11 +67,20 @@ pub struct RunResult {
     /// phaul only: the memory channel's rate during the dump (bytes over
     /// CRIU's memwrite time), MiB/s.
     pub channel_mib_s: Option<f64>,
+    /// phaul only: the memory moved over CRIU's whole final dump (request
+    /// to `post-dump`: freezing, collecting and writing the pages), MiB/s.
+    pub dump_mib_s: Option<f64>,
     /// phaul only: user+system CPU of `phaul migrate` and `phaul serve`.
     pub phaul_cpu_ms: Option<f64>,
-    /// phaul only: peak RSS of `phaul migrate`, KiB.
+    /// phaul only: peak RSS of the `phaul migrate` process itself (its
+    /// VmHWM, sampled every 5 ms until it exits), KiB.
+    pub phaul_src_hwm_kib: Option<u64>,
+    /// phaul only: the same for `phaul serve`, KiB.
+    pub phaul_dst_hwm_kib: Option<u64>,
+    /// phaul only: `ru_maxrss` of `phaul migrate` from `wait4`: the largest
+    /// peak of it and the children it reaped (its CRIU workers), KiB.
     pub phaul_src_maxrss_kib: Option<u64>,
-    /// phaul only: peak RSS of `phaul serve`, KiB.
+    /// phaul only: the same for `phaul serve`, KiB.
     pub phaul_dst_maxrss_kib: Option<u64>,
     /// Every page of the workload verified after the move.
     pub verified: bool,
@@ -80,6 +98,17 @@ pub struct Env {
     plugins: PathBuf,
     disk: PathBuf,
     shm: PathBuf,
+    /// The certificates of this run (`phaul certs`): `src/` and `dst/`,
+    /// each a `--tls-dir`.
+    tls: PathBuf,
+    /// Another build's `phaul` (`--baseline`).
+    baseline: Option<PathBuf>,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.tls);
+    }
 }
 
 /// Free memory (MemAvailable), MiB.
@@ -119,6 +148,94 @@ fn wait_usage(pid: u32) -> anyhow::Result<Usage> {
     })
 }
 
+/// Waits until our child `pid` has exited, leaving it a zombie (so its pid
+/// cannot be reused while the sampler still looks at it); SIGKILLs it if it
+/// is still there after `timeout`.
+fn wait_exited(pid: u32, timeout: std::time::Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        // SAFETY: zeroed siginfo is a valid out-parameter.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: looking at our own child, without reaping it.
+        let r = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOWAIT | libc::WNOHANG,
+            )
+        };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                bail!("waitid: {e}");
+            }
+        // SAFETY: filled in by waitid; 0 while the child still runs.
+        } else if unsafe { info.si_pid() } != 0 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
+/// A process's own peak resident memory so far (VmHWM), KiB; None once
+/// it has exited (a zombie has no memory).
+fn vm_hwm_kib(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Samples the VmHWM of a few child processes every 5 ms until stopped:
+/// their own peak memory (`wait4`'s `ru_maxrss` also covers the children
+/// they reaped, CRIU's workers among them). The kernel keeps the peak, so
+/// only growth in the last 5 ms before an exit can be missed.
+struct HwmSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<u64>>,
+}
+
+impl HwmSampler {
+    fn start(pids: Vec<u32>) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut peak = vec![0u64; pids.len()];
+            loop {
+                let last = flag.load(std::sync::atomic::Ordering::Relaxed);
+                for (p, pid) in peak.iter_mut().zip(&pids) {
+                    if let Some(k) = vm_hwm_kib(*pid) {
+                        *p = (*p).max(k);
+                    }
+                }
+                if last {
+                    return peak;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        });
+        Self { stop, thread }
+    }
+
+    /// The peaks, in the order of the pids; call while the processes are
+    /// still unreaped.
+    fn finish(self) -> Vec<u64> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap_or_default()
+    }
+}
+
 fn dir_bytes(dir: &Path) -> u64 {
     walk(dir)
 }
@@ -155,6 +272,41 @@ fn kill_tree(pid: i32) {
     }
 }
 
+/// A CA and two host certificates for this run, made with `phaul certs`
+/// as an operator would: `dir/src` for `phaul migrate`, `dir/dst` (valid
+/// for 127.0.0.1) for `phaul serve`.
+fn make_certs(phaul: &Path, dir: &Path) -> anyhow::Result<()> {
+    let _ = std::fs::remove_dir_all(dir);
+    let ca = dir.join("ca");
+    let run = |args: &[&std::ffi::OsStr]| -> anyhow::Result<()> {
+        let out = Command::new(phaul).arg("certs").args(args).output()?;
+        if !out.status.success() {
+            bail!(
+                "phaul certs {:?}: {}",
+                args,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    };
+    run(&["init".as_ref(), "--dir".as_ref(), ca.as_os_str()])?;
+    for (name, also) in [("src", "localhost"), ("dst", "127.0.0.1")] {
+        let out = dir.join(name);
+        run(&[
+            "issue".as_ref(),
+            "--dir".as_ref(),
+            ca.as_os_str(),
+            "--name".as_ref(),
+            name.as_ref(),
+            "--also".as_ref(),
+            also.as_ref(),
+            "--out".as_ref(),
+            out.as_os_str(),
+        ])?;
+    }
+    Ok(())
+}
+
 impl Env {
     /// Finds the sibling binaries and prepares scratch directories.
     pub fn new(disk: &Path) -> anyhow::Result<Env> {
@@ -176,13 +328,32 @@ impl Env {
         let shm = PathBuf::from("/dev/shm/phaul-bench");
         std::fs::create_dir_all(&shm)?;
         std::fs::create_dir_all(disk)?;
+        let tls = shm.join(format!("tls-{}", std::process::id()));
+        make_certs(&bin.join("phaul"), &tls)?;
         Ok(Env {
             criu: phaul_core::criu::locate(),
             bin,
             plugins,
             disk: disk.to_path_buf(),
             shm,
+            tls,
+            baseline: None,
         })
+    }
+
+    /// Uses `dir/phaul` for the `phaul-baseline` method.
+    pub fn set_baseline(&mut self, dir: &Path) -> anyhow::Result<()> {
+        let phaul = dir.join("phaul");
+        if !phaul.exists() {
+            bail!("{} is missing", phaul.display());
+        }
+        self.baseline = Some(phaul);
+        Ok(())
+    }
+
+    /// The certificates' directory (`ca/`, `src/`, `dst/`).
+    pub fn tls_dir(&self) -> &Path {
+        &self.tls
     }
 
     fn workload(&self, state: &Path, mem: u64, rate: f64) -> anyhow::Result<i32> {
@@ -234,7 +405,15 @@ impl Env {
             // covers exactly the migration.
             self.report(&state, pid)?;
             let new = match method {
-                Method::Phaul => self.phaul(pid, &mut r)?,
+                Method::Phaul => self.phaul(pid, &self.bin.join("phaul"), true, &mut r)?,
+                Method::PhaulInsecure => self.phaul(pid, &self.bin.join("phaul"), false, &mut r)?,
+                Method::PhaulBaseline => {
+                    let phaul = self
+                        .baseline
+                        .clone()
+                        .ok_or_else(|| anyhow!("phaul-baseline needs --baseline DIR"))?;
+                    self.phaul(pid, &phaul, true, &mut r)?
+                }
                 Method::Naive => self.criu_cli(pid, true, &mut r)?,
                 Method::Floor => self.criu_cli(pid, false, &mut r)?,
             };
@@ -256,9 +435,23 @@ impl Env {
         r
     }
 
-    fn phaul(&self, pid: i32, r: &mut RunResult) -> anyhow::Result<i32> {
+    /// `phaul serve` + `phaul migrate`, with TLS (`secure`) or
+    /// `--insecure` on both sides.
+    fn phaul(
+        &self,
+        pid: i32,
+        phaul: &Path,
+        secure: bool,
+        r: &mut RunResult,
+    ) -> anyhow::Result<i32> {
         let work = self.shm.join("phaul-work");
-        let mut serve = Command::new(self.bin.join("phaul"))
+        let security = |side: &str| -> Vec<std::ffi::OsString> {
+            match secure {
+                true => vec!["--tls-dir".into(), self.tls.join(side).into()],
+                false => vec!["--insecure".into()],
+            }
+        };
+        let mut serve = Command::new(phaul)
             .arg("--plugin-dir")
             .arg(&self.plugins)
             .args([
@@ -270,6 +463,7 @@ impl Env {
                 "--work-dir",
             ])
             .arg(&work)
+            .args(security("dst"))
             .stdout(Stdio::piped())
             .spawn()?;
         let mut line = String::new();
@@ -280,7 +474,7 @@ impl Env {
             .unwrap_or_default()
             .to_string();
         let t = Instant::now();
-        let migrate = Command::new(self.bin.join("phaul"))
+        let migrate = Command::new(phaul)
             .arg("--plugin-dir")
             .arg(&self.plugins)
             .args([
@@ -294,15 +488,22 @@ impl Env {
                 "--work-dir",
             ])
             .arg(&work)
+            .args(security("src"))
             .stdout(Stdio::piped())
             .spawn()?;
         let mid = migrate.id();
+        let hwm = HwmSampler::start(vec![mid, serve.id()]);
         let mut out = String::new();
         use std::io::Read;
         migrate.stdout.expect("piped").read_to_string(&mut out)?;
-        let src = wait_usage(mid)?;
+        wait_exited(mid, std::time::Duration::from_secs(600))?;
         r.total_ms = t.elapsed().as_secs_f64() * 1e3;
+        wait_exited(serve.id(), std::time::Duration::from_secs(30))?;
+        let peaks = hwm.finish();
+        let src = wait_usage(mid)?;
         let dst = wait_usage(serve.id())?;
+        r.phaul_src_hwm_kib = peaks.first().copied();
+        r.phaul_dst_hwm_kib = peaks.get(1).copied();
         let j: Value = serde_json::from_str(out.trim())
             .with_context(|| format!("phaul migrate said: {out}"))?;
         if !src.ok {
@@ -315,6 +516,11 @@ impl Env {
             r.channel_mib_s = Some(
                 j["memory_bytes"].as_u64().unwrap_or(0) as f64 / (1 << 20) as f64 / memwrite_s,
             );
+        }
+        let dump_s = j["criu_dump_time_us"].as_u64().unwrap_or(0) as f64 / 1e6;
+        if dump_s > 0.0 {
+            r.dump_mib_s =
+                Some(j["memory_bytes"].as_u64().unwrap_or(0) as f64 / (1 << 20) as f64 / dump_s);
         }
         let criu_us = j["criu_dump_time_us"].as_u64().unwrap_or(0)
             + j["restore_time_us"].as_u64().unwrap_or(0);

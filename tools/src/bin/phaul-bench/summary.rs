@@ -1,5 +1,6 @@
 //! The results as a Markdown table: min/median/max per method and
-//! workload, the ratios phaul/floor and phaul/naive, and the targets.
+//! workload, the ratios phaul/floor and phaul/naive, TLS against
+//! `--insecure`, the raw channels, and the targets.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -42,6 +43,8 @@ pub fn machine() -> Value {
         "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
         "memory_gib": (mem_gib * 10.0).round() / 10.0,
         "criu": criu,
+        // Others may share the machine: the load when the run started.
+        "loadavg": read("/proc/loadavg").split_whitespace().take(3).collect::<Vec<_>>().join(" "),
     })
 }
 
@@ -83,8 +86,22 @@ fn cell(x: Option<(f64, f64, f64)>) -> String {
 
 type Key = (u64, i64);
 
+/// The methods, in table order.
+const METHODS: [&str; 5] = [
+    "phaul",
+    "phaul-baseline",
+    "phaul-insecure",
+    "naive",
+    "floor",
+];
+
 /// The table.
-pub fn markdown(machine: &Value, channel: &Channel, runs: &[RunResult]) -> String {
+pub fn markdown(
+    machine: &Value,
+    channel: &Channel,
+    baseline: Option<&Channel>,
+    runs: &[RunResult],
+) -> String {
     let mut by: BTreeMap<(Key, &str), Vec<&RunResult>> = BTreeMap::new();
     for r in runs.iter().filter(|r| r.error.is_none()) {
         by.entry(((r.mem_mib, (r.dirty_pct * 100.0) as i64), r.method))
@@ -100,33 +117,38 @@ pub fn markdown(machine: &Value, channel: &Channel, runs: &[RunResult]) -> Strin
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "# phaul benchmark\n\nMachine: {} ({} CPUs, {} GiB), Linux {}, {}. Date: {}.\n",
+        "# phaul benchmark\n\nMachine: {} ({} CPUs, {} GiB), Linux {}, {}. Date: {}. Load average at the start: {}.\n",
         machine["cpu"].as_str().unwrap_or("?"),
         machine["cpus"],
         machine["memory_gib"],
         machine["kernel"].as_str().unwrap_or("?"),
         machine["criu"].as_str().unwrap_or("?"),
-        today()
+        today(),
+        machine["loadavg"].as_str().unwrap_or("?")
     );
     let _ = writeln!(
         s,
         "Each cell: median (min–max) over the runs. Downtime is the largest gap in the workload's own \
-         1 ms heartbeat across the migration. phaul: live migration over loopback; naive: criu dump to \
-         disk, cp -a, criu restore; floor: criu dump to tmpfs, criu restore from it (no copy). \
-         {failed} run(s) failed.\n"
+         1 ms heartbeat across the migration. phaul: live migration over loopback with mutual TLS \
+         (its default); phaul-insecure: the same with --insecure (plain TCP, CRIU writes into the \
+         TCP socket itself); naive: criu dump to disk, cp -a, criu restore; floor: criu dump to \
+         tmpfs, criu restore from it (no copy). Channel: the memory moved over CRIU's memwrite \
+         time in the final dump. Peak RSS: each phaul process's own VmHWM (sampled every 5 ms), \
+         the largest over the runs; in brackets wait4's ru_maxrss, which also covers the CRIU \
+         workers the process reaped. {failed} run(s) failed.\n"
     );
     let _ = writeln!(
         s,
-        "| MiB | dirty %/s | method | downtime ms | CRIU frozen ms | total ms | MiB moved | phaul overhead ms | phaul CPU ms | phaul peak RSS MiB (src/dst) |"
+        "| MiB | dirty %/s | method | downtime ms | CRIU frozen ms | total ms | MiB moved | channel MiB/s | phaul overhead ms | phaul CPU ms | phaul peak RSS MiB (src/dst) |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
     let keys: Vec<Key> = {
         let mut k: Vec<Key> = by.keys().map(|(k, _)| *k).collect();
         k.dedup();
         k
     };
     for key in &keys {
-        for m in ["phaul", "naive", "floor"] {
+        for m in METHODS {
             let Some(v) = by.get(&(*key, m)) else {
                 continue;
             };
@@ -135,24 +157,23 @@ pub fn markdown(machine: &Value, channel: &Channel, runs: &[RunResult]) -> Strin
                 let xs: Vec<f64> = v.iter().filter_map(|r| f(r)).collect();
                 cell(mmm(xs))
             };
-            let rss = if m == "phaul" {
-                let src = v
-                    .iter()
-                    .filter_map(|r| r.phaul_src_maxrss_kib)
-                    .max()
-                    .unwrap_or(0);
-                let dst = v
-                    .iter()
-                    .filter_map(|r| r.phaul_dst_maxrss_kib)
-                    .max()
-                    .unwrap_or(0);
-                format!("{:.1} / {:.1}", src as f64 / 1024.0, dst as f64 / 1024.0)
+            let rss = if m.starts_with("phaul") {
+                let peak = |f: &dyn Fn(&RunResult) -> Option<u64>| {
+                    v.iter().filter_map(|r| f(r)).max().unwrap_or(0) as f64 / 1024.0
+                };
+                format!(
+                    "{:.1} / {:.1} ({:.1} / {:.1})",
+                    peak(&|r| r.phaul_src_hwm_kib),
+                    peak(&|r| r.phaul_dst_hwm_kib),
+                    peak(&|r| r.phaul_src_maxrss_kib),
+                    peak(&|r| r.phaul_dst_maxrss_kib)
+                )
             } else {
                 "-".into()
             };
             let _ = writeln!(
                 s,
-                "| {} | {} | {m} | {} | {} | {} | {:.1} | {} | {} | {rss} |",
+                "| {} | {} | {m} | {} | {} | {} | {:.1} | {} | {} | {} | {rss} |",
                 key.0,
                 key.1 as f64 / 100.0,
                 col(&|r| r.downtime_ms),
@@ -163,29 +184,147 @@ pub fn markdown(machine: &Value, channel: &Channel, runs: &[RunResult]) -> Strin
                     .map(|r| r.bytes as f64 / (1 << 20) as f64)
                     .collect())
                 .map_or(0.0, |x| x.1),
+                opt(&|r| r.channel_mib_s),
                 opt(&|r| r.overhead_ms),
                 opt(&|r| r.phaul_cpu_ms),
             );
         }
     }
-    let _ = writeln!(s, "\n## Ratios (median downtime)\n");
-    let _ = writeln!(s, "| MiB | dirty %/s | phaul / floor | phaul / naive |");
-    let _ = writeln!(s, "|---|---|---|---|");
-    for key in &keys {
-        let p = med(*key, "phaul", &|r| r.downtime_ms);
-        let f = med(*key, "floor", &|r| r.downtime_ms);
-        let n = med(*key, "naive", &|r| r.downtime_ms);
-        let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
-            (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
-            _ => "-".into(),
-        };
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+        _ => "-".into(),
+    };
+    if by.keys().any(|(_, m)| *m == "phaul-insecure") {
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} |",
+            "\n## TLS against --insecure (medians; ratio TLS / insecure)\n"
+        );
+        let _ = writeln!(
+            s,
+            "Same workloads, runs interleaved. Channel: memory over CRIU's memwrite time; dump: \
+             memory over CRIU's whole final dump (request to post-dump). CPU: both phaul \
+             processes, user+system.\n"
+        );
+        let _ = writeln!(
+            s,
+            "| MiB | dirty %/s | downtime ms TLS / insecure | ratio | channel MiB/s TLS / insecure | ratio | dump MiB/s TLS / insecure | ratio | phaul CPU ms TLS / insecure | ratio | peak RSS MiB TLS / insecure (max of src, dst) |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
+        for key in &keys {
+            let pair = |f: &dyn Fn(&RunResult) -> f64| {
+                (med(*key, "phaul", f), med(*key, "phaul-insecure", f))
+            };
+            let show = |(a, b): (Option<f64>, Option<f64>)| {
+                let f = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.1}"));
+                format!("{} / {} | {}", f(a), f(b), ratio(a, b))
+            };
+            let peak = |m: &str| {
+                by.get(&(*key, m)).map_or(0.0, |v| {
+                    v.iter()
+                        .filter_map(|r| Some(r.phaul_src_hwm_kib?.max(r.phaul_dst_hwm_kib?)))
+                        .max()
+                        .unwrap_or(0) as f64
+                        / 1024.0
+                })
+            };
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} | {:.1} / {:.1} |",
+                key.0,
+                key.1 as f64 / 100.0,
+                show(pair(&|r| r.downtime_ms)),
+                show(pair(&|r| r.channel_mib_s.unwrap_or(0.0))),
+                show(pair(&|r| r.dump_mib_s.unwrap_or(0.0))),
+                show(pair(&|r| r.phaul_cpu_ms.unwrap_or(0.0))),
+                peak("phaul"),
+                peak("phaul-insecure"),
+            );
+        }
+    }
+    if by.keys().any(|(_, m)| *m == "phaul-baseline") {
+        let _ = writeln!(
+            s,
+            "\n## This build against the baseline build (both TLS; ratio this / baseline)\n"
+        );
+        let _ = writeln!(
+            s,
+            "| MiB | dirty %/s | downtime ms this / baseline | ratio | channel MiB/s this / baseline | ratio | phaul CPU ms this / baseline | ratio |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
+        for key in &keys {
+            let show = |f: &dyn Fn(&RunResult) -> f64| {
+                let (a, b) = (med(*key, "phaul", f), med(*key, "phaul-baseline", f));
+                let g = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.1}"));
+                format!("{} / {} | {}", g(a), g(b), ratio(a, b))
+            };
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} |",
+                key.0,
+                key.1 as f64 / 100.0,
+                show(&|r| r.downtime_ms),
+                show(&|r| r.channel_mib_s.unwrap_or(0.0)),
+                show(&|r| r.phaul_cpu_ms.unwrap_or(0.0)),
+            );
+        }
+    }
+    let _ = writeln!(
+        s,
+        "\n## Raw channels ({} MiB, one stream, 1 MiB writes)\n",
+        channel.bytes >> 20
+    );
+    let per_gib = |cpu: f64| cpu / (channel.bytes as f64 / (1u64 << 30) as f64);
+    let _ = writeln!(s, "| channel | MiB/s | CPU ms per GiB (all threads) |");
+    let _ = writeln!(s, "|---|---|---|");
+    let _ = writeln!(
+        s,
+        "| loopback TCP | {:.0} | {:.0} |",
+        channel.tcp_mib_s,
+        per_gib(channel.tcp_cpu_ms)
+    );
+    let _ = writeln!(
+        s,
+        "| TLS relays (socketpair → relay → TLS/TCP → relay → socketpair) | {:.0} ({:.0}% of TCP) | {:.0} |",
+        channel.tls_mib_s,
+        100.0 * channel.tls_mib_s / channel.tcp_mib_s,
+        per_gib(channel.tls_cpu_ms)
+    );
+    if let Some(b) = baseline {
+        let per_gib = |cpu: f64| cpu / (b.bytes as f64 / (1u64 << 30) as f64);
+        let _ = writeln!(
+            s,
+            "| baseline build: loopback TCP | {:.0} | {:.0} |",
+            b.tcp_mib_s,
+            per_gib(b.tcp_cpu_ms)
+        );
+        let _ = writeln!(
+            s,
+            "| baseline build: TLS relays | {:.0} ({:.0}% of its TCP) | {:.0} |",
+            b.tls_mib_s,
+            100.0 * b.tls_mib_s / b.tcp_mib_s,
+            per_gib(b.tls_cpu_ms)
+        );
+    }
+    let _ = writeln!(s, "\n## Ratios (median downtime)\n");
+    let _ = writeln!(
+        s,
+        "| MiB | dirty %/s | phaul / floor | phaul / naive | phaul-insecure / floor | phaul / phaul-insecure |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|");
+    for key in &keys {
+        let p = med(*key, "phaul", &|r| r.downtime_ms);
+        let i = med(*key, "phaul-insecure", &|r| r.downtime_ms);
+        let f = med(*key, "floor", &|r| r.downtime_ms);
+        let n = med(*key, "naive", &|r| r.downtime_ms);
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} |",
             key.0,
             key.1 as f64 / 100.0,
             ratio(p, f),
-            ratio(p, n)
+            ratio(p, n),
+            ratio(i, f),
+            ratio(p, i)
         );
     }
     let _ = writeln!(s, "\n## Targets\n");
@@ -227,30 +366,52 @@ pub fn markdown(machine: &Value, channel: &Channel, runs: &[RunResult]) -> Strin
         .map(|r| r.mem_mib)
         .max()
         .unwrap_or(0);
-    let chan = mmm(runs
-        .iter()
-        .filter(|r| r.mem_mib == largest && r.error.is_none())
-        .filter_map(|r| r.channel_mib_s)
-        .collect());
-    if let Some((_, med, _)) = chan {
-        let pct = 100.0 * med / channel.tcp_mib_s;
+    for m in ["phaul", "phaul-baseline", "phaul-insecure"] {
+        let chan = mmm(runs
+            .iter()
+            .filter(|r| r.mem_mib == largest && r.error.is_none() && r.method == m)
+            .filter_map(|r| r.channel_mib_s)
+            .collect());
+        if let Some((_, med, _)) = chan {
+            let pct = 100.0 * med / channel.tcp_mib_s;
+            targets.push(format!(
+                "- {m}: memory channel during the dump ({largest} MiB, pages over CRIU's memwrite time): \
+                 {med:.0} MiB/s vs plain loopback TCP {:.0} MiB/s = {pct:.0}% (target >= 80%) — {}",
+                channel.tcp_mib_s,
+                if pct >= 80.0 { "met" } else { "missed" }
+            ));
+        }
+    }
+    for m in ["phaul", "phaul-baseline", "phaul-insecure"] {
+        let mine: Vec<&RunResult> = runs
+            .iter()
+            .filter(|r| r.method == m && r.error.is_none())
+            .collect();
+        if mine.is_empty() {
+            continue;
+        }
+        let peak = mine
+            .iter()
+            .filter_map(|r| Some(r.phaul_src_hwm_kib?.max(r.phaul_dst_hwm_kib?)))
+            .max()
+            .unwrap_or(0);
+        let with_criu = mine
+            .iter()
+            .filter_map(|r| Some(r.phaul_src_maxrss_kib?.max(r.phaul_dst_maxrss_kib?)))
+            .max()
+            .unwrap_or(0);
         targets.push(format!(
-            "- memory channel during the dump ({largest} MiB, pages over CRIU's memwrite time): {med:.0} MiB/s vs \
-             plain loopback TCP {:.0} MiB/s = {pct:.0}% (target >= 80%) — {}",
-            channel.tcp_mib_s,
-            if pct >= 80.0 { "met" } else { "missed" }
+            "- {m}: peak memory per phaul process: {:.1} MiB at up to {largest} MiB of workload \
+             (with the CRIU workers it reaped: {:.1} MiB) (target < 64 MiB at every size) — {}",
+            peak as f64 / 1024.0,
+            with_criu as f64 / 1024.0,
+            if peak > 0 && peak < 64 * 1024 {
+                "met"
+            } else {
+                "missed"
+            }
         ));
     }
-    let peak = runs
-        .iter()
-        .filter_map(|r| Some(r.phaul_src_maxrss_kib?.max(r.phaul_dst_maxrss_kib?)))
-        .max()
-        .unwrap_or(0);
-    targets.push(format!(
-        "- phaul peak memory per process: {:.1} MiB (target < 64 MiB at every size) — {}",
-        peak as f64 / 1024.0,
-        if peak < 64 * 1024 { "met" } else { "missed" }
-    ));
     for t in targets {
         let _ = writeln!(s, "{t}");
     }
