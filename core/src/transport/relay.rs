@@ -66,7 +66,11 @@ struct Relay {
     net_at: usize,
     net_len: usize,
     buf: Vec<u8>,
-    /// The peer will send nothing more (close_notify or EOF).
+    /// The network will bring nothing more (TCP end-of-file, or rustls saw
+    /// close_notify); rustls may still hold plaintext from before it.
+    net_done: bool,
+    /// The peer will send nothing more and rustls has handed over all it
+    /// decrypted (close_notify or end-of-file, after the last byte).
     peer_done: bool,
     /// The engine's reading side was shut down after `peer_done`.
     engine_told: bool,
@@ -74,6 +78,10 @@ struct Relay {
     engine_done: bool,
     /// close_notify and FIN went out after `engine_done`.
     peer_told: bool,
+    /// The engine closed its end altogether (after `peer_told`): what the
+    /// peer still sends is read and dropped until it closes too, or until
+    /// this instant (a peer that never closes does not keep the relay).
+    engine_gone: Option<std::time::Instant>,
     sent: Arc<AtomicU64>,
 }
 
@@ -95,10 +103,12 @@ impl Relay {
             net_at: 0,
             net_len: 0,
             buf: vec![0; CHUNK],
+            net_done: false,
             peer_done: false,
             engine_told: false,
             engine_done: false,
             peer_told: false,
+            engine_gone: None,
             sent,
         }
     }
@@ -165,7 +175,11 @@ impl Relay {
                     self.inbound.extend_from_slice(chunk);
                     reader.consume(n);
                 }
-                Err(e) if would_block(&e) => break,
+                // Nothing buffered: the end, if the network has ended.
+                Err(e) if would_block(&e) => {
+                    self.peer_done |= self.net_done;
+                    break;
+                }
                 // EOF without close_notify: the peer is gone; whatever the
                 // engine was reading is cut short, which its framing sees.
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
@@ -179,6 +193,12 @@ impl Relay {
     }
 
     fn push_to_engine(&mut self) -> io::Result<()> {
+        if self.engine_gone.is_some() {
+            self.inbound.clear();
+            self.inbound_at = 0;
+            self.engine_told = self.peer_done;
+            return Ok(());
+        }
         while self.pending_in() > 0 {
             match (&self.unix).write(&self.inbound[self.inbound_at..]) {
                 Ok(n) => self.inbound_at += n,
@@ -249,14 +269,14 @@ impl Relay {
     /// `inbound` is full: one read of up to [`CHUNK`] bytes from the
     /// socket, handed to rustls in its 4 KiB steps.
     fn pull_from_network(&mut self) -> io::Result<()> {
-        while !self.peer_done && self.pending_in() < IN_LIMIT {
+        while !self.net_done && self.pending_in() < IN_LIMIT {
             if self.pending_net() == 0 {
                 match (&self.tcp).read(&mut self.net) {
                     Ok(0) => {
                         // Lets rustls see the EOF (and tell a clean
                         // close_notify from a cut connection).
                         let _ = self.tls.read_tls(&mut io::empty());
-                        self.peer_done = true;
+                        self.net_done = true;
                         continue;
                     }
                     Ok(n) => {
@@ -269,8 +289,10 @@ impl Relay {
             }
             let mut bytes = &self.net[self.net_at..self.net_len];
             match self.tls.read_tls(&mut bytes) {
-                // close_notify came: rustls takes nothing more.
-                Ok(0) => self.peer_done = true,
+                // close_notify came: rustls takes nothing more (what it
+                // decrypted before still goes to the engine: `decrypted`
+                // says when it is all out).
+                Ok(0) => self.net_done = true,
                 Ok(n) => {
                     self.net_at += n;
                     if let Err(e) = self.tls.process_new_packets() {
@@ -294,7 +316,9 @@ impl Relay {
             .tls
             .process_new_packets()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        if (state.plaintext_bytes_to_read() > 0 || (self.pending_net() > 0 && !self.peer_done))
+        if (state.plaintext_bytes_to_read() > 0
+            || (self.pending_net() > 0 && !self.net_done)
+            || (self.net_done && !self.peer_done))
             && self.pending_in() < IN_LIMIT
         {
             return Ok(());
@@ -303,7 +327,7 @@ impl Relay {
             return Ok(());
         }
         let mut tcp_ev = 0;
-        if !self.peer_done && self.pending_in() < IN_LIMIT && self.pending_net() == 0 {
+        if !self.net_done && self.pending_in() < IN_LIMIT && self.pending_net() == 0 {
             tcp_ev |= libc::POLLIN;
         }
         if self.tls.wants_write() {
@@ -329,9 +353,9 @@ impl Relay {
                 revents: 0,
             },
             libc::pollfd {
-                // Watched for a hang-up alone once the engine stopped
-                // writing: if it closes its end, nobody will read.
-                fd: if unix_ev != 0 || self.engine_done && !self.engine_told {
+                // Watched for a hang-up alone once all the engine wrote
+                // went out: if it then closes its end, nobody will read.
+                fd: if unix_ev != 0 || self.hang_up_matters() {
                     self.unix.as_raw_fd()
                 } else {
                     -1
@@ -340,27 +364,51 @@ impl Relay {
                 revents: 0,
             },
         ];
-        if tcp_ev == 0 && unix_ev == 0 {
+        if tcp_ev == 0 && unix_ev == 0 && !self.hang_up_matters() {
             return Err(io::Error::other("relay stalled"));
         }
+        let timeout = match self.engine_gone {
+            Some(until) => {
+                let left = until.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the peer did not close after this side did",
+                    ));
+                }
+                left.as_millis().min(i32::MAX as u128) as i32 + 1
+            }
+            None => -1,
+        };
         // SAFETY: two valid pollfd entries.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
         if r < 0 {
             let e = io::Error::last_os_error();
             if e.kind() != io::ErrorKind::Interrupted {
                 return Err(e);
             }
         }
-        // The engine closed its end altogether: nothing will read what the
-        // peer sends; finish (and let the peer see the connection go).
-        if fds[1].revents & (libc::POLLHUP | libc::POLLERR) != 0
-            && (self.pending_in() > 0 || self.engine_done && !self.engine_told)
-        {
+        let hung_up = fds[1].revents & (libc::POLLHUP | libc::POLLERR) != 0;
+        // The engine closed its end altogether with bytes still waiting for
+        // it: it will not read them; give up.
+        if hung_up && self.pending_in() > 0 && self.engine_gone.is_none() {
             return Err(io::Error::new(
                 io::ErrorKind::BrokenPipe,
                 "the local end closed",
             ));
         }
+        // It closed after everything it wrote went out: drain the peer
+        // until it closes (closing now, with its bytes unread, would reset
+        // the connection and could destroy what it has not read yet).
+        if hung_up && self.hang_up_matters() {
+            self.engine_gone = Some(std::time::Instant::now() + std::time::Duration::from_secs(10));
+        }
         Ok(())
+    }
+
+    /// Whether the engine's hang-up is worth watching: all it wrote went
+    /// out (close_notify and FIN too), and it might still be reading.
+    fn hang_up_matters(&self) -> bool {
+        self.peer_told && !self.engine_told && self.engine_gone.is_none()
     }
 }
