@@ -32,12 +32,15 @@ pub enum ModeArg {
 #[derive(Debug, Args)]
 #[command(after_help = concat!("\
 Examples:
-  phaul migrate pid 4242 --to 127.0.0.1:7070
-  phaul migrate pid 4242 --to 127.0.0.1:7070 --tcp-established --json
-  phaul migrate pid 4242 --to 127.0.0.1:7070 -o shell-job --downtime-target 100
-  phaul migrate pid 4242 --to 127.0.0.1:7070 --sync /srv/data     # with its files
-  phaul migrate pid 4242 --to 127.0.0.1:7070 --mode restart --sync /srv/app
-  phaul migrate pid 4242 --to 127.0.0.1:7070 --dry-run        # check only, move nothing
+  phaul migrate pid 4242 --to dst.example:7070 --tls-dir /etc/phaul/tls
+  phaul migrate pid 4242 --to 10.0.0.2:7070 --tls-dir /etc/phaul/tls --peer-name dst.example
+  export PHAUL_TLS_DIR=/etc/phaul/tls                   # or once for the examples below
+  phaul migrate pid 4242 --to dst.example:7070 --tcp-established --json
+  phaul migrate pid 4242 --to dst.example:7070 -o shell-job --downtime-target 100
+  phaul migrate pid 4242 --to dst.example:7070 --sync /srv/data     # with its files
+  phaul migrate pid 4242 --to dst.example:7070 --mode restart --sync /srv/app
+  phaul migrate pid 4242 --to dst.example:7070 --dry-run        # check only, move nothing
+  phaul migrate pid 4242 --to 127.0.0.1:7070 --insecure         # plain TCP, one machine only
 
 ", "CRIU options for every htype (-o KEY[=VALUE], like driver options):
   file-locks=BOOL       dump and restore file locks (default true; off, CRIU refuses a

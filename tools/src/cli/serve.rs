@@ -29,7 +29,7 @@ Examples:
   phaul serve --listen 127.0.0.1:7070 --insecure          # plain TCP, loopback, root only
   phaul serve --fd-rpc 3 --fd-mem 4            # connections handed in by the caller
   phaul serve --fd-rpc 3 --fd-fs 5             # a restart-mode migration with files
-  phaul serve --listen 127.0.0.1:7070 --allow-htype pid --allow-sync-root /srv
+  phaul serve --listen 10.0.0.2:7070 --tls-dir /etc/phaul/tls --allow-htype pid --allow-sync-root /srv
                                                # pid workloads only; file syncs into /srv and below
 
 The destination decides what it accepts, not the source: --allow-htype (default:
