@@ -20,12 +20,8 @@ doc = json.load(open(src))
 runs = [r for r in doc["runs"] if not r.get("error")]
 rates = sorted({r["dirty_pct"] for r in runs})
 fig, axes = plt.subplots(1, len(rates), figsize=(max(8, 5 * len(rates)), 4.2), squeeze=False, sharey=True)
-styles = {"phaul": ("tab:blue", "o"), "phaul-insecure": ("tab:purple", "D"), "phaul-baseline": ("tab:cyan", "v"), "naive": ("tab:red", "s"), "floor": ("tab:green", "^")}
-for ax, rate in zip(axes[0], rates):
-    by = defaultdict(lambda: defaultdict(list))
-    for r in runs:
-        if r["dirty_pct"] == rate:
-            by[r["method"]][r["mem_mib"]].append(r["downtime_ms"])
+def plot_medians(ax, by):
+    """One line per method: the median per size, whiskers to min and max."""
     for method, sizes in sorted(by.items()):
         xs = sorted(sizes)
         med = [statistics.median(sizes[x]) for x in xs]
@@ -34,6 +30,15 @@ for ax, rate in zip(axes[0], rates):
         color, marker = styles.get(method, ("gray", "x"))
         label = "phaul (TLS)" if method == "phaul" else method
         ax.errorbar(xs, med, yerr=[lo, hi], label=label, color=color, marker=marker, capsize=3)
+
+
+styles = {"phaul": ("tab:blue", "o"), "phaul-insecure": ("tab:purple", "D"), "phaul-baseline": ("tab:cyan", "v"), "naive": ("tab:red", "s"), "floor": ("tab:green", "^")}
+for ax, rate in zip(axes[0], rates):
+    by = defaultdict(lambda: defaultdict(list))
+    for r in runs:
+        if r["dirty_pct"] == rate:
+            by[r["method"]][r["mem_mib"]].append(r["downtime_ms"])
+    plot_medians(ax, by)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("workload memory (MiB)")
@@ -54,14 +59,7 @@ if chan:
     by = defaultdict(lambda: defaultdict(list))
     for r in chan:
         by[r["method"]][r["mem_mib"]].append(r["channel_mib_s"])
-    for method, sizes in sorted(by.items()):
-        xs = sorted(sizes)
-        med = [statistics.median(sizes[x]) for x in xs]
-        lo = [m - min(sizes[x]) for m, x in zip(med, xs)]
-        hi = [max(sizes[x]) - m for m, x in zip(med, xs)]
-        color, marker = styles.get(method, ("gray", "x"))
-        label = "phaul (TLS)" if method == "phaul" else method
-        ax.errorbar(xs, med, yerr=[lo, hi], label=label, color=color, marker=marker, capsize=3)
+    plot_medians(ax, by)
     c = doc["channel"]
     ax.axhline(c["tcp_mib_s"], color="gray", ls="--", label="raw loopback TCP")
     if c.get("tls_mib_s"):

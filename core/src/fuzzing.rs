@@ -630,12 +630,8 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         }),
         restore: None,
     };
-    let body = entry.encode_to_vec();
     let mut img = vec![ReqType::Empty as u8];
-    img.extend_from_slice(&0x5510_5940u32.to_le_bytes());
-    img.extend_from_slice(&0x5709_3306u32.to_le_bytes());
-    img.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    img.extend(body);
+    img.extend(stats::image(&entry));
     out.push(("criu_rpc", "stats-dump".into(), img));
 
     out.push(("fsync_receiver", "pass".into(), fs_pass(false)));

@@ -66,6 +66,19 @@ pub enum StatsError {
     },
 }
 
+/// A stats image holding `entry`, laid out as CRIU writes one (for the
+/// tests and the fuzz seeds).
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) fn image(entry: &StatsEntry) -> Vec<u8> {
+    let body = entry.encode_to_vec();
+    let mut img = Vec::with_capacity(12 + body.len());
+    img.extend_from_slice(&IMG_SERVICE_MAGIC.to_le_bytes());
+    img.extend_from_slice(&STATS_MAGIC.to_le_bytes());
+    img.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    img.extend_from_slice(&body);
+    img
+}
+
 fn read_entry(path: &Path) -> Result<StatsEntry, StatsError> {
     let p = path.display().to_string();
     let buf = std::fs::read(path).map_err(|source| StatsError::Io {
@@ -148,12 +161,7 @@ mod tests {
             }),
             restore: None,
         };
-        let body = entry.encode_to_vec();
-        let mut img = Vec::new();
-        img.extend_from_slice(&IMG_SERVICE_MAGIC.to_le_bytes());
-        img.extend_from_slice(&STATS_MAGIC.to_le_bytes());
-        img.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        img.extend_from_slice(&body);
+        let img = image(&entry);
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("stats-dump"), &img).unwrap();
         let s = read_dump(dir.path()).unwrap();

@@ -273,37 +273,33 @@ pub fn markdown(
         "\n## Raw channels ({} MiB, one stream, 1 MiB writes)\n",
         channel.bytes >> 20
     );
-    let per_gib = |cpu: f64| cpu / (channel.bytes as f64 / (1u64 << 30) as f64);
     let _ = writeln!(s, "| channel | MiB/s | CPU ms per GiB (all threads) |");
     let _ = writeln!(s, "|---|---|---|");
-    let _ = writeln!(
-        s,
-        "| loopback TCP | {:.0} | {:.0} |",
-        channel.tcp_mib_s,
-        per_gib(channel.tcp_cpu_ms)
-    );
-    let _ = writeln!(
-        s,
-        "| TLS relays (socketpair → relay → TLS/TCP → relay → socketpair) | {:.0} ({:.0}% of TCP) | {:.0} |",
-        channel.tls_mib_s,
-        100.0 * channel.tls_mib_s / channel.tcp_mib_s,
-        per_gib(channel.tls_cpu_ms)
+    let rows = |s: &mut String, c: &Channel, build: &str, tls: &str, of_tcp: &str| {
+        let per_gib = |cpu: f64| cpu / (c.bytes as f64 / (1u64 << 30) as f64);
+        let _ = writeln!(
+            s,
+            "| {build}loopback TCP | {:.0} | {:.0} |",
+            c.tcp_mib_s,
+            per_gib(c.tcp_cpu_ms)
+        );
+        let _ = writeln!(
+            s,
+            "| {build}{tls} | {:.0} ({:.0}% of {of_tcp}) | {:.0} |",
+            c.tls_mib_s,
+            100.0 * c.tls_mib_s / c.tcp_mib_s,
+            per_gib(c.tls_cpu_ms)
+        );
+    };
+    rows(
+        &mut s,
+        channel,
+        "",
+        "TLS relays (socketpair → relay → TLS/TCP → relay → socketpair)",
+        "TCP",
     );
     if let Some(b) = baseline {
-        let per_gib = |cpu: f64| cpu / (b.bytes as f64 / (1u64 << 30) as f64);
-        let _ = writeln!(
-            s,
-            "| baseline build: loopback TCP | {:.0} | {:.0} |",
-            b.tcp_mib_s,
-            per_gib(b.tcp_cpu_ms)
-        );
-        let _ = writeln!(
-            s,
-            "| baseline build: TLS relays | {:.0} ({:.0}% of its TCP) | {:.0} |",
-            b.tls_mib_s,
-            100.0 * b.tls_mib_s / b.tcp_mib_s,
-            per_gib(b.tls_cpu_ms)
-        );
+        rows(&mut s, b, "baseline build: ", "TLS relays", "its TCP");
     }
     let _ = writeln!(s, "\n## Ratios (median downtime)\n");
     let _ = writeln!(
