@@ -29,7 +29,7 @@
 //! On the destination, in live mode:
 //!
 //! ```text
-//! init -> fs_sync (must name the same directories as the source's) -> mount
+//! init -> fs_sync (as many directories as the source's, matched in order) -> mount
 //!      -> meta_files_in -> adjust_restore_opts -> restore    (source frozen)
 //!      -> restored(pid)       the copy exists, held, never ran
 //!         ... the source commits ...
@@ -143,7 +143,8 @@ pub trait Driver: Send + 'static {
     /// tooling (`lxc-checkpoint -r`, a container engine) declares
     /// [`Capabilities::OWN_RESTORE`](crate::Capabilities::OWN_RESTORE),
     /// starts it here with CRIU running `ctx.action_script`, and returns
-    /// `HookOutcome::handled(0)` without waiting: the engine holds the copy
+    /// `HookOutcome::handled(TOOL_PID)` (or 0) without waiting: the engine
+    /// watches the tool's process, holds the copy
     /// at `post-restore` (never running) until the commit, then calls
     /// `restore_wait`. Failure rolls back.
     fn restore(&mut self, _ctx: &RestoreContext) -> DriverResult<HookOutcome> {
@@ -155,8 +156,12 @@ pub trait Driver: Send + 'static {
     /// and once more while the workload is frozen), or whether the storage
     /// is shared (then the driver must declare
     /// [`Capabilities::SHARED_STORAGE`](crate::Capabilities::SHARED_STORAGE)).
-    /// Destination: the same answer for the same options — the engine
-    /// refuses a migration whose sides disagree. Default: nothing to copy.
+    /// Destination: where the same directories go on this host, in the
+    /// same order (the pid driver names the same paths; a container driver
+    /// its own container directory), checked against the destination's
+    /// `--allow-sync-root` policy; the engine refuses a migration whose
+    /// sides name different numbers of directories. Default: nothing to
+    /// copy.
     /// Failure refuses the migration.
     fn fs_sync(&mut self) -> DriverResult<FsSyncSpec> {
         Ok(FsSyncSpec::nothing())
@@ -174,7 +179,10 @@ pub trait Driver: Send + 'static {
     /// Destination, when CRIU unlocks the restored tree's network (after the
     /// commit); or source, during rollback, when CRIU unlocks the resumed
     /// tree's network (CRIU's `network-unlock`, again only for a tree with
-    /// its own network namespace), or after `stop` failed in restart mode.
+    /// its own network namespace), or after `stop` failed in restart mode;
+    /// or source, when the outcome is undecided after the commit (the tree
+    /// stays stopped for `phaul recover` and CRIU let go of its lock), so
+    /// that the network is as CRIU left it whatever recovery decides.
     /// Failure is logged; the migration goes on.
     fn net_unlock(&mut self) -> DriverResult<()> {
         Ok(())

@@ -344,7 +344,16 @@ pub struct CriuOpts {
     pub orphan_pts_master: bool,
     /// Namespaces to create empty on restore (CLONE_NEW* flags).
     pub empty_ns: u32,
-    /// Reserved for options later ABI versions name explicitly.
+    /// Further CRIU options, by name (engines that do not know a key log
+    /// it and leave it out). Known since plugin-api 0.2: `cgroup-root`
+    /// (`CTRL:PATH`, or `PATH` for every controller; `--cgroup-root`,
+    /// repeatable), `auto-ext-mnt` (`--ext-mount-map auto`), `ext-sharing`
+    /// (`--enable-external-sharing`), `ext-masters`
+    /// (`--enable-external-masters`), `tcp-skip-in-flight`
+    /// (`--skip-in-flight`), `timeout` (seconds, `--timeout`),
+    /// `ghost-limit` (bytes; the larger of it and the user's
+    /// `-o ghost-limit` applies), `cgroup-dump-controller` (`CTRL`,
+    /// repeatable). Values are empty for flags.
     pub extra: RVec<KeyValue>,
 }
 
@@ -422,6 +431,12 @@ pub struct HookOutcome {
     /// CRIU request (the usual case).
     pub handled: bool,
     /// For `restore` handled by the driver: the pid of the restored root.
+    /// For a driver's own restore ([`Capabilities::OWN_RESTORE`]), which
+    /// returns before CRIU restored anything: the pid of its tooling's
+    /// process (e.g. `lxc-checkpoint`), or 0. The engine watches it: if it
+    /// ends before CRIU's `post-restore`, the restore failed, and the
+    /// engine asks `restore_wait` why at once instead of waiting for its
+    /// deadline.
     pub pid: i32,
 }
 

@@ -92,6 +92,12 @@ pub struct Opts {
     pub cg_root: Vec<CgroupRoot>,
     #[prost(bool, optional, tag = "26")]
     pub rst_sibling: Option<bool>,
+    #[prost(bool, optional, tag = "28")]
+    pub auto_ext_mnt: Option<bool>,
+    #[prost(bool, optional, tag = "29")]
+    pub ext_sharing: Option<bool>,
+    #[prost(bool, optional, tag = "30")]
+    pub ext_masters: Option<bool>,
     #[prost(string, repeated, tag = "31")]
     pub skip_mnt: Vec<String>,
     #[prost(string, repeated, tag = "32")]
@@ -106,10 +112,14 @@ pub struct Opts {
     pub external: Vec<String>,
     #[prost(uint32, optional, tag = "38")]
     pub empty_ns: Option<u32>,
+    #[prost(string, repeated, tag = "43")]
+    pub cgroup_dump_controller: Vec<String>,
     #[prost(string, optional, tag = "44")]
     pub freeze_cgroup: Option<String>,
     #[prost(uint32, optional, tag = "45")]
     pub timeout: Option<u32>,
+    #[prost(bool, optional, tag = "46")]
+    pub tcp_skip_in_flight: Option<bool>,
     #[prost(bool, optional, tag = "50")]
     pub orphan_pts_master: Option<bool>,
     #[prost(string, optional, tag = "53")]

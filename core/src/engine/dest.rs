@@ -32,10 +32,11 @@
 //! (`file-locks`, `link-remap`, `ghost-limit`, `evasive-devices`) and the
 //! driver's own still initialise this side's driver: they describe the
 //! workload being moved (its terminal, its external resources, which
-//! directories travel with it), and both drivers must agree on them (the
-//! same `fs_sync` roots, compared below). So that a source cannot choose
-//! where this side writes, the roots a file sync writes into — which the
-//! driver derives from those options — are checked against the policy:
+//! directories travel with it). Where synced files land is this side's
+//! driver's `fs_sync` answer, root by root with the source's (the pid
+//! driver names the same directories; a container driver its own host's
+//! container directory); the counts must agree. So that a source cannot
+//! choose where this side writes, those roots are checked against the policy:
 //! resolved, required inside an allowed directory, and opened here, so the
 //! receiver writes through the descriptors that were checked. Options that
 //! name other resources of this host (for the pid htype, `external`
@@ -129,6 +130,10 @@ pub enum DestError {
     /// The source sent something this side will not do.
     #[error("{0}")]
     Protocol(String),
+    /// A driver's own restore (`OWN_RESTORE`) failed before the copy was
+    /// held; the message names the logs kept on this host.
+    #[error("{0}")]
+    DriverRestore(String),
     /// Receiving memory, files or images failed.
     #[error("{0}")]
     Transfer(String),
@@ -330,10 +335,6 @@ impl<'a> Session<'a> {
         // descriptors only).
         let policy = |e: PolicyError| DestError::Refused(Refusal::Policy, e.to_string());
         opts.policy.check_htype(&hello.htype).map_err(policy)?;
-        let sync_roots = opts
-            .policy
-            .open_sync_roots(&hello.fs_roots)
-            .map_err(policy)?;
         let mut driver = driver.map_err(|e| DestError::Refused(Refusal::Htype, e.to_string()))?;
         driver
             .apply_deadlines(&opts.hook_deadlines)
@@ -423,12 +424,17 @@ impl<'a> Session<'a> {
                 host,
             ))
             .map_err(|e| drv(e.to_string()))?;
+        // Where the files land is this side's driver's answer (a container
+        // driver names its own host's container directory), matched with
+        // the source's roots by position; then resolved, checked against
+        // the policy and opened: the receiver writes through these
+        // descriptors only.
         let ours = fs_roots(
             &driver
                 .fs_sync()
                 .map_err(|e| refuse(Refusal::Driver)(e.to_string()))?,
         );
-        if ours != hello.fs_roots {
+        if ours.len() != hello.fs_roots.len() {
             return Err(DestError::Refused(
                 Refusal::Driver,
                 format!(
@@ -437,6 +443,7 @@ impl<'a> Session<'a> {
                 ),
             ));
         }
+        let sync_roots = opts.policy.open_sync_roots(&ours).map_err(policy)?;
         if !hello.fs_roots.is_empty() {
             let fs = fs.ok_or_else(|| other("the source opened no file connection".into()))?;
             rx.fs = Some(DestSync::start(fs, sync_roots).map_err(other)?);
@@ -767,7 +774,7 @@ impl<'a> Session<'a> {
         mut ctx: RestoreContext,
         control: &Conn,
     ) -> Result<Held> {
-        let mut hold = super::hold::ActionHold::create(&self.work.path().join("hold"))
+        let hold = super::hold::ActionHold::create(&self.work.path().join("hold"))
             .map_err(|e| DestError::Transfer(format!("the action script: {e}")))?;
         ctx.action_script = hold.script().display().to_string().into();
         ctx.criu_config = hold.config().display().to_string().into();
@@ -779,14 +786,38 @@ impl<'a> Session<'a> {
                 self.hello.htype
             )));
         }
+        // The driver's tooling, when it named it: its end before
+        // post-restore is a failed restore.
+        let tool = (outcome.pid > 0).then(|| proc::task(outcome.pid)).flatten();
+        let r = self.hold_driver_restore(rx, hold, tool, started, control);
+        if r.is_err() {
+            self.keep_driver_logs(&ctx);
+        }
+        r
+    }
+
+    /// Follows the driver's restore through the action script to
+    /// post-restore, where the copy is held.
+    fn hold_driver_restore(
+        &mut self,
+        rx: &mut Receiving,
+        mut hold: super::hold::ActionHold,
+        tool: Option<Task>,
+        started: Instant,
+        control: &Conn,
+    ) -> Result<Held> {
         let limit = started + self.opts.commit_timeout.max(Duration::from_secs(60));
         loop {
             if control.readable() {
-                let _ = self.driver.restore_wait();
+                let _ = self
+                    .driver
+                    .restore_wait_while(&mut || drop(hold.answer_pending(false)));
                 return Err(DestError::SourceGone);
             }
             if Instant::now() >= limit {
-                let _ = self.driver.restore_wait();
+                let _ = self
+                    .driver
+                    .restore_wait_while(&mut || drop(hold.answer_pending(false)));
                 return Err(DestError::Protocol(
                     "the driver's restore did not reach CRIU's post-restore notification in time \
                      (is its CRIU run with the action script of the restore context?)"
@@ -796,7 +827,17 @@ impl<'a> Session<'a> {
             let ev = hold
                 .next(limit.min(Instant::now() + Duration::from_millis(100)))
                 .map_err(|e| DestError::Transfer(format!("the action script: {e}")))?;
-            let Some((action, pid)) = ev else { continue };
+            let Some((action, pid)) = ev else {
+                // CRIU kills what it restored when it fails: a root task
+                // that is gone before post-restore means the driver's
+                // restore failed, and its tooling says why.
+                let gone =
+                    |t: &Option<Task>| t.is_some_and(|t| proc::task_state(&t) == TaskState::Gone);
+                if gone(&rx.restoring) || gone(&tool) {
+                    return Err(self.driver_restore_failed(&mut hold));
+                }
+                continue;
+            };
             tracing::debug!(%action, pid, "CRIU notification (driver's restore)");
             if let Some(t) = (pid > 0).then(|| proc::task(pid)).flatten() {
                 rx.restoring.get_or_insert(t);
@@ -814,8 +855,9 @@ impl<'a> Session<'a> {
                     "restored (by the driver) and held, never ran",
                 )?;
                 if let Err(e) = self.driver.restored(root.pid) {
-                    hold.verdict(false).ok();
-                    let _ = self.driver.restore_wait();
+                    let _ = self
+                        .driver
+                        .restore_wait_while(&mut || drop(hold.answer_pending(false)));
                     return Err(e.into());
                 }
                 return Ok(Held {
@@ -827,6 +869,46 @@ impl<'a> Session<'a> {
             }
             hold.verdict(true)
                 .map_err(|e| DestError::Transfer(format!("the action script: {e}")))?;
+        }
+    }
+
+    /// The driver's restore failed before CRIU's post-restore: its tooling's
+    /// answer, with the CRIU and tool logs it left in the images and driver
+    /// directories kept in this side's log directory (the work directory
+    /// goes away).
+    fn driver_restore_failed(&mut self, hold: &mut super::hold::ActionHold) -> DestError {
+        let why = match self
+            .driver
+            .restore_wait_while(&mut || drop(hold.answer_pending(false)))
+        {
+            Err(e) => e.to_string(),
+            Ok(_) => "its tooling ended and the driver reported nothing".to_string(),
+        };
+        DestError::DriverRestore(format!(
+            "the {} driver's restore failed before CRIU's post-restore: {why} (logs on this \
+             host: {})",
+            self.hello.htype,
+            self.work.criu().display()
+        ))
+    }
+
+    /// Keeps the logs a driver's own restore left in the images and driver
+    /// directories (CRIU's `restore.log`, the tool's own) in this side's
+    /// log directory: the work directory goes away with the session.
+    fn keep_driver_logs(&self, ctx: &RestoreContext) {
+        let logs = self.work.criu();
+        for dir in [PathBuf::from(ctx.images_dir.as_str()), self.work.driver()] {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let p = e.path();
+                if p.extension().is_some_and(|x| x == "log") {
+                    if let Some(name) = p.file_name() {
+                        let _ = std::fs::copy(&p, logs.join(name));
+                    }
+                }
+            }
         }
     }
 
@@ -862,8 +944,18 @@ impl<'a> Session<'a> {
                 Restorer::Script(hold) => {
                     hold.verdict(true)
                         .map_err(|e| DestError::Transfer(format!("the action script: {e}")))?;
-                    // The driver's tooling finishes the restore.
-                    let pid = self.driver.restore_wait()?;
+                    // The driver's tooling finishes the restore; its CRIU
+                    // still reports network-unlock on the way.
+                    let mut unlocked = false;
+                    let pid = self.driver.restore_wait_while(&mut || {
+                        unlocked |= hold
+                            .answer_pending(true)
+                            .iter()
+                            .any(|a| a == "network-unlock");
+                    })?;
+                    if unlocked {
+                        self.notified("network-unlock");
+                    }
                     return Ok(if pid > 0 { pid } else { root_pid });
                 }
             };
@@ -991,8 +1083,8 @@ impl<'a> Session<'a> {
                         }
                     }
                     Restorer::Script(hold) => {
-                        let _ = hold.verdict(false);
-                        if let Err(e) = self.driver.restore_wait() {
+                        let answer = &mut || drop(hold.answer_pending(false));
+                        if let Err(e) = self.driver.restore_wait_while(answer) {
                             tracing::debug!("the driver's restore after the abort: {e}");
                         }
                     }

@@ -25,8 +25,10 @@ pub trait DumpHooks {
     }
     /// CRIU asks to unlock it (`network-unlock`, after a failed dump).
     fn net_unlock(&mut self) {}
-    /// A driver's own dump was answered: wait for its tooling.
-    fn own_dump_finished(&mut self) -> Result<(), crate::Error> {
+    /// A driver's own dump was answered: wait for its tooling, running
+    /// `meanwhile` every so often (it answers the notifications the
+    /// tooling's CRIU still sends, such as `network-unlock` on a rollback).
+    fn own_dump_finished(&mut self, _meanwhile: &mut dyn FnMut()) -> Result<(), crate::Error> {
         Ok(())
     }
 }
@@ -276,7 +278,20 @@ impl Hold {
                     what: "the action script's channel".into(),
                     source,
                 })?;
-                let r = hooks.own_dump_finished();
+                // The tooling's CRIU still reports what follows the
+                // verdict (network-unlock when it resumes the tree): let it
+                // through, and tell the driver once the tooling is done.
+                let mut unlocked = false;
+                let r = hooks.own_dump_finished(&mut || {
+                    unlocked |= s
+                        .hold
+                        .answer_pending(true)
+                        .iter()
+                        .any(|a| a == "network-unlock");
+                });
+                if unlocked {
+                    hooks.net_unlock();
+                }
                 match (ok, r) {
                     (true, Err(e)) => Err(e.into()),
                     _ => Ok(()),

@@ -246,9 +246,10 @@ impl CriuDefaults {
         c.evasive_devices = self.evasive_devices;
     }
 
-    /// What does not cross the plugin boundary.
+    /// What does not cross the plugin boundary (a driver's larger
+    /// `ghost-limit`, set before, stays).
     pub fn apply_rpc(&self, o: &mut rpc::Opts) {
-        o.ghost_limit = Some(self.ghost_limit);
+        o.ghost_limit = Some(o.ghost_limit.unwrap_or(0).max(self.ghost_limit));
     }
 }
 
@@ -315,5 +316,36 @@ pub fn criu_opts_to_rpc(c: &CriuOpts, o: &mut rpc::Opts) {
     o.orphan_pts_master = flag(c.orphan_pts_master);
     if c.empty_ns != 0 {
         o.empty_ns = Some(c.empty_ns);
+    }
+    for kv in c.extra.iter() {
+        let (key, value) = (kv.key.as_str(), kv.value.as_str());
+        match key {
+            "cgroup-root" => o.cg_root.push(match value.split_once(':') {
+                Some((ctrl, path)) => rpc::CgroupRoot {
+                    ctrl: Some(ctrl.to_string()),
+                    path: path.to_string(),
+                },
+                None => rpc::CgroupRoot {
+                    ctrl: None,
+                    path: value.to_string(),
+                },
+            }),
+            "auto-ext-mnt" => o.auto_ext_mnt = Some(true),
+            "ext-sharing" => o.ext_sharing = Some(true),
+            "ext-masters" => o.ext_masters = Some(true),
+            "tcp-skip-in-flight" => o.tcp_skip_in_flight = Some(true),
+            "timeout" => match value.parse() {
+                Ok(s) => o.timeout = Some(s),
+                Err(_) => tracing::warn!("ignoring the driver's CRIU option timeout={value}"),
+            },
+            "ghost-limit" => match value.parse() {
+                Ok(b) => o.ghost_limit = Some(b),
+                Err(_) => tracing::warn!("ignoring the driver's CRIU option ghost-limit={value}"),
+            },
+            "cgroup-dump-controller" => o.cgroup_dump_controller.push(value.to_string()),
+            other => tracing::warn!(
+                "ignoring the driver's CRIU option `{other}`: this engine does not know it"
+            ),
+        }
     }
 }

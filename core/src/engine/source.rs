@@ -380,8 +380,8 @@ impl DumpHooks for Hooks<'_> {
             tracing::warn!("{e}");
         }
     }
-    fn own_dump_finished(&mut self) -> Result<(), crate::Error> {
-        self.driver.dump_wait()
+    fn own_dump_finished(&mut self, meanwhile: &mut dyn FnMut()) -> Result<(), crate::Error> {
+        self.driver.dump_wait_while(meanwhile)
     }
 }
 
@@ -996,6 +996,15 @@ impl<'a> Live<'a> {
     fn undecided(mut self, c: Committed, cause: CommitError) -> MigrationError {
         drop(c.dump);
         proc::signal_tasks(&c.tasks, nix::sys::signal::Signal::SIGSTOP);
+        // CRIU let go of the tree and of its network lock; the driver's
+        // lock goes with it (the stopped tree sends nothing), so that
+        // whatever `phaul recover` decides finds the network as CRIU left
+        // it.
+        if self.driver.net_locked() {
+            if let Err(e) = self.driver.net_unlock() {
+                tracing::warn!("{e}");
+            }
+        }
         self.work.keep(true);
         self.mem.shutdown();
         MigrationError::Undecided {

@@ -619,3 +619,46 @@ fn the_engine_takes_its_criu_options_and_the_driver_gets_the_rest() {
     d.apply(&mut c);
     assert!(!c.file_locks && c.evasive_devices);
 }
+
+#[test]
+fn driver_extra_criu_options_reach_the_rpc_request() {
+    use phaul_plugin_api::{CriuOpts, KeyValue};
+    let mut c = CriuOpts::default();
+    for (k, v) in [
+        ("cgroup-root", "freezer:/lxc.payload.c1"),
+        ("cgroup-root", "/machine.slice/101"),
+        ("auto-ext-mnt", ""),
+        ("ext-sharing", ""),
+        ("ext-masters", ""),
+        ("tcp-skip-in-flight", ""),
+        ("timeout", "180"),
+        ("ghost-limit", "52428800"),
+        ("cgroup-dump-controller", "ve"),
+        ("no-such-option", "x"),
+    ] {
+        c.extra.push(KeyValue::new(k, v));
+    }
+    let mut o = crate::criu::rpc::Opts::default();
+    super::criu_opts_to_rpc(&c, &mut o);
+    let roots: Vec<(Option<&str>, &str)> = o
+        .cg_root
+        .iter()
+        .map(|r| (r.ctrl.as_deref(), r.path.as_str()))
+        .collect();
+    assert_eq!(
+        roots,
+        [
+            (Some("freezer"), "/lxc.payload.c1"),
+            (None, "/machine.slice/101")
+        ]
+    );
+    assert_eq!(o.auto_ext_mnt, Some(true));
+    assert_eq!(o.ext_sharing, Some(true));
+    assert_eq!(o.ext_masters, Some(true));
+    assert_eq!(o.tcp_skip_in_flight, Some(true));
+    assert_eq!(o.timeout, Some(180));
+    assert_eq!(o.cgroup_dump_controller, ["ve"]);
+    // The driver's larger ghost limit survives the user's default.
+    super::CriuDefaults::split(&[]).unwrap().0.apply_rpc(&mut o);
+    assert_eq!(o.ghost_limit, Some(52428800));
+}

@@ -93,6 +93,8 @@ pub struct Driver {
     interrupt: Option<Arc<AtomicBool>>,
     /// Why the driver is no longer called.
     unusable: Option<String>,
+    /// `net_lock` was called and no `net_unlock` since.
+    net_locked: bool,
 }
 
 impl std::fmt::Debug for Driver {
@@ -119,6 +121,7 @@ impl Driver {
             deadlines: HookDeadlines::default(),
             interrupt: None,
             unusable: None,
+            net_locked: false,
         }
     }
 
@@ -162,6 +165,18 @@ impl Driver {
         hook: &'static str,
         f: impl FnOnce(&mut DriverBox) -> RResult<T, DriverError> + Send + 'static,
     ) -> Result<T, Error> {
+        self.call_while(hook, f, &mut || {})
+    }
+
+    /// [`Driver::call`], running `meanwhile` about every 50 ms while the
+    /// hook runs (e.g. to answer CRIU notifications the hook's tooling
+    /// waits for).
+    fn call_while<T: Send + 'static>(
+        &mut self,
+        hook: &'static str,
+        f: impl FnOnce(&mut DriverBox) -> RResult<T, DriverError> + Send + 'static,
+        meanwhile: &mut dyn FnMut(),
+    ) -> Result<T, Error> {
         if let Some(why) = &self.unusable {
             return Err(self.unusable_error(hook, &format!("not called: {why}")));
         }
@@ -200,7 +215,7 @@ impl Driver {
                     self.unusable = Some(format!("unusable after its thread died in {hook}"));
                     return Err(self.unusable_error(hook, "the driver's thread died"));
                 }
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Timeout) => meanwhile(),
             }
             if self
                 .interrupt
@@ -272,11 +287,18 @@ impl Driver {
     }
     /// See [`phaul_plugin_api::Driver::net_lock`].
     pub fn net_lock(&mut self) -> Result<(), Error> {
+        self.net_locked = true;
         self.call("net_lock", |d| d.net_lock())
     }
     /// See [`phaul_plugin_api::Driver::net_unlock`].
     pub fn net_unlock(&mut self) -> Result<(), Error> {
+        self.net_locked = false;
         self.call("net_unlock", |d| d.net_unlock())
+    }
+    /// Whether `net_lock` was called (even if it failed) and `net_unlock`
+    /// not since.
+    pub fn net_locked(&self) -> bool {
+        self.net_locked
     }
     /// See [`phaul_plugin_api::Driver::mount`].
     pub fn mount(&mut self) -> Result<(), Error> {
@@ -330,9 +352,20 @@ impl Driver {
     pub fn dump_wait(&mut self) -> Result<(), Error> {
         self.call("dump_wait", |d| d.dump_wait())
     }
+    /// [`Driver::dump_wait`], running `meanwhile` about every 50 ms until it
+    /// returns (see [`Driver::restore_wait_while`]).
+    pub fn dump_wait_while(&mut self, meanwhile: &mut dyn FnMut()) -> Result<(), Error> {
+        self.call_while("dump_wait", |d| d.dump_wait(), meanwhile)
+    }
     /// See [`phaul_plugin_api::Driver::restore_wait`].
     pub fn restore_wait(&mut self) -> Result<i32, Error> {
         self.call("restore_wait", |d| d.restore_wait())
+    }
+    /// [`Driver::restore_wait`], running `meanwhile` about every 50 ms until
+    /// it returns: the driver's CRIU may still report notifications (its
+    /// `network-unlock`) that must be answered before it can finish.
+    pub fn restore_wait_while(&mut self, meanwhile: &mut dyn FnMut()) -> Result<i32, Error> {
+        self.call_while("restore_wait", |d| d.restore_wait(), meanwhile)
     }
     /// See [`phaul_plugin_api::Driver::restored`].
     pub fn restored(&mut self, pid: i32) -> Result<(), Error> {
