@@ -41,6 +41,8 @@ Examples:
   phaul migrate pid 4242 --to dst.example:7070 --mode restart --sync /srv/app
   phaul migrate pid 4242 --to dst.example:7070 --dry-run        # check only, move nothing
   phaul migrate pid 4242 --to 127.0.0.1:7070 --insecure         # plain TCP, one machine only
+  phaul migrate lxc web1 --to dst.example:7070 --tcp-established # an LXC container
+  phaul migrate lxc web1 --to dst.example:7070 --dst-id web2 -o lxcpath=/srv/lxc
 
 ", "CRIU options for every htype (-o KEY[=VALUE], like driver options):
   file-locks=BOOL       dump and restore file locks (default true; off, CRIU refuses a
@@ -52,6 +54,9 @@ Examples:
   evasive-devices=BOOL  use another path to a device whose path is gone (default false)
 Options of the pid htype: shell-job, ext-unix-sk, external=SPEC, veth=IN=OUT[@BR],
 sync=DIR, shared-storage, stop-timeout=S (see the README).
+Options of the lxc htype: lxcpath=DIR (the source's; the destination uses its own
+lxc.lxcpath), dst-id=NAME (--dst-id), bridge=BR, shared-storage, keep-source,
+stop-timeout=S (see the README).
 
 ", "Exit status:
   0  migrated
@@ -93,6 +98,16 @@ pub struct MigrateArgs {
     /// Restart mode: leave the workload stopped on the destination.
     #[arg(long)]
     pub no_start: bool,
+    /// The workload's name on the destination, for htypes that name their
+    /// workloads (a container); default: the same name (the driver's
+    /// `-o dst-id=NAME`).
+    #[arg(long, value_name = "NAME")]
+    pub dst_id: Option<String>,
+    /// After a successful move, leave the source's workload stopped but
+    /// defined (a container's configuration and files stay) instead of
+    /// removing it (the driver's `-o keep-source`).
+    #[arg(long)]
+    pub keep_source: bool,
     /// Stop the live file-sync passes when one sends less than this many
     /// bytes.
     #[arg(long, value_name = "BYTES", default_value_t = 1 << 20)]
@@ -193,6 +208,12 @@ fn driver_options(args: &MigrateArgs) -> Vec<(String, String)> {
     );
     if args.shared_storage {
         opts.push(("shared-storage".to_string(), String::new()));
+    }
+    if let Some(name) = &args.dst_id {
+        opts.push(("dst-id".to_string(), name.clone()));
+    }
+    if args.keep_source {
+        opts.push(("keep-source".to_string(), String::new()));
     }
     opts
 }
