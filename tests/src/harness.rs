@@ -545,6 +545,18 @@ impl Workload {
         }
     }
 
+    /// A workload something else started (e.g. inside a container) as
+    /// `pid`, with its status in `status_dir` as this host sees it.
+    pub fn attach(pid: i32, status_dir: &Path) -> Workload {
+        Workload {
+            pid,
+            state: status_dir.to_path_buf(),
+            status_dir: status_dir.to_path_buf(),
+            _tmp: None,
+            pids_seen: vec![pid],
+        }
+    }
+
     /// The workload now runs as `pid` (after a migration).
     pub fn moved_to(&mut self, pid: i32) {
         self.pid = pid;
@@ -778,7 +790,7 @@ pub fn reap_strays() {
 pub fn migrate(
     plugins: &Path,
     htype: &str,
-    pid: i32,
+    pid: impl std::fmt::Display,
     addr: &str,
     extra: &[&str],
 ) -> (Output, Option<Value>) {
