@@ -25,9 +25,12 @@ CRIU_BUILD_DEPS=(libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler protobuf-
   python3-protobuf libnl-3-dev libnet1-dev libcap-dev pkg-config libbsd-dev
   libgnutls28-dev uuid-dev libnftables-dev build-essential xz-utils)
 RUNTIME_PKGS=(iproute2 util-linux attr procps psmisc rsync)
+# The lxc htype's tests and demo: LXC itself and the busybox template's
+# static busybox (containers are created offline).
+LXC_PKGS=(lxc busybox-static)
 
 missing=()
-for p in "${CRIU_BUILD_DEPS[@]}" "${RUNTIME_PKGS[@]}"; do
+for p in "${CRIU_BUILD_DEPS[@]}" "${RUNTIME_PKGS[@]}" "${LXC_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
