@@ -268,11 +268,12 @@ impl DiskDescriptor {
         std::fs::rename(&tmp, path).map_err(|e| VzError::io(path, e))
     }
 
-    /// Renames snapshot `old` to `new` everywhere (image, shot, parents,
-    /// top).
+    /// Renames snapshot `old` to `new` in its image, its shot and its
+    /// children's parents; the top GUID is left as it is (ploop keeps the
+    /// top GUID when it snapshots or merges).
     pub fn rename_guid(&mut self, old: &str, new: &str) {
         fn walk(e: &mut Element, old: &str, new: &str) {
-            if matches!(e.name.as_str(), "GUID" | "ParentGUID" | "TopGUID") && e.text == old {
+            if matches!(e.name.as_str(), "GUID" | "ParentGUID") && e.text == old {
                 e.text = new.to_string();
             }
             for c in &mut e.children {

@@ -41,7 +41,7 @@ pub enum Failure {
 #[derive(Debug, Default)]
 struct State {
     calls: usize,
-    fail: Option<(usize, Failure)>,
+    fail: Vec<(usize, Failure)>,
     log: Vec<String>,
     devices: BTreeMap<PathBuf, String>,
     next_pid: i32,
@@ -82,9 +82,10 @@ impl StandIn {
         self.state().calls
     }
 
-    /// Makes call number `n` (counting every call made so far, from 0) fail.
+    /// Makes call number `n` (counting every call made so far, from 0)
+    /// fail; several calls may be made to fail.
     pub fn fail_call(&self, n: usize, how: Failure) {
-        self.state().fail = Some((n, how));
+        self.state().fail.push((n, how));
     }
 
     /// `ploop info -d` will report `device` for `descriptor`.
@@ -134,13 +135,8 @@ impl StandIn {
         s.log.push(cmd.line());
         let n = s.calls;
         s.calls += 1;
-        match s.fail {
-            Some((at, how)) if at == n => {
-                s.fail = None;
-                Some(how)
-            }
-            _ => None,
-        }
+        let i = s.fail.iter().position(|(at, _)| *at == n)?;
+        Some(s.fail.remove(i).1)
     }
 
     fn snapshot(&self, dd: &Path, guid: &str) -> Result<()> {
@@ -197,16 +193,22 @@ impl StandIn {
                 let child_file = d.file_path(&child_image);
                 let from = read_delta(&child_file)?;
                 let mut into = read_delta(&parent_file)?;
-                let half = from.len().div_ceil(2);
+                let half = from.len() / 2;
+                let fail = |into: &BTreeMap<u64, String>| -> Result<()> {
+                    write_delta(&parent_file, into)?;
+                    Err(VzError::Tool {
+                        command: format!("ploop snapshot-delete -u {guid} {}", dd.display()),
+                        message: "stand-in: injected failure half-way through the merge".into(),
+                    })
+                };
                 for (i, (b, data)) in from.iter().enumerate() {
                     if mid_merge && i == half {
-                        write_delta(&parent_file, &into)?;
-                        return Err(VzError::Tool {
-                            command: format!("ploop snapshot-delete -u {guid} {}", dd.display()),
-                            message: "stand-in: injected failure half-way through the merge".into(),
-                        });
+                        return fail(&into);
                     }
                     into.insert(*b, data.clone());
+                }
+                if mid_merge && half == from.len() {
+                    return fail(&into);
                 }
                 write_delta(&parent_file, &into)?;
                 d.remove_image(&child_guid);
@@ -335,9 +337,9 @@ impl VzTools for StandIn {
                 message: "stand-in: injected failure".into(),
             });
         }
-        self.state().log.last_mut().map(|l| {
+        if let Some(l) = self.state().log.last_mut() {
             l.insert_str(0, &format!("CRIU_CONFIG_FILE={criu_config} "));
-        });
+        }
         if let VzCommand::Restore { ctid, .. } = cmd {
             self.state().restoring = Some(ctid.clone());
         }
