@@ -72,7 +72,7 @@ pub fn run(dirs: &[PathBuf], args: HtypesArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn print_table(plugins: &[&LoadedPlugin]) {
-    let rows: Vec<[String; 5]> = plugins
+    let rows: Vec<[String; 6]> = plugins
         .iter()
         .map(|p| {
             [
@@ -80,21 +80,29 @@ fn print_table(plugins: &[&LoadedPlugin]) {
                 p.summary.version.clone(),
                 p.summary.abi_version.clone(),
                 p.summary.capabilities.join(","),
+                p.summary.description.clone(),
                 p.path.display().to_string(),
             ]
         })
         .collect();
-    let header = ["HTYPE", "VERSION", "ABI", "CAPABILITIES", "PATH"];
+    let header = [
+        "HTYPE",
+        "VERSION",
+        "ABI",
+        "CAPABILITIES",
+        "DESCRIPTION",
+        "PATH",
+    ];
     let mut widths = header.map(str::len);
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.len());
         }
     }
-    let line = |cells: [&str; 5]| {
+    let line = |cells: [&str; 6]| {
         let mut s = String::new();
         for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
-            if i == 4 {
+            if i == 5 {
                 s.push_str(cell);
             } else {
                 s.push_str(&format!("{cell:<w$}  "));
@@ -104,6 +112,6 @@ fn print_table(plugins: &[&LoadedPlugin]) {
     };
     line(header);
     for row in &rows {
-        line([&row[0], &row[1], &row[2], &row[3], &row[4]]);
+        line([&row[0], &row[1], &row[2], &row[3], &row[4], &row[5]]);
     }
 }
