@@ -859,7 +859,7 @@ impl Migration {
     pub fn start(
         plugins: &Path,
         htype: &str,
-        pid: i32,
+        pid: impl std::fmt::Display,
         addr: &str,
         journal: &Path,
         extra: &[&str],

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use phaul_tests::harness::{ip, migrate, setup, wait_for, Serve, Workload};
+use phaul_tests::harness::{ip, migrate, recover, setup, wait_for, Migration, Serve, Workload};
 use phaul_tests::{bin, plugin_dir};
 use serde_json::Value;
 
@@ -572,4 +572,129 @@ fn unknown_stopped_and_misconfigured_containers_are_refused_in_preflight() {
     refused("ct5", &[], "is STOPPED");
     assert_eq!(info(&h.a, "ct5").0, "STOPPED", "untouched");
     assert!(!h.b.join("ct5").exists(), "nothing on B");
+}
+
+/// Every `phaul-workload` process of container `name` on this machine,
+/// either host's copy (its cgroup is `lxc.payload.NAME`, or `NAME-N` for a
+/// copy restored next to it), with its state letter.
+fn copies(name: &str) -> Vec<(i32, char)> {
+    let exact = format!("lxc.payload.{name}\n");
+    let suffixed = format!("lxc.payload.{name}-");
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        if !std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .is_ok_and(|c| c.trim() == "phaul-workload")
+        {
+            continue;
+        }
+        let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        if !(cg.contains(&exact) || cg.contains(&suffixed)) {
+            continue;
+        }
+        if let Some(state) = phaul_tests::harness::task_state(pid) {
+            out.push((pid, state));
+        }
+    }
+    out
+}
+
+/// Kills the source's or the destination's phaul once B has a restored
+/// copy (held for the commit, or just released: the moment varies), then
+/// lets `phaul recover` settle what the journal left pending (the
+/// destination service restarted if it was killed). Afterwards exactly one
+/// copy exists and runs, on A or on B, with its memory intact, and LXC
+/// says so on that side only.
+fn kill_during_the_restore(name: &str, kill_destination: bool) {
+    let mut h = Hosts::new();
+    let w = h.container(name, "");
+    h.track(&h.b.clone(), name);
+    let (_, init) = info(&h.a, name);
+    let mut serve = h.destination();
+    let src = src_plugins();
+    let journal = tempfile::tempdir().unwrap();
+    let a = format!("lxcpath={}", h.a.display());
+    let mut m = Migration::start(
+        src.path(),
+        "lxc",
+        name,
+        &serve.addr,
+        journal.path(),
+        &["-o", &a, "--resolve-timeout", "3"],
+        None,
+    );
+    assert!(
+        wait_for(Duration::from_secs(30), || copies(name).len() > 1),
+        "B never restored a copy"
+    );
+    if kill_destination {
+        serve.kill();
+        let status = m.wait_timeout(Duration::from_secs(60));
+        // Rolled back (4), or undecided after the commit (5): never
+        // reported as migrated.
+        assert!(
+            matches!(status.and_then(|s| s.code()), Some(4) | Some(5)),
+            "{status:?}"
+        );
+        serve.restart();
+    } else {
+        m.kill();
+    }
+    let r = recover(src.path(), journal.path(), 10);
+    assert_eq!(r.code, Some(0), "recover: {}", r.stderr);
+    let one = || match copies(name).as_slice() {
+        [(pid, 'S' | 'R')] => Some(*pid),
+        _ => None,
+    };
+    assert!(
+        wait_for(Duration::from_secs(20), || one().is_some()),
+        "exactly one copy, running: {:?}",
+        copies(name)
+    );
+    let pid = one().unwrap();
+    let (on, off, status) = if pid == w.pid {
+        (&h.a, &h.b, h.a.join(name).join("rootfs/state"))
+    } else {
+        (&h.b, &h.a, h.b.join(name).join("rootfs/state"))
+    };
+    assert_eq!(
+        info(on, name).0,
+        "RUNNING",
+        "LXC runs it on {}",
+        on.display()
+    );
+    assert_ne!(info(off, name).0, "RUNNING", "and not on {}", off.display());
+    if pid == w.pid {
+        assert_eq!(info(&h.a, name).1, init, "A's container as it was");
+    }
+    let survivor = Workload::attach(pid, &status);
+    let r = survivor.report();
+    survivor.assert_intact(&r);
+    eprintln!(
+        "after killing the {}: the copy on {} runs",
+        if kill_destination {
+            "destination"
+        } else {
+            "source"
+        },
+        on.display()
+    );
+}
+
+#[test]
+fn killing_the_destination_while_it_restores_leaves_exactly_one_copy_running() {
+    if !setup() || !have_lxc() {
+        return;
+    }
+    kill_during_the_restore("ct6", true);
+}
+
+#[test]
+fn killing_the_source_while_b_restores_leaves_exactly_one_copy_running() {
+    if !setup() || !have_lxc() {
+        return;
+    }
+    kill_during_the_restore("ct7", false);
 }

@@ -235,10 +235,6 @@ enum State {
         pid: i32,
         rootfs: Option<PathBuf>,
         cgroups: Cgroups,
-        links: Vec<String>,
-        /// Host-side veths `net_lock` detached (attached again on
-        /// rollback).
-        down: Vec<Detached>,
     },
     /// The destination: where the container goes.
     Destination {
@@ -247,15 +243,11 @@ enum State {
         created_dir: bool,
         /// This side wrote the configuration (rollback removes it).
         wrote_config: bool,
+        /// The bridges its veth networks attach to here (from the
+        /// installed configuration).
+        bridges: Vec<String>,
         restore: Option<Restore>,
     },
-}
-
-/// A host-side veth `net_lock` took off its bridge.
-#[derive(Debug, Clone)]
-struct Detached {
-    dev: String,
-    bridge: String,
 }
 
 /// A running `lxc-checkpoint -r`.
@@ -369,8 +361,6 @@ impl LxcDriver {
             pid,
             rootfs,
             cgroups,
-            links: info.links,
-            down: Vec::new(),
         };
         Ok(())
     }
@@ -415,16 +405,15 @@ impl LxcDriver {
             created_dir: !ct.dir().exists(),
             ct,
             wrote_config: false,
+            bridges: Vec::new(),
             restore: None,
         };
         Ok(())
     }
 
-    fn source(&mut self) -> DriverResult<(&Container, &mut Vec<Detached>, &[String])> {
-        match &mut self.state {
-            State::Source {
-                ct, down, links, ..
-            } => Ok((ct, down, links)),
+    fn source(&self) -> DriverResult<&Container> {
+        match &self.state {
+            State::Source { ct, .. } => Ok(ct),
             _ => Err(DriverError::failed("lxc: not initialised as the source")),
         }
     }
@@ -435,24 +424,6 @@ impl LxcDriver {
             _ => Err(DriverError::failed(
                 "lxc: not initialised as the destination",
             )),
-        }
-    }
-
-    /// Attaches again what `net_lock` detached.
-    fn links_up(&mut self) -> DriverResult<()> {
-        let (_, down, _) = self.source()?;
-        let mut failed = Vec::new();
-        for Detached { dev, bridge } in std::mem::take(down) {
-            if tools::link_exists(&dev) {
-                if let Err(e) = tools::link_set_master(&dev, Some(&bridge)) {
-                    failed.push(e.to_string());
-                }
-            }
-        }
-        if failed.is_empty() {
-            Ok(())
-        } else {
-            Err(DriverError::failed(failed.join("; ")))
         }
     }
 
@@ -665,41 +636,48 @@ impl Driver for LxcDriver {
         Ok(())
     }
 
-    /// Source, CRIU froze the container and locked its network namespace:
-    /// detach its host-side veths from their bridges as well. Peers then
-    /// see a pause (their packets go nowhere, nothing answers with a
-    /// reset), and the bridge forgets the container's MAC address on this
-    /// port, so that after the move its frames find the destination's
-    /// port. The link stays up: a veth taken down would mark the
-    /// container's routes `linkdown` in the images, which CRIU cannot
-    /// restore.
+    /// Source: nothing beyond CRIU's own lock, on purpose. CRIU locks the
+    /// container's network namespace (nftables) when it freezes it, so
+    /// peers see a pause, not resets, and CRIU removes that lock itself
+    /// whatever happens to phaul (a resumed tree is unlocked by CRIU even
+    /// if phaul is killed). A host-side lock would outlive a killed phaul:
+    /// taking the host-side veth down marks the container's routes
+    /// `linkdown` in the images (CRIU then cannot restore them), and
+    /// detaching it from its bridge leaves a resumed container cut off.
     fn net_lock(&mut self) -> DriverResult<()> {
-        if self.mode == Mode::Restart {
-            return Ok(()); // lxc-stop takes the veths away with the container
-        }
-        let (_, down, links) = self.source()?;
-        let links = links.to_vec();
-        for dev in links {
-            let Some(bridge) = tools::link_master(&dev) else {
-                continue;
-            };
-            tools::link_set_master(&dev, None)?;
-            down.push(Detached { dev, bridge });
-        }
         Ok(())
     }
 
+    /// Destination, CRIU unlocked the restored container: check that its
+    /// host-side veths are on the bridges its configuration names (liblxc
+    /// attaches them during the restore); a mismatch is reported.
     fn net_unlock(&mut self) -> DriverResult<()> {
-        match self.side {
-            Side::Source => self.links_up(),
-            Side::Destination => Ok(()),
+        let State::Destination { ct, bridges, .. } = &self.state else {
+            return Ok(());
+        };
+        let links = ct.info()?.links;
+        let stray: Vec<String> = links
+            .iter()
+            .filter(|l| !tools::link_master(l).is_some_and(|m| bridges.contains(&m)))
+            .map(|l| {
+                format!(
+                    "{l} (on {})",
+                    tools::link_master(l).unwrap_or("no bridge".into())
+                )
+            })
+            .collect();
+        if stray.is_empty() || bridges.is_empty() {
+            return Ok(());
         }
+        Err(DriverError::failed(format!(
+            "lxc: {}'s host-side veths {} are not on its bridges {bridges:?}",
+            ct.name,
+            stray.join(", ")
+        )))
     }
 
     fn stop(&mut self) -> DriverResult<()> {
-        let timeout = self.opts.stop_timeout;
-        let (ct, _, _) = self.source()?;
-        ct.stop(timeout)
+        self.source()?.stop(self.opts.stop_timeout)
     }
 
     fn start(&mut self) -> DriverResult<i32> {
@@ -751,7 +729,10 @@ impl Driver for LxcDriver {
         let shared = self.opts.shared_storage;
         let bridge = self.opts.bridge.clone();
         let State::Destination {
-            ct, wrote_config, ..
+            ct,
+            wrote_config,
+            bridges: want,
+            ..
         } = &mut self.state
         else {
             return Err(DriverError::failed(
@@ -778,9 +759,20 @@ impl Driver for LxcDriver {
         let text = config.rewritten(&meta.dir, &ct.dir(), Some(&rootfs), bridge.as_deref());
         std::fs::create_dir_all(ct.dir()).map_err(io("creating", &ct.dir()))?;
         let tmp = ct.dir().join(".config.phaul");
-        std::fs::write(&tmp, text).map_err(io("writing", &tmp))?;
+        std::fs::write(&tmp, &text).map_err(io("writing", &tmp))?;
         std::fs::rename(&tmp, ct.config()).map_err(io("installing", &ct.config()))?;
         *wrote_config = true;
+        let installed = Config::parse(&text);
+        *want = installed
+            .networks()
+            .into_iter()
+            .filter(|n| installed.get(&format!("lxc.net.{n}.type")) == Some("veth"))
+            .filter_map(|n| {
+                installed
+                    .get(&format!("lxc.net.{n}.link"))
+                    .map(str::to_string)
+            })
+            .collect();
         let msg = format!(
             "lxc: installed {} (from {} on the source)",
             ct.config().display(),
@@ -901,13 +893,14 @@ impl Driver for LxcDriver {
 
     fn migration_fail(&mut self) -> DriverResult<()> {
         match self.side {
-            Side::Source => self.links_up(),
+            Side::Source => Ok(()), // CRIU resumed the container as it was
             Side::Destination => {
                 let State::Destination {
                     ct,
                     created_dir,
                     wrote_config,
                     restore,
+                    ..
                 } = &mut self.state
                 else {
                     return Ok(());
@@ -1034,8 +1027,6 @@ mod tests {
                     roots: vec!["freezer:/lxc.payload.c1".into()],
                     freezer: Some(PathBuf::from("/sys/fs/cgroup/freezer/lxc.payload.c1")),
                 },
-                links: vec!["vethX".into()],
-                down: Vec::new(),
             },
             ..LxcDriver::default()
         };

@@ -276,17 +276,6 @@ pub fn link_master(dev: &str) -> Option<String> {
     Some(target.file_name()?.to_string_lossy().into_owned())
 }
 
-/// `ip link set dev DEV master BRIDGE`, or `nomaster` for `None`.
-pub fn link_set_master(dev: &str, bridge: Option<&str>) -> DriverResult<()> {
-    let mut c = Command::new("ip");
-    c.args(["link", "set", "dev", dev]);
-    match bridge {
-        Some(br) => c.args(["master", br]),
-        None => c.arg("nomaster"),
-    };
-    run(&mut c).map(drop)
-}
-
 /// Whether `name` can be a network interface name (1-15 bytes, no `/`,
 /// whitespace or `:`).
 pub fn valid_ifname(name: &str) -> bool {
@@ -297,11 +286,6 @@ pub fn valid_ifname(name: &str) -> bool {
         && !name
             .chars()
             .any(|c| c == '/' || c == ':' || c.is_whitespace())
-}
-
-/// Whether network interface `dev` exists here.
-pub fn link_exists(dev: &str) -> bool {
-    !dev.contains('/') && Path::new("/sys/class/net").join(dev).exists()
 }
 
 #[cfg(test)]
