@@ -2,8 +2,10 @@
 # Set up a fresh machine (as root), build phaul in release mode, and run the
 # benchmark: phaul (mutual TLS, certificates made for the run with
 # `phaul certs`) and phaul --insecure against dump-copy-restore and the
-# no-copy floor, side by side, then draw the plots. Results go to
-# bench/results/ (results.json, results.md, downtime.png, channel.png). Arguments are passed to phaul-bench, e.g.
+# no-copy floor, side by side, and an LXC container moved by phaul and by
+# hand with lxc-checkpoint (skipped without LXC), then draw the plots.
+# Results go to bench/results/ (results.json, results.md, downtime.png,
+# channel.png). Arguments are passed to phaul-bench, e.g.
 #   ./scripts/bench.sh --sizes 64,256 --runs 3
 set -euo pipefail
 cd "$(dirname "$0")/.."

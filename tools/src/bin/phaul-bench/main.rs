@@ -25,9 +25,11 @@
 //! min/median/max, the ratios phaul/floor, phaul/naive and TLS/insecure,
 //! and the data for the plot (`bench/plot.py` draws it). It also measures
 //! a plain loopback TCP stream and the same stream through phaul's TLS
-//! relays, the baselines for phaul's memory channel.
+//! relays, the baselines for phaul's memory channel, and moves an LXC
+//! container by phaul and by hand with LXC's own tools (see [`lxc`]).
 
 mod channel;
+mod lxc;
 mod methods;
 mod summary;
 
@@ -76,6 +78,10 @@ struct Args {
     /// Only measure the raw channels and print them as JSON.
     #[arg(long)]
     channel_only: bool,
+    /// Container sizes for the LXC rows, MiB (empty: none; skipped where
+    /// LXC is not installed).
+    #[arg(long, value_delimiter = ',', default_value = "64,256")]
+    lxc_sizes: Vec<u64>,
     /// A directory with another build of phaul (`phaul`, `phaul-bench`),
     /// e.g. before a transport change: adds the method `phaul-baseline`
     /// (that build's phaul, with TLS) and its raw channels, measured in the
@@ -184,6 +190,32 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
     }
 
+    let mut containers: Vec<RunResult> = Vec::new();
+    if !args.lxc_sizes.is_empty() && !lxc::available() {
+        eprintln!("phaul-bench: skipping the LXC rows: LXC is not installed");
+    } else {
+        for &mem in &args.lxc_sizes {
+            for run in 1..=args.runs {
+                for method in [lxc::LxcMethod::Phaul, lxc::LxcMethod::ByHand] {
+                    let r = lxc::measure(&env, method, mem, run);
+                    match &r.error {
+                        None => eprintln!(
+                            "phaul-bench: container {mem} MiB run {run} {}: downtime {:.1} ms, total {:.1} ms",
+                            method.name(),
+                            r.downtime_ms,
+                            r.total_ms
+                        ),
+                        Some(e) => eprintln!(
+                            "phaul-bench: container {mem} MiB run {run} {}: FAILED: {e}",
+                            method.name()
+                        ),
+                    }
+                    containers.push(r);
+                }
+            }
+        }
+    }
+
     let machine = summary::machine();
     let doc = serde_json::json!({
         "machine": machine,
@@ -191,10 +223,12 @@ fn run(args: Args) -> anyhow::Result<()> {
         "channel": channel,
         "baseline_channel": baseline_channel,
         "runs": results,
+        "containers": containers,
     });
     let json_path = args.out.join("results.json");
     std::fs::write(&json_path, serde_json::to_string_pretty(&doc)?)?;
-    let table = summary::markdown(&machine, &channel, baseline_channel.as_ref(), &results);
+    let mut table = summary::markdown(&machine, &channel, baseline_channel.as_ref(), &results);
+    table.push_str(&summary::lxc_markdown(&containers));
     std::fs::write(args.out.join("results.md"), &table)?;
     println!("{table}");
     eprintln!("phaul-bench: wrote {} and results.md", json_path.display());

@@ -93,14 +93,14 @@ pub struct RunResult {
 
 /// Paths of the tools and the scratch directories.
 pub struct Env {
-    bin: PathBuf,
+    pub(crate) bin: PathBuf,
     criu: PathBuf,
     plugins: PathBuf,
     disk: PathBuf,
-    shm: PathBuf,
+    pub(crate) shm: PathBuf,
     /// The certificates of this run (`phaul certs`): `src/` and `dst/`,
     /// each a `--tls-dir`.
-    tls: PathBuf,
+    pub(crate) tls: PathBuf,
     /// Another build's `phaul` (`--baseline`).
     baseline: Option<PathBuf>,
 }
@@ -236,7 +236,7 @@ impl HwmSampler {
     }
 }
 
-fn dir_bytes(dir: &Path) -> u64 {
+pub(crate) fn dir_bytes(dir: &Path) -> u64 {
     walk(dir)
 }
 
@@ -254,7 +254,7 @@ fn walk(p: &Path) -> u64 {
         .sum()
 }
 
-fn dump_frozen_ms(dir: &Path) -> f64 {
+pub(crate) fn dump_frozen_ms(dir: &Path) -> f64 {
     phaul_core::criu::stats::read_dump(dir).map_or(0.0, |s| s.frozen_time as f64 / 1e3)
 }
 
@@ -373,7 +373,7 @@ impl Env {
         Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
     }
 
-    fn report(&self, state: &Path, pid: i32) -> anyhow::Result<Value> {
+    pub(crate) fn report(&self, state: &Path, pid: i32) -> anyhow::Result<Value> {
         let out = Command::new(self.bin.join("phaul-workload"))
             .args(["report", "--state-dir"])
             .arg(state)
@@ -451,28 +451,7 @@ impl Env {
                 false => vec!["--insecure".into()],
             }
         };
-        let mut serve = Command::new(phaul)
-            .arg("--plugin-dir")
-            .arg(&self.plugins)
-            .args([
-                "-q",
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--once",
-                "--work-dir",
-            ])
-            .arg(&work)
-            .args(security("dst"))
-            .stdout(Stdio::piped())
-            .spawn()?;
-        let mut line = String::new();
-        BufReader::new(serve.stdout.take().expect("piped")).read_line(&mut line)?;
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_default()
-            .to_string();
+        let (serve, addr) = self.serve(phaul, &[], &self.plugins, &security("dst"))?;
         let t = Instant::now();
         let migrate = Command::new(phaul)
             .arg("--plugin-dir")
@@ -537,6 +516,54 @@ impl Env {
         let new = j["destination_pid"].as_i64().unwrap_or(0) as i32;
         r.phaul_report = Some(j);
         Ok(new)
+    }
+
+    /// Starts `phaul serve --once` on a free loopback port (under
+    /// `wrapper`, e.g. `unshare -m ...`, if not empty) and returns it with
+    /// its address.
+    pub(crate) fn serve(
+        &self,
+        phaul: &Path,
+        wrapper: &[&str],
+        plugins: &Path,
+        extra: &[std::ffi::OsString],
+    ) -> anyhow::Result<(std::process::Child, String)> {
+        let mut cmd = match wrapper.split_first() {
+            Some((w, rest)) => {
+                let mut c = Command::new(w);
+                c.args(rest).arg(phaul);
+                c
+            }
+            None => Command::new(phaul),
+        };
+        let mut serve = cmd
+            .arg("--plugin-dir")
+            .arg(plugins)
+            .args([
+                "-q",
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--once",
+                "--work-dir",
+            ])
+            .arg(self.shm.join("phaul-work"))
+            .args(extra)
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let mut line = String::new();
+        BufReader::new(serve.stdout.take().expect("piped")).read_line(&mut line)?;
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_default()
+            .to_string();
+        if addr.is_empty() {
+            let _ = serve.kill();
+            let _ = serve.wait();
+            bail!("phaul serve did not start");
+        }
+        Ok((serve, addr))
     }
 
     fn criu_cli(&self, pid: i32, copy: bool, r: &mut RunResult) -> anyhow::Result<i32> {

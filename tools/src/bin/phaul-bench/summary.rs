@@ -413,3 +413,56 @@ pub fn markdown(
     }
     s
 }
+
+/// The container table: LXC containers moved by phaul and by hand with
+/// LXC's own checkpoint and restore, same run.
+pub fn lxc_markdown(runs: &[RunResult]) -> String {
+    let mut s = String::new();
+    if runs.is_empty() {
+        return s;
+    }
+    let failed = runs.iter().filter(|r| r.error.is_some()).count();
+    let _ = writeln!(
+        s,
+        "\n## LXC containers\n\nA busybox container with the test workload inside (1% of its pages \
+         rewritten per second) moved between two lxcpaths on this machine. lxc-phaul: phaul \
+         migrate lxc (mutual TLS; rootfs by phaul's file sync; restored by lxc-checkpoint -r under \
+         phaul's hold); lxc-checkpoint: by hand with LXC's tools (rsync of the rootfs, \
+         lxc-checkpoint -s into tmpfs, a final rsync, the images as a tar stream over loopback TCP, \
+         lxc-checkpoint -r). \
+         Downtime is the workload's own largest heartbeat gap. {failed} run(s) failed.\n"
+    );
+    let _ = writeln!(
+        s,
+        "| MiB | lxc-phaul downtime ms | lxc-checkpoint downtime ms | ratio | lxc-phaul total ms | lxc-checkpoint total ms |\n|---|---|---|---|---|---|"
+    );
+    let mut sizes: Vec<u64> = runs.iter().map(|r| r.mem_mib).collect();
+    sizes.sort();
+    sizes.dedup();
+    for mem in sizes {
+        let of = |m: &str, f: &dyn Fn(&RunResult) -> f64| {
+            mmm(runs
+                .iter()
+                .filter(|r| r.mem_mib == mem && r.method == m && r.error.is_none())
+                .map(f)
+                .collect())
+        };
+        let (pd, hd) = (
+            of("lxc-phaul", &|r| r.downtime_ms),
+            of("lxc-checkpoint", &|r| r.downtime_ms),
+        );
+        let ratio = match (pd, hd) {
+            (Some(p), Some(h)) if h.1 > 0.0 => format!("{:.2}", p.1 / h.1),
+            _ => "-".into(),
+        };
+        let _ = writeln!(
+            s,
+            "| {mem} | {} | {} | {ratio} | {} | {} |",
+            cell(pd),
+            cell(hd),
+            cell(of("lxc-phaul", &|r| r.total_ms)),
+            cell(of("lxc-checkpoint", &|r| r.total_ms)),
+        );
+    }
+    s
+}
