@@ -225,6 +225,18 @@ impl KeyValue {
     }
 }
 
+/// The value of a boolean driver option (`-o key`, `-o key=true|false`,
+/// also `1`/`0`, `yes`/`no`, `on`/`off`), or an error naming it.
+pub fn flag_option(key: &str, value: &str) -> DriverResult<bool> {
+    match value {
+        "" | "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        other => Err(DriverError::invalid(format!(
+            "option {key}={other}: expected a boolean (true/false)"
+        ))),
+    }
+}
+
 /// Everything a driver is told when the engine creates it for a migration.
 #[repr(C)]
 #[derive(StableAbi, Clone)]

@@ -885,8 +885,8 @@ impl<'a> Session<'a> {
             Ok(_) => "its tooling ended and the driver reported nothing".to_string(),
         };
         DestError::DriverRestore(format!(
-            "the {} driver's restore failed before CRIU's post-restore: {why} (logs on this \
-             host: {})",
+            "the {} driver's restore failed before CRIU's post-restore: {why} (logs on the \
+             destination: {})",
             self.hello.htype,
             self.work.criu().display()
         ))

@@ -85,16 +85,6 @@ pub struct LxcOptions {
     pub stop_timeout: u64,
 }
 
-fn flag(value: &str, key: &str) -> DriverResult<bool> {
-    match value {
-        "" | "1" | "true" | "yes" | "on" => Ok(true),
-        "0" | "false" | "no" | "off" => Ok(false),
-        other => Err(DriverError::invalid(format!(
-            "option {key}={other}: expected a boolean (true/false)"
-        ))),
-    }
-}
-
 impl LxcOptions {
     /// Parses `key=value` pairs; an unknown key or malformed value is an
     /// error naming it.
@@ -123,8 +113,8 @@ impl LxcOptions {
                         "option bridge={value}: not an interface name"
                     )))
                 }
-                "shared-storage" => o.shared_storage = flag(value, key)?,
-                "keep-source" => o.keep_source = flag(value, key)?,
+                "shared-storage" => o.shared_storage = phaul_plugin_api::flag_option(key, value)?,
+                "keep-source" => o.keep_source = phaul_plugin_api::flag_option(key, value)?,
                 "stop-timeout" => {
                     o.stop_timeout = value.parse().map_err(|_| {
                         DriverError::invalid(format!(

@@ -64,16 +64,6 @@ pub struct PidOptions {
     pub stop_timeout: Option<u64>,
 }
 
-fn flag(value: &str, key: &str) -> DriverResult<bool> {
-    match value {
-        "" | "1" | "true" | "yes" | "on" => Ok(true),
-        "0" | "false" | "no" | "off" => Ok(false),
-        other => Err(DriverError::invalid(format!(
-            "option {key}={other}: expected a boolean (true/false)"
-        ))),
-    }
-}
-
 impl PidOptions {
     /// Parses `key=value` pairs; an unknown key or malformed value is an
     /// error naming it.
@@ -81,9 +71,9 @@ impl PidOptions {
         let mut o = PidOptions::default();
         for (key, value) in pairs {
             match key {
-                "shell-job" => o.shell_job = flag(value, key)?,
-                "ext-unix-sk" => o.ext_unix_sk = flag(value, key)?,
-                "shared-storage" => o.shared_storage = flag(value, key)?,
+                "shell-job" => o.shell_job = phaul_plugin_api::flag_option(key, value)?,
+                "ext-unix-sk" => o.ext_unix_sk = phaul_plugin_api::flag_option(key, value)?,
+                "shared-storage" => o.shared_storage = phaul_plugin_api::flag_option(key, value)?,
                 "stop-timeout" => {
                     o.stop_timeout = Some(value.parse().map_err(|_| {
                         DriverError::invalid(format!(

@@ -58,13 +58,7 @@ pub struct VzOptions {
 }
 
 fn flag(value: &str, key: &str) -> Result<bool> {
-    match value {
-        "" | "1" | "true" | "yes" | "on" => Ok(true),
-        "0" | "false" | "no" | "off" => Ok(false),
-        other => Err(VzError::Option(format!(
-            "option {key}={other}: expected a boolean (true/false)"
-        ))),
-    }
+    phaul_plugin_api::flag_option(key, value).map_err(|e| VzError::Option(e.message.into_string()))
 }
 
 impl VzOptions {
