@@ -63,6 +63,8 @@ struct Hosts {
     bridge: String,
     subnet: String,
     containers: Vec<(PathBuf, String)>,
+    /// Other interfaces a test made, removed on drop.
+    extra_links: Vec<String>,
 }
 
 impl Hosts {
@@ -108,6 +110,7 @@ impl Hosts {
             bridge,
             subnet,
             containers: Vec::new(),
+            extra_links: Vec::new(),
         }
     }
 
@@ -229,9 +232,9 @@ impl Drop for Hosts {
             let _ = lxc(&["lxc-stop", "-P", p, "-n", name, "-k"]);
             let _ = lxc(&["lxc-destroy", "-P", p, "-n", name]);
         }
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.bridge])
-            .output();
+        for link in self.extra_links.iter().chain([&self.bridge]) {
+            let _ = Command::new("ip").args(["link", "del", link]).output();
+        }
     }
 }
 
@@ -408,7 +411,7 @@ fn a_container_moves_to_another_lxcpath_with_its_connection_and_lxc_manages_it_t
 }
 
 #[test]
-fn a_container_on_shared_storage_moves_under_a_new_name() {
+fn a_container_on_shared_storage_moves_under_a_new_name_onto_another_bridge() {
     if !setup() || !have_lxc() {
         return;
     }
@@ -417,18 +420,45 @@ fn a_container_on_shared_storage_moves_under_a_new_name() {
     let serve = h.destination();
     let rootfs = h.a.join("ct2/rootfs");
     let before = w.report();
+    // B's bridge (-o bridge): another one the test creates.
+    let br_b = format!("{}b", h.bridge);
+    let _ = Command::new("ip").args(["link", "del", &br_b]).output();
+    ip(&["link", "add", &br_b, "type", "bridge"]);
+    ip(&["link", "set", &br_b, "up"]);
+    h.extra_links.push(br_b.clone());
     let src = src_plugins();
     let a = format!("lxcpath={}", h.a.display());
+    let bridge = format!("bridge={br_b}");
     let (out, _) = migrate(
         src.path(),
         "lxc",
         "ct2",
         &serve.addr,
-        &["-o", &a, "--shared-storage", "--dst-id", "ct2b"],
+        &[
+            "-o",
+            &a,
+            "-o",
+            &bridge,
+            "--shared-storage",
+            "--dst-id",
+            "ct2b",
+        ],
     );
     h.track(&h.b.clone(), "ct2b");
     assert_eq!(exit_code(&out), Some(0), "the migration failed");
     assert_eq!(info(&h.b, "ct2b").0, "RUNNING");
+    let (_, said) = lxc(&["lxc-info", "-P", h.b.to_str().unwrap(), "-n", "ct2b", "-H"]);
+    let link = said
+        .lines()
+        .find_map(|l| l.strip_prefix("Link:").map(|v| v.trim().to_string()))
+        .expect("B's container has a veth");
+    assert_eq!(
+        std::fs::read_link(format!("/sys/class/net/{link}/master"))
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())),
+        Some(br_b.clone()),
+        "its veth is on the bridge -o bridge named"
+    );
     // Nothing was copied: B's container runs on the same rootfs, and the
     // source is unregistered but its (shared) rootfs stays.
     let config = std::fs::read_to_string(h.b.join("ct2b/config")).unwrap();
@@ -697,4 +727,40 @@ fn killing_the_source_while_b_restores_leaves_exactly_one_copy_running() {
         return;
     }
     kill_during_the_restore("ct7", false);
+}
+
+#[test]
+fn htypes_says_when_lxc_is_not_installed() {
+    if !setup() {
+        return;
+    }
+    let plugins = src_plugins();
+    let run = |path: &str| {
+        let out = Command::new(bin("phaul"))
+            .arg("--plugin-dir")
+            .arg(plugins.path())
+            .args(["htypes", "--json"])
+            .env("PATH", path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        v.to_string()
+    };
+    let without = run("/nonexistent");
+    assert!(
+        without.contains("LXC is not installed here"),
+        "listed, with the note: {without}"
+    );
+    if have_lxc() {
+        let with = run("/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin");
+        assert!(
+            with.contains("\"lxc\"") && !with.contains("not installed"),
+            "{with}"
+        );
+    }
 }
