@@ -500,8 +500,10 @@ fn a_failed_restore_on_b_leaves_the_container_running_on_a_and_nothing_on_b() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(exit_code(&out), Some(4), "rolled back: {stderr}");
     assert!(
-        stderr.contains("restore failed") && stderr.contains("CRIU"),
-        "the message says the restore failed and what CRIU said: {stderr}"
+        stderr.contains("restore failed")
+            && stderr.contains("Can't restore link")
+            && stderr.contains("lxc.net.N.veth.pair"),
+        "the message says the restore failed, what CRIU said, and what to check: {stderr}"
     );
     // A: the same container, running, intact, on its bridge.
     assert_eq!(info(&h.a, "ct3"), ("RUNNING".to_string(), init_before));

@@ -523,6 +523,19 @@ fn io<'a>(what: &'a str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Drive
     move |e| DriverError::failed(format!("{what} {}: {e}", path.display()))
 }
 
+/// What to do about a CRIU restore error this driver recognises.
+fn restore_hint(criu_errors: &str) -> &'static str {
+    if criu_errors.contains("Can't restore link: -17") {
+        " (an interface the container's network needs already exists on the destination: a \
+         fixed lxc.net.N.veth.pair name that is taken there?)"
+    } else if criu_errors.contains("No mapping for") {
+        " (a bind mount of the container has no source on the destination: check its \
+         lxc.mount.entry lines there)"
+    } else {
+        ""
+    }
+}
+
 /// The `Error` lines at the end of a CRIU or liblxc log, for messages.
 fn log_errors(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
@@ -845,14 +858,15 @@ impl Driver for LxcDriver {
             .map_err(|e| DriverError::failed(format!("waiting for lxc-checkpoint -r: {e}")))?;
         if !status.success() {
             let said = std::fs::read_to_string(&r.output).unwrap_or_default();
+            let criu = log_errors(&r.images.join("restore.log"));
             return Err(DriverError::failed(format!(
-                "lxc-checkpoint -r -P {} -n {} failed ({}): {}; CRIU: {}; liblxc: {}",
+                "lxc-checkpoint -r -P {} -n {} failed ({}): {}; CRIU: {criu}; liblxc: {}{}",
                 ct.lxcpath.display(),
                 ct.name,
                 status,
                 said.trim().lines().last().unwrap_or_default(),
-                log_errors(&r.images.join("restore.log")),
                 log_errors(&r.log),
+                restore_hint(&criu),
             )));
         }
         let info = ct.info()?;
