@@ -375,7 +375,7 @@ impl VzDriver {
         Ok(())
     }
 
-    fn restore_inner(&mut self, ctx: &RestoreContext) -> Result<()> {
+    fn restore_inner(&mut self, ctx: &RestoreContext) -> Result<i32> {
         let images = PathBuf::from(ctx.images_dir.as_str());
         let extra = images.join(RESTORE_EXTRA_ARGS);
         std::fs::write(
@@ -396,9 +396,9 @@ impl VzDriver {
         };
         let log = self.work_dir.join("vzctl-restore.log");
         let config = ctx.criu_config.to_string();
-        self.tools()?.spawn_restore(&cmd, &config, &log)?;
+        let pid = self.tools()?.spawn_restore(&cmd, &config, &log)?;
         self.restore_started = true;
-        Ok(())
+        Ok(pid)
     }
 
     fn init_pid(&self) -> Result<i32> {
@@ -506,8 +506,10 @@ impl Driver for VzDriver {
     }
 
     fn restore(&mut self, ctx: &RestoreContext) -> DriverResult<HookOutcome> {
-        self.restore_inner(ctx)?;
-        Ok(HookOutcome::handled(0))
+        // The engine watches vzctl: its end before post-restore fails the
+        // restore at once.
+        let tool = self.restore_inner(ctx)?;
+        Ok(HookOutcome::handled(tool))
     }
 
     fn restore_wait(&mut self) -> DriverResult<i32> {

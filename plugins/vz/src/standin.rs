@@ -330,7 +330,7 @@ impl VzTools for StandIn {
         }
     }
 
-    fn spawn_restore(&mut self, cmd: &VzCommand, criu_config: &str, _log: &Path) -> Result<()> {
+    fn spawn_restore(&mut self, cmd: &VzCommand, criu_config: &str, _log: &Path) -> Result<i32> {
         if self.next(cmd) == Some(Failure::Before) {
             return Err(VzError::Tool {
                 command: cmd.line(),
@@ -343,7 +343,8 @@ impl VzTools for StandIn {
         if let VzCommand::Restore { ctid, .. } = cmd {
             self.state().restoring = Some(ctid.clone());
         }
-        Ok(())
+        // No process: the engine has nothing to watch.
+        Ok(0)
     }
 
     fn wait_restore(&mut self) -> Result<()> {

@@ -159,8 +159,10 @@ pub trait VzTools: Send {
 
     /// Starts `vzctl restore` ([`VzCommand::Restore`]) without waiting,
     /// with `CRIU_CONFIG_FILE=criu_config` in its environment, its output
-    /// going to `log`.
-    fn spawn_restore(&mut self, cmd: &VzCommand, criu_config: &str, log: &Path) -> Result<()>;
+    /// going to `log`. Returns the process's pid (0 when there is none),
+    /// which the engine watches: its end before CRIU's post-restore is a
+    /// failed restore.
+    fn spawn_restore(&mut self, cmd: &VzCommand, criu_config: &str, log: &Path) -> Result<i32>;
 
     /// Waits for the restore [`VzTools::spawn_restore`] started.
     fn wait_restore(&mut self) -> Result<()>;
@@ -231,7 +233,7 @@ impl VzTools for RealTools {
         Ok(out.stdout.to_string())
     }
 
-    fn spawn_restore(&mut self, cmd: &VzCommand, criu_config: &str, log: &Path) -> Result<()> {
+    fn spawn_restore(&mut self, cmd: &VzCommand, criu_config: &str, log: &Path) -> Result<i32> {
         let argv = cmd.argv();
         let out = std::fs::File::create(log).map_err(|e| VzError::io(log, e))?;
         let err = out.try_clone().map_err(|e| VzError::io(log, e))?;
@@ -246,8 +248,9 @@ impl VzTools for RealTools {
                 command: cmd.line(),
                 message: format!("cannot start it: {e}"),
             })?;
+        let pid = child.id() as i32;
         self.restore = Some((child, cmd.line()));
-        Ok(())
+        Ok(pid)
     }
 
     fn wait_restore(&mut self) -> Result<()> {
