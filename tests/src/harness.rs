@@ -1087,3 +1087,25 @@ pub fn assert_refused_in_preflight(w: &Workload, serve: &Serve, extra: &[&str], 
         .criu_processes()
         .is_empty()));
 }
+
+/// `phaul recover`, run again (as an operator would, told so) while the
+/// only sessions left pending are ones a phaul that still runs is busy
+/// finishing (`left-alone`), for up to 20 s.
+pub fn recover_settled(plugins: &Path, journal: &Path, timeout_s: u64) -> Recovery {
+    let end = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = recover(plugins, journal, timeout_s);
+        let busy = r.json.as_ref().is_some_and(|j| {
+            j["pending"].as_u64().unwrap_or(0) > 0
+                && j["sessions"].as_array().is_some_and(|s| {
+                    s.iter()
+                        .filter(|a| a["pending"] == true)
+                        .all(|a| a["action"] == "left-alone")
+                })
+        });
+        if !busy || std::time::Instant::now() >= end {
+            return r;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}

@@ -203,8 +203,9 @@ fn handle(mut client: Conn, mut server: Conn, st: Arc<State>) {
     }
     let mut back_preamble_client = client.try_clone().unwrap();
     let back_server = server.try_clone().unwrap();
-    if let Msg::AttachMemory { .. } = first {
-        // Memory: raw bytes, counted, in both directions.
+    if let Msg::AttachMemory { .. } | Msg::AttachFs { .. } = first {
+        // Memory (and the file sync's own protocol): raw bytes, counted
+        // (the memory only), in both directions.
         std::thread::spawn(move || {
             let _ = std::io::copy(&mut &back_server, &mut back_preamble_client);
             back_preamble_client.shutdown_write();
@@ -218,7 +219,12 @@ fn handle(mut client: Conn, mut server: Conn, st: Arc<State>) {
                 }
                 Ok(n) => n,
             };
-            let total = st.mem_bytes.fetch_add(n as u64, Ordering::SeqCst) + n as u64;
+            let counted = if matches!(first, Msg::AttachMemory { .. }) {
+                n as u64
+            } else {
+                0
+            };
+            let total = st.mem_bytes.fetch_add(counted, Ordering::SeqCst) + counted;
             if let Fault::KillAfterMemoryBytes { bytes, pid } = st.fault {
                 if total >= bytes && !st.triggered.load(Ordering::SeqCst) {
                     let _ = nix::sys::signal::kill(

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use phaul_tests::harness::{
-    describe_processes_under, processes_with_cwd_under, reap, reap_strays, recover,
+    describe_processes_under, processes_with_cwd_under, reap, reap_strays, recover_settled,
     restore_underway, setup, side_workers, wait_for, workload_copies, Copies, CriuWorker,
     Migration, Recovery, Serve, Workload,
 };
@@ -569,9 +569,13 @@ impl Run {
     /// `phaul recover` on the source journal (it asks the destination),
     /// then on the destination journal.
     fn recover(&mut self, cell: &mut Cell, dir: &Path) {
-        let src = recover_settled(self.src_plugins.path(), &self.src_journal);
+        let src = recover_settled(self.src_plugins.path(), &self.src_journal, RECOVER_TIMEOUT);
         check_recovery(cell, "source", &src, dir);
-        let dst = recover_settled(self.serve.plugins.path(), &self.dst_journal);
+        let dst = recover_settled(
+            self.serve.plugins.path(),
+            &self.dst_journal,
+            RECOVER_TIMEOUT,
+        );
         check_recovery(cell, "destination", &dst, dir);
     }
 
@@ -751,28 +755,6 @@ fn check_recovery(cell: &mut Cell, side: &str, r: &Recovery, dir: &Path) {
 
 /// `{"pending": N, "sessions": [{"session": "<16 hex>", "side": <side>,
 /// "action": "...", "message": "..."}]}`.
-/// `phaul recover`, run again (as an operator would, told so) while the
-/// only sessions left pending are ones a phaul that still runs is busy
-/// finishing (`left-alone`), for up to 20 s.
-fn recover_settled(plugins: &Path, journal: &Path) -> phaul_tests::harness::Recovery {
-    let end = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let r = recover(plugins, journal, RECOVER_TIMEOUT);
-        let busy = r.json.as_ref().is_some_and(|j| {
-            j["pending"].as_u64().unwrap_or(0) > 0
-                && j["sessions"].as_array().is_some_and(|s| {
-                    s.iter()
-                        .filter(|a| a["pending"] == true)
-                        .all(|a| a["action"] == "left-alone")
-                })
-        });
-        if !busy || std::time::Instant::now() >= end {
-            return r;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
-
 fn recovery_shape(j: &serde_json::Value, side: &str) -> Result<(), String> {
     j["pending"]
         .as_u64()
