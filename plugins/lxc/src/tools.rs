@@ -1,7 +1,8 @@
 //! The LXC commands the driver runs (`lxc-info`, `lxc-config`,
-//! `lxc-start`, `lxc-stop`, `lxc-destroy`, `lxc-checkpoint -r`) and the
-//! `ip link` calls of its network lock: one place, each command line
-//! spelled out, failures quoting the command and what it printed.
+//! `lxc-start`, `lxc-stop`, `lxc-destroy`, `lxc-checkpoint -r`) and what it
+//! reads of the host (LXC monitors and tools in /proc, veth bridges in
+//! /sys): one place, each command line spelled out, failures quoting the
+//! command and what it printed.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -35,7 +36,7 @@ pub fn run(cmd: &mut Command) -> DriverResult<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// The directory on `PATH` holding `prog`, if any.
+/// `prog`'s path on `PATH`, if it is there.
 pub fn which(prog: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
