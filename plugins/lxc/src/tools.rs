@@ -18,22 +18,50 @@ fn line(cmd: &Command) -> String {
         .join(" ")
 }
 
+/// An anonymous in-memory file (`memfd_create`) for a command's output.
+fn memfd(name: &std::ffi::CStr) -> std::io::Result<std::fs::File> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: a valid C string and flags; the new descriptor is owned by
+    // the File from here on.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    Ok(unsafe { std::fs::File::from_raw_fd(fd) })
+}
+
+/// The whole content of `f`, from the start.
+fn read_all(mut f: std::fs::File) -> String {
+    use std::io::{Read, Seek};
+    let mut s = String::new();
+    let _ = f.seek(std::io::SeekFrom::Start(0));
+    let _ = f.read_to_string(&mut s);
+    s
+}
+
 /// Runs `cmd` (stdin closed), returning its standard output; a failure
-/// names the command and quotes its standard error.
+/// names the command and quotes its standard error. The output goes
+/// through in-memory files, not pipes: an LXC tool that leaves a daemon
+/// behind (a container's monitor) would otherwise keep the pipe, and this
+/// call, open forever.
 pub fn run(cmd: &mut Command) -> DriverResult<String> {
     let l = line(cmd);
-    let out = cmd
+    let io = |e: std::io::Error| DriverError::failed(format!("cannot run `{l}`: {e}"));
+    let (out, err) = (memfd(c"stdout").map_err(io)?, memfd(c"stderr").map_err(io)?);
+    let status = cmd
         .stdin(Stdio::null())
-        .output()
-        .map_err(|e| DriverError::failed(format!("cannot run `{l}`: {e}")))?;
-    if !out.status.success() {
+        .stdout(out.try_clone().map_err(io)?)
+        .stderr(err.try_clone().map_err(io)?)
+        .status()
+        .map_err(io)?;
+    if !status.success() {
         return Err(DriverError::failed(format!(
-            "`{l}` failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
+            "`{l}` failed ({status}): {}",
+            read_all(err).trim()
         )));
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    Ok(read_all(out))
 }
 
 /// `prog`'s path on `PATH`, if it is there.
