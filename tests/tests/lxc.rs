@@ -636,6 +636,56 @@ fn copies(name: &str) -> Vec<(i32, char)> {
     out
 }
 
+/// A container on A being moved to B in the background (through a proxy
+/// with `fault`, if given), for the tests that kill things on the way.
+struct Moving {
+    h: Hosts,
+    /// The source's workload, and its container's init before the move.
+    w: Workload,
+    init: Option<i32>,
+    serve: Serve,
+    src: tempfile::TempDir,
+    journal: tempfile::TempDir,
+    m: Migration,
+    proxy: Option<Proxy>,
+}
+
+impl Moving {
+    fn start(name: &str, fault: Option<Fault>) -> Moving {
+        let mut h = Hosts::new();
+        let w = h.container(name, "");
+        h.track(&h.b.clone(), name);
+        let (_, init) = info(&h.a, name);
+        let serve = h.destination();
+        let proxy = fault.map(|f| Proxy::start(&serve.addr, f));
+        let to = proxy
+            .as_ref()
+            .map_or(serve.addr.clone(), |p| p.addr.clone());
+        let src = src_plugins();
+        let journal = tempfile::tempdir().unwrap();
+        let a = format!("lxcpath={}", h.a.display());
+        let m = Migration::start(
+            src.path(),
+            "lxc",
+            name,
+            &to,
+            journal.path(),
+            &["-o", &a, "--resolve-timeout", "3"],
+            None,
+        );
+        Moving {
+            h,
+            w,
+            init,
+            serve,
+            src,
+            journal,
+            m,
+            proxy,
+        }
+    }
+}
+
 /// Kills the source's or the destination's phaul once B has a restored
 /// copy (held for the commit, or just released: the moment varies), then
 /// lets `phaul recover` settle what the journal left pending (the
@@ -643,23 +693,16 @@ fn copies(name: &str) -> Vec<(i32, char)> {
 /// copy exists and runs, on A or on B, with its memory intact, and LXC
 /// says so on that side only.
 fn kill_during_the_restore(name: &str, kill_destination: bool) {
-    let mut h = Hosts::new();
-    let w = h.container(name, "");
-    h.track(&h.b.clone(), name);
-    let (_, init) = info(&h.a, name);
-    let mut serve = h.destination();
-    let src = src_plugins();
-    let journal = tempfile::tempdir().unwrap();
-    let a = format!("lxcpath={}", h.a.display());
-    let mut m = Migration::start(
-        src.path(),
-        "lxc",
-        name,
-        &serve.addr,
-        journal.path(),
-        &["-o", &a, "--resolve-timeout", "3"],
-        None,
-    );
+    let Moving {
+        h,
+        w,
+        init,
+        mut serve,
+        src,
+        journal,
+        mut m,
+        proxy: _,
+    } = Moving::start(name, None);
     assert!(
         wait_for(Duration::from_secs(30), || copies(name).len() > 1),
         "B never restored a copy"
@@ -800,24 +843,17 @@ const POINTS: [&str; 4] = ["Restore", "Restored", "Commit", "Resumed"];
 /// and journal, `phaul recover` runs on both journals, and exactly one copy
 /// runs, with its memory intact. Returns where it runs.
 fn stall_then_kill(name: &str, point: &'static str, victim: Victim) -> &'static str {
-    let mut h = Hosts::new();
-    let w = h.container(name, "");
-    h.track(&h.b.clone(), name);
-    let (_, init) = info(&h.a, name);
-    let mut serve = h.destination();
-    let proxy = Proxy::start(&serve.addr, Fault::StallAt(point));
-    let src = src_plugins();
-    let journal = tempfile::tempdir().unwrap();
-    let a = format!("lxcpath={}", h.a.display());
-    let mut m = Migration::start(
-        src.path(),
-        "lxc",
-        name,
-        &proxy.addr,
-        journal.path(),
-        &["-o", &a, "--resolve-timeout", "3"],
-        None,
-    );
+    let Moving {
+        h,
+        w,
+        init,
+        mut serve,
+        src,
+        journal,
+        mut m,
+        proxy,
+    } = Moving::start(name, Some(Fault::StallAt(point)));
+    let proxy = proxy.expect("a proxy");
     assert!(
         wait_for(Duration::from_secs(30), || proxy.triggered()
             || m.try_wait().is_some()),
