@@ -614,22 +614,7 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         v.extend(r.encode_to_vec());
         out.push(("criu_rpc", name.to_string(), v));
     }
-    let entry = rpc::StatsEntry {
-        dump: Some(rpc::DumpStatsEntry {
-            freezing_time: 10,
-            frozen_time: 2000,
-            memdump_time: 300,
-            memwrite_time: 400,
-            pages_scanned: 100,
-            pages_skipped_parent: 1,
-            pages_written: 99,
-            irmap_resolve: None,
-            pages_lazy: 0,
-            page_pipes: None,
-            page_pipe_bufs: None,
-        }),
-        restore: None,
-    };
+    let entry = stats::sample_dump_entry();
     let mut img = vec![ReqType::Empty as u8];
     img.extend(stats::image(&entry));
     out.push(("criu_rpc", "stats-dump".into(), img));

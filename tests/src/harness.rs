@@ -105,6 +105,26 @@ impl Serve {
         Self::start_on(wrapper, plugins, "127.0.0.1:0", extra, None)
     }
 
+    /// Like [`Serve::start`], in a mount namespace of its own (`unshare -m
+    /// --propagation private`) where the shell commands `setup` (e.g. `mount
+    /// --bind A B`) run first: a second "host" for paths.
+    pub fn start_with_own_mounts(setup: &str, plugins: &[(&str, &str)], extra: &[&str]) -> Serve {
+        let script = format!("{setup} && exec \"$0\" \"$@\"");
+        Self::start_wrapped(
+            &[
+                "unshare",
+                "-m",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                &script,
+            ],
+            plugins,
+            extra,
+        )
+    }
+
     /// Starts `phaul serve` on `listen` (a loopback `ADDR:PORT`; port 0
     /// picks a free one) under `wrapper` (may be empty), with its standard
     /// error appended to `log` (inherited when `None`).
@@ -1108,4 +1128,39 @@ pub fn recover_settled(plugins: &Path, journal: &Path, timeout_s: u64) -> Recove
         }
         std::thread::sleep(Duration::from_millis(500));
     }
+}
+
+/// `phaul --plugin-dir DIR htypes --json` (with `PATH=path` when given),
+/// which must succeed: its output.
+pub fn htypes_json(dir: &Path, path: Option<&str>) -> Value {
+    let mut cmd = Command::new(bin("phaul"));
+    cmd.arg("--plugin-dir").arg(dir).args(["htypes", "--json"]);
+    if let Some(p) = path {
+        cmd.env("PATH", p);
+    }
+    let out = cmd.output().expect("run phaul htypes");
+    assert!(
+        out.status.success(),
+        "phaul htypes: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("phaul htypes --json prints JSON")
+}
+
+/// A `phaul-workload tcp-client` talking to `server` (a `run
+/// --tcp-listen` workload) for `ms` milliseconds, reporting into `out`.
+pub fn tcp_client(server: &str, ms: u64, out: &Path) -> Child {
+    Command::new(bin("phaul-workload"))
+        .args([
+            "tcp-client",
+            "--connect",
+            server,
+            "--duration-ms",
+            &ms.to_string(),
+            "--out",
+        ])
+        .arg(out)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start phaul-workload tcp-client")
 }

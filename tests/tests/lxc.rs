@@ -20,7 +20,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use phaul_tests::harness::{
-    ip, migrate, recover, recover_settled, setup, wait_for, Migration, Serve, Workload,
+    htypes_json, ip, migrate, recover, recover_settled, setup, tcp_client, wait_for, Migration,
+    Serve, Workload,
 };
 use phaul_tests::proxy::{Fault, Proxy};
 use phaul_tests::{bin, plugin_dir};
@@ -198,23 +199,30 @@ impl Hosts {
     /// The destination service: its own mount namespace with B's
     /// `/etc/lxc`, file syncs allowed into B.
     fn destination(&self) -> Serve {
-        let script = format!(
-            "mount --bind '{}' /etc/lxc && exec \"$0\" \"$@\"",
-            self.etc_b.display()
-        );
-        Serve::start_wrapped(
-            &[
-                "unshare",
-                "-m",
-                "--propagation",
-                "private",
-                "sh",
-                "-c",
-                &script,
-            ],
+        Serve::start_with_own_mounts(
+            &format!("mount --bind '{}' /etc/lxc", self.etc_b.display()),
             LXC,
             &["--allow-sync-root", self.b.to_str().unwrap()],
         )
+    }
+
+    /// `-o lxcpath=A`'s value: the source container's lxcpath.
+    fn source_lxcpath(&self) -> String {
+        format!("lxcpath={}", self.a.display())
+    }
+
+    /// `phaul migrate lxc NAME --to TO -o lxcpath=A EXTRA...` with the lxc
+    /// plugin: its output and JSON summary.
+    fn migrate(
+        &self,
+        name: &str,
+        to: &str,
+        extra: &[&str],
+    ) -> (std::process::Output, Option<Value>) {
+        let a = self.source_lxcpath();
+        let mut args = vec!["-o", a.as_str()];
+        args.extend_from_slice(extra);
+        migrate(src_plugins().path(), "lxc", name, to, &args)
     }
 
     /// The client address of the container's TCP server.
@@ -292,24 +300,6 @@ fn counter_lines(rootfs: &Path) -> u64 {
     n
 }
 
-/// A `phaul-workload tcp-client` talking to the container's server for
-/// `ms` milliseconds, reporting into `out`.
-fn tcp_client(server: &str, ms: u64, out: &Path) -> std::process::Child {
-    Command::new(bin("phaul-workload"))
-        .args([
-            "tcp-client",
-            "--connect",
-            server,
-            "--duration-ms",
-            &ms.to_string(),
-            "--out",
-        ])
-        .arg(out)
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
 fn src_plugins() -> tempfile::TempDir {
     plugin_dir(LXC)
 }
@@ -339,15 +329,7 @@ fn a_container_moves_to_another_lxcpath_with_its_connection_and_lxc_manages_it_t
     w.assert_intact(&before);
     let lines_before = counter_lines(&h.a.join("ct1/rootfs"));
 
-    let src = src_plugins();
-    let a = format!("lxcpath={}", h.a.display());
-    let (out, json) = migrate(
-        src.path(),
-        "lxc",
-        "ct1",
-        &serve.addr,
-        &["-o", &a, "--tcp-established"],
-    );
+    let (out, json) = h.migrate("ct1", &serve.addr, &["--tcp-established"]);
     h.track(&h.b.clone(), "ct1");
     assert_eq!(exit_code(&out), Some(0), "the migration failed");
     let json = json.expect("a JSON summary");
@@ -429,23 +411,11 @@ fn a_container_on_shared_storage_moves_under_a_new_name_onto_another_bridge() {
     ip(&["link", "add", &br_b, "type", "bridge"]);
     ip(&["link", "set", &br_b, "up"]);
     h.extra_links.push(br_b.clone());
-    let src = src_plugins();
-    let a = format!("lxcpath={}", h.a.display());
     let bridge = format!("bridge={br_b}");
-    let (out, _) = migrate(
-        src.path(),
-        "lxc",
+    let (out, _) = h.migrate(
         "ct2",
         &serve.addr,
-        &[
-            "-o",
-            &a,
-            "-o",
-            &bridge,
-            "--shared-storage",
-            "--dst-id",
-            "ct2b",
-        ],
+        &["-o", &bridge, "--shared-storage", "--dst-id", "ct2b"],
     );
     h.track(&h.b.clone(), "ct2b");
     assert_eq!(exit_code(&out), Some(0), "the migration failed");
@@ -497,9 +467,7 @@ fn a_failed_restore_on_b_leaves_the_container_running_on_a_and_nothing_on_b() {
     let w = h.container("ct3", &format!("lxc.net.0.veth.pair = {pair}\n"));
     let (_, init_before) = info(&h.a, "ct3");
     let serve = h.destination();
-    let src = src_plugins();
-    let a = format!("lxcpath={}", h.a.display());
-    let (out, _) = migrate(src.path(), "lxc", "ct3", &serve.addr, &["-o", &a]);
+    let (out, _) = h.migrate("ct3", &serve.addr, &[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(exit_code(&out), Some(4), "rolled back: {stderr}");
     assert!(
@@ -537,15 +505,7 @@ fn restart_mode_stops_the_container_on_a_and_starts_it_on_b() {
     let mut h = Hosts::new();
     let _w = h.container("ct4", "");
     let serve = h.destination();
-    let src = src_plugins();
-    let a = format!("lxcpath={}", h.a.display());
-    let (out, _) = migrate(
-        src.path(),
-        "lxc",
-        "ct4",
-        &serve.addr,
-        &["-o", &a, "--mode", "restart", "--keep-source"],
-    );
+    let (out, _) = h.migrate("ct4", &serve.addr, &["--mode", "restart", "--keep-source"]);
     h.track(&h.b.clone(), "ct4");
     assert_eq!(exit_code(&out), Some(0), "the migration failed");
     // A keeps it, stopped (--keep-source); B runs it afresh with A's
@@ -573,12 +533,8 @@ fn unknown_stopped_and_misconfigured_containers_are_refused_in_preflight() {
     let mut h = Hosts::new();
     let _w = h.container("ct5", "");
     let serve = h.destination();
-    let src = src_plugins();
-    let a = format!("lxcpath={}", h.a.display());
     let refused = |id: &str, extra: &[&str], want: &str| {
-        let mut args = vec!["-o", a.as_str()];
-        args.extend_from_slice(extra);
-        let (out, _) = migrate(src.path(), "lxc", id, &serve.addr, &args);
+        let (out, _) = h.migrate(id, &serve.addr, extra);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(
             exit_code(&out),
@@ -663,7 +619,7 @@ impl Moving {
             .map_or(serve.addr.clone(), |p| p.addr.clone());
         let src = src_plugins();
         let journal = tempfile::tempdir().unwrap();
-        let a = format!("lxcpath={}", h.a.display());
+        let a = h.source_lxcpath();
         let m = Migration::start(
             src.path(),
             "lxc",
@@ -795,22 +751,7 @@ fn htypes_says_when_lxc_is_not_installed() {
         return;
     }
     let plugins = src_plugins();
-    let run = |path: &str| {
-        let out = Command::new(bin("phaul"))
-            .arg("--plugin-dir")
-            .arg(plugins.path())
-            .args(["htypes", "--json"])
-            .env("PATH", path)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-        v.to_string()
-    };
+    let run = |path: &str| htypes_json(plugins.path(), Some(path)).to_string();
     let without = run("/nonexistent");
     assert!(
         without.contains("LXC is not installed here"),

@@ -45,21 +45,12 @@ fn hosts() -> Hosts {
 /// `phaul serve` in its own mount namespace where `data` shows `backing`,
 /// allowed to sync into `data`.
 fn destination(h: &Hosts) -> Serve {
-    let script = format!(
-        "mount --bind '{}' '{}' && exec \"$0\" \"$@\"",
-        h.backing.display(),
-        h.data.display()
-    );
-    Serve::start_wrapped(
-        &[
-            "unshare",
-            "-m",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            &script,
-        ],
+    Serve::start_with_own_mounts(
+        &format!(
+            "mount --bind '{}' '{}'",
+            h.backing.display(),
+            h.data.display()
+        ),
         PID,
         &["--allow-sync-root", h.data.to_str().unwrap()],
     )

@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use phaul_core::plugins::{EngineHost, Registry};
 use phaul_plugin_api::{InitContext, Mode, Side};
-use phaul_tests::harness::{alive, migrate, reap, setup, wait_for, Serve, Workload};
+use phaul_tests::harness::{alive, htypes_json, migrate, reap, setup, wait_for, Serve, Workload};
 use phaul_tests::out_of_tree::{cargo, hello_driver, hello_driver_dir, run_cargo, workspace_root};
-use phaul_tests::{bin, plugin_dir_of};
+use phaul_tests::plugin_dir_of;
 
 /// Copies `from` into `to`, recursively.
 fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
@@ -88,17 +88,7 @@ fn hello_driver_builds_alone_loads_and_is_listed() {
 
     let lib = hello_driver();
     let dir = plugin_dir_of(&[(&lib, "libphaul_hello.so")]);
-    let out = Command::new(bin("phaul"))
-        .args(["htypes", "--json", "--plugin-dir"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = htypes_json(dir.path(), None);
     assert_eq!(v["skipped"].as_array().unwrap().len(), 0, "{v}");
     let hello = &v["htypes"][0];
     assert_eq!(hello["name"], "hello", "{v}");

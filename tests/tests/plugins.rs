@@ -9,6 +9,7 @@ use std::process::Command;
 use phaul_core::plugins::{EngineHost, Registry};
 use phaul_core::Error;
 use phaul_plugin_api::{ErrorCode, InitContext, Mode, Side};
+use phaul_tests::harness::htypes_json;
 use phaul_tests::{bin, plugin_dir};
 
 /// What this phaul speaks: `MAJOR.MINOR` of phaul-plugin-api.
@@ -217,13 +218,7 @@ fn htypes_command_lists_pid_and_exit_codes_follow_the_result() {
         ("phaul_pid", "libphaul_pid.so"),
         ("phaul_test_old_abi", "libold.so"),
     ]);
-    let out = Command::new(bin("phaul"))
-        .args(["htypes", "--json", "--plugin-dir"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = htypes_json(dir.path(), None);
     assert_eq!(v["htypes"][0]["name"], "pid");
     assert_eq!(v["htypes"][0]["abi_version"], phaul_plugin_api::ABI_VERSION);
     assert_eq!(v["phaul_abi_version"], phaul_plugin_api::ABI_VERSION);
@@ -358,13 +353,7 @@ fn htypes_shows_the_abi_each_plugin_was_built_against() {
     let patch: u32 = v.next().unwrap().parse().unwrap();
     let theirs = format!("{major}.{minor}.{}", patch + 7);
 
-    let out = Command::new(bin("phaul"))
-        .args(["htypes", "--json", "--plugin-dir"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = htypes_json(dir.path(), None);
     assert_eq!(v["skipped"].as_array().unwrap().len(), 0, "{v}");
     assert_eq!(v["phaul_abi_version"], phaul_plugin_api::ABI_VERSION);
     let abi = |name: &str| {

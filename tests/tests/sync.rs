@@ -61,21 +61,12 @@ fn destination_after(h: &Hosts, plugins: &[(&str, &str)], allowed: &[&Path], fir
         extra.push("--allow-sync-root");
         extra.push(a.to_str().unwrap());
     }
-    let script = format!(
-        "{first}mount --bind '{}' '{}' && exec \"$0\" \"$@\"",
-        h.backing.display(),
-        h.data.display()
-    );
-    Serve::start_wrapped(
-        &[
-            "unshare",
-            "-m",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            &script,
-        ],
+    Serve::start_with_own_mounts(
+        &format!(
+            "{first}mount --bind '{}' '{}'",
+            h.backing.display(),
+            h.data.display()
+        ),
         plugins,
         &extra,
     )

@@ -10,11 +10,11 @@
 //! on the same bridge (`-o veth=eth0=NEW@BRIDGE`). The test creates and
 //! removes all of this itself; no traffic leaves the machine.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use phaul_tests::harness::{alive, ip, migrate, reap, setup, wait_for, Workload};
-use phaul_tests::{bin, plugin_dir};
+use phaul_tests::harness::{alive, ip, migrate, reap, setup, tcp_client, wait_for, Workload};
+use phaul_tests::plugin_dir;
 
 /// The test's own bridge, removed on drop.
 struct Bridge(String);
@@ -72,19 +72,7 @@ fn established_tcp_connection_survives_the_migration() {
 
     let serve = phaul_tests::harness::Serve::start(&[("phaul_pid", "libphaul_pid.so")], &[]);
     let report_file = w.state.join("tcp-client.json");
-    let mut client = Command::new(bin("phaul-workload"))
-        .args([
-            "tcp-client",
-            "--connect",
-            &format!("{addr}:7777"),
-            "--duration-ms",
-            "6000",
-            "--out",
-        ])
-        .arg(&report_file)
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut client = tcp_client(&format!("{addr}:7777"), 6000, &report_file);
     assert!(
         wait_for(Duration::from_secs(10), || w.report()["tcp_requests"]
             .as_u64()

@@ -6,6 +6,7 @@
 
 use std::process::Command;
 
+use phaul_tests::harness::htypes_json;
 use phaul_tests::{bin, plugin_dir};
 
 fn vzctl_on_path() -> bool {
@@ -20,17 +21,7 @@ fn htypes_lists_vz_with_a_note_when_vzctl_is_missing() {
         ("phaul_pid", "libphaul_pid.so"),
         ("phaul_vz", "libphaul_vz.so"),
     ]);
-    let out = Command::new(bin("phaul"))
-        .args(["htypes", "--json", "--plugin-dir"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = htypes_json(dir.path(), None);
     let vz = v["htypes"]
         .as_array()
         .unwrap()

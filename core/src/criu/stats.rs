@@ -79,6 +79,28 @@ pub(crate) fn image(entry: &StatsEntry) -> Vec<u8> {
     img
 }
 
+/// A dump's statistics as CRIU records them (frozen 2000 us, 99 pages
+/// written), for the tests and the fuzz seeds.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) fn sample_dump_entry() -> StatsEntry {
+    StatsEntry {
+        dump: Some(crate::criu::rpc::DumpStatsEntry {
+            freezing_time: 10,
+            frozen_time: 2000,
+            memdump_time: 300,
+            memwrite_time: 400,
+            pages_scanned: 100,
+            pages_skipped_parent: 1,
+            pages_written: 99,
+            irmap_resolve: None,
+            pages_lazy: 0,
+            page_pipes: None,
+            page_pipe_bufs: None,
+        }),
+        restore: None,
+    }
+}
+
 fn read_entry(path: &Path) -> Result<StatsEntry, StatsError> {
     let p = path.display().to_string();
     let buf = std::fs::read(path).map_err(|source| StatsError::Io {
@@ -141,26 +163,10 @@ pub fn read_restore(dir: &Path) -> Result<RestoreStats, StatsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::criu::rpc::DumpStatsEntry;
 
     #[test]
     fn parses_a_stats_image_and_rejects_garbage() {
-        let entry = StatsEntry {
-            dump: Some(DumpStatsEntry {
-                freezing_time: 10,
-                frozen_time: 2000,
-                memdump_time: 300,
-                memwrite_time: 400,
-                pages_scanned: 100,
-                pages_skipped_parent: 1,
-                pages_written: 99,
-                irmap_resolve: None,
-                pages_lazy: 0,
-                page_pipes: None,
-                page_pipe_bufs: None,
-            }),
-            restore: None,
-        };
+        let entry = sample_dump_entry();
         let img = image(&entry);
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("stats-dump"), &img).unwrap();

@@ -228,13 +228,7 @@ pub fn measure(env: &Env, method: LxcMethod, mem: u64, run_no: u32) -> RunResult
         }
         r.total_ms = t.elapsed().as_secs_f64() * 1e3;
         let new = workload_pid(&hosts.b).ok_or_else(|| anyhow!("nothing runs in B"))?;
-        let after = env.report(&hosts.b.join(NAME).join("rootfs/state"), new)?;
-        r.downtime_ms = after["window_max_gap_us"].as_u64().unwrap_or(0) as f64 / 1e3;
-        r.verified = after["pages_bad"] == 0 && after["pages_verified"] == after["pages"];
-        if !r.verified {
-            bail!("the workload's memory did not verify after the move: {after}");
-        }
-        Ok(())
+        r.record_after(&env.report(&hosts.b.join(NAME).join("rootfs/state"), new)?)
     })();
     if let Err(e) = res {
         r.error = Some(format!("{e:#}"));

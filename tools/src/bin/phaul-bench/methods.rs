@@ -91,6 +91,20 @@ pub struct RunResult {
     pub error: Option<String>,
 }
 
+impl RunResult {
+    /// Records the workload's report after the move: the largest
+    /// heartbeat gap it saw, and whether every page verified (an error if
+    /// not).
+    pub(crate) fn record_after(&mut self, after: &Value) -> anyhow::Result<()> {
+        self.downtime_ms = after["window_max_gap_us"].as_u64().unwrap_or(0) as f64 / 1e3;
+        self.verified = after["pages_bad"] == 0 && after["pages_verified"] == after["pages"];
+        if !self.verified {
+            bail!("the workload's memory did not verify after the move: {after}");
+        }
+        Ok(())
+    }
+}
+
 /// Paths of the tools and the scratch directories.
 pub struct Env {
     pub(crate) bin: PathBuf,
@@ -418,13 +432,7 @@ impl Env {
                 Method::Floor => self.criu_cli(pid, false, &mut r)?,
             };
             pids.push(new);
-            let after = self.report(&state, new)?;
-            r.downtime_ms = after["window_max_gap_us"].as_u64().unwrap_or(0) as f64 / 1e3;
-            r.verified = after["pages_bad"] == 0 && after["pages_verified"] == after["pages"];
-            if !r.verified {
-                bail!("the workload's memory did not verify after the move: {after}");
-            }
-            Ok(())
+            r.record_after(&self.report(&state, new)?)
         })();
         if let Err(e) = res {
             r.error = Some(format!("{e:#}"));
