@@ -234,7 +234,7 @@ impl Server {
     pub fn start_iter(&mut self) -> Result<(), ApiError> {
         let next = self.pages.last() + 1;
         let parent = (next > 1).then(|| next - 1);
-        Ok(self.pages.start(next, parent)?)
+        Ok(self.pages.start(next, parent, false)?)
     }
 
     /// Waits until the current pass's pages are all written.

@@ -478,6 +478,7 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
             addr: "127.0.0.1:8080".parse().unwrap(),
         }],
         dry_run: false,
+        post_copy: false,
     };
     let restart = Hello {
         mode: MigrationMode::Restart,
@@ -513,6 +514,7 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         Msg::StartIter {
             iter: 1,
             parent: None,
+            lazy: false,
         },
         Msg::File {
             name: "inventory.img".into(),

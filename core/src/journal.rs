@@ -76,6 +76,11 @@ pub enum State {
     /// (SIGSTOP) and `Commit` may have been sent; on the destination the
     /// `Commit` arrived and the copy may be running.
     Committing,
+    /// Post-copy: the destination's copy runs while its memory still
+    /// arrives. The source's copy is stopped and serves the pages; the
+    /// destination's copy waits on any page it lacks. Neither side may
+    /// discard its copy on its own.
+    PostCopy,
     /// Finished: the workload runs on the destination.
     Migrated,
     /// Finished: the workload runs on the source (or, on the destination,

@@ -36,6 +36,7 @@ pub mod journal;
 pub mod memchan;
 pub mod plugins;
 pub mod policy;
+pub mod postcopy;
 pub mod proc;
 pub mod proto;
 pub mod server;

@@ -86,6 +86,12 @@ impl MemChannel {
         Self { conn, watch: None }
     }
 
+    /// The connection (post-copy's page protocol runs on it after the
+    /// switch, when CRIU no longer uses it).
+    pub fn conn(&self) -> &Conn {
+        &self.conn
+    }
+
     /// The descriptor CRIU inherits and is told to use as `ps.fd`.
     pub fn raw_fd(&self) -> RawFd {
         self.conn.as_raw_fd()

@@ -200,6 +200,8 @@ fn serve_in_embedded_mode_takes_connections_from_its_caller() {
         log_dir: src_work.path().join("logs"),
         hook_deadlines: vec![],
         freeze_timeout: None,
+        post_copy: Default::default(),
+        post_copy_stall: Duration::from_secs(15),
     };
     let connector = Connector::Given {
         control: ctl_src.into(),

@@ -257,6 +257,7 @@ fn hello_bytes() -> Vec<u8> {
         pids: Vec::new(),
         bound: Vec::new(),
         dry_run: true,
+        post_copy: false,
     };
     let mut v = Vec::new();
     phaul_core::proto::write_preamble(&mut v).unwrap();

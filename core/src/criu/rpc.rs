@@ -120,8 +120,12 @@ pub struct Opts {
     pub timeout: Option<u32>,
     #[prost(bool, optional, tag = "46")]
     pub tcp_skip_in_flight: Option<bool>,
+    #[prost(bool, optional, tag = "48")]
+    pub lazy_pages: Option<bool>,
     #[prost(bool, optional, tag = "50")]
     pub orphan_pts_master: Option<bool>,
+    #[prost(string, optional, tag = "51")]
+    pub config_file: Option<String>,
     #[prost(string, optional, tag = "53")]
     pub lsm_profile: Option<String>,
     #[prost(enumeration = "NetworkLockMethod", optional, tag = "64")]

@@ -96,6 +96,9 @@ pub struct DestOptions {
     /// What this side accepts, whatever the source asks for: htypes and
     /// the directories a file sync may write into ([`crate::policy`]).
     pub policy: DestPolicy,
+    /// Post-copy: how long the page transfer may make no progress before
+    /// it is declared broken.
+    pub post_copy_stall: Duration,
 }
 
 /// What the destination did, for its log.
@@ -146,6 +149,21 @@ pub enum DestError {
     /// The source did not commit in time.
     #[error("no commit from the source within {0:?}; the restored copy is discarded")]
     CommitTimeout(Duration),
+    /// Post-copy: the page transfer broke after the switch. The copy runs
+    /// here and waits on the pages it lacks; nothing is discarded.
+    #[error(
+        "the post-copy page transfer broke: {why}. The copy (pid {pid}) runs here but waits on \
+         {missing} pages it lacks (none is made up); the source's stopped copy holds them. \
+         Decide on the source with `phaul recover`"
+    )]
+    PostCopyBroken {
+        /// What broke.
+        why: String,
+        /// Pages that never arrived.
+        missing: u64,
+        /// The copy's root pid here.
+        pid: i32,
+    },
 }
 
 impl DestError {
@@ -278,6 +296,9 @@ pub struct Receiving {
     /// `setup-namespaces`): if CRIU dies before `post-restore`, its
     /// half-restored tree is stuck in CRIU's restorer and must be killed.
     restoring: Option<Task>,
+    /// The last pass is a lazy dump (post-copy): the restore is lazy and
+    /// the pager serves the memory after the switch.
+    lazy: bool,
 }
 
 /// What holds a restored copy at `post-restore`.
@@ -296,6 +317,8 @@ pub struct Held {
     started: Instant,
     /// CRIU's working time so far.
     worked: Duration,
+    /// Post-copy: the pager holding the copy's userfaultfds.
+    pager: Option<crate::postcopy::pager::Pager>,
 }
 
 /// One session on the destination.
@@ -365,6 +388,7 @@ impl<'a> Session<'a> {
             mem: None,
             fs: None,
             restoring: None,
+            lazy: false,
         };
         let mut criu_version = None;
         if live {
@@ -381,6 +405,21 @@ impl<'a> Session<'a> {
                 .spawn("restore", &work.criu(), &[])
                 .map_err(criu_err)?;
             let version = pages.version().map_err(criu_err)?;
+            if hello.post_copy {
+                let f = pages
+                    .feature(crate::criu::rpc::Features {
+                        lazy_pages: Some(true),
+                        ..Default::default()
+                    })
+                    .map_err(criu_err)?;
+                if f.lazy_pages != Some(true) {
+                    return Err(other(
+                        "--post-copy: this host's kernel cannot restore lazily (CRIU: no \
+                         non-cooperative userfaultfd)"
+                            .into(),
+                    ));
+                }
+            }
             if let Some(src) = hello.criu_version.filter(|v| !hello.force && version < *v) {
                 return Err(DestError::Refused(
                     Refusal::Criu,
@@ -485,6 +524,16 @@ impl<'a> Session<'a> {
                     .contains(phaul_plugin_api::Capabilities::OWN_RESTORE)
             })
             .unwrap_or(false);
+        if hello.post_copy && s.own_restore {
+            return Err(DestError::Refused(
+                Refusal::Driver,
+                format!(
+                    "--post-copy: the {} driver restores through its own tooling, which cannot \
+                     restore lazily; run without --post-copy",
+                    hello.htype
+                ),
+            ));
+        }
         if !hello.dry_run {
             s.driver
                 .mount()
@@ -503,10 +552,15 @@ impl<'a> Session<'a> {
         control: &mut Control,
     ) -> Result<State, (State, DestError)> {
         match (state, msg) {
-            (State::Receiving(mut rx), Msg::StartIter { iter, parent }) => {
+            (State::Receiving(mut rx), Msg::StartIter { iter, parent, lazy }) => {
+                if lazy && !self.hello.post_copy {
+                    let e = DestError::Protocol("a lazy pass without --post-copy".into());
+                    return Err((State::Receiving(rx), e));
+                }
+                rx.lazy = lazy;
                 let r = match rx.pages.as_mut() {
                     Some(p) => p
-                        .start(iter, parent)
+                        .start(iter, parent, lazy)
                         .map_err(DestError::Transfer)
                         .and_then(|()| Ok(control.send(&Msg::IterReady { iter })?)),
                     None => Err(DestError::Protocol(
@@ -649,13 +703,21 @@ impl<'a> Session<'a> {
         pages
             .wait(Duration::from_secs(60))
             .map_err(DestError::Transfer)?;
-        // Memory is complete: the page-server worker and the memory
-        // connection are done.
+        // Memory is complete (or, post-copy, follows after the switch):
+        // the page-server worker is done, and so is the memory connection
+        // unless the pager needs it.
         drop(pages);
         files_complete(rx)?;
-        if let Some(m) = rx.mem.take() {
-            m.shutdown();
-        }
+        let mem = rx.mem.take();
+        let mem = match rx.lazy {
+            true => mem,
+            false => {
+                if let Some(m) = mem {
+                    m.shutdown();
+                }
+                None
+            }
+        };
         let images = self.work.images(iter);
         let meta_dir = self.work.meta();
         for m in meta {
@@ -696,6 +758,23 @@ impl<'a> Session<'a> {
         let mut o = w.opts(&images, "restore.log");
         o.notify_scripts = Some(true);
         criu_opts_to_rpc(&copts, &mut o);
+        // Post-copy: phaul's pager takes CRIU's userfaultfds.
+        let pager = match mem {
+            Some(mem) => {
+                o.lazy_pages = Some(true);
+                let p = crate::postcopy::pager::Pager::start(
+                    w.work_dir(),
+                    &images,
+                    mem,
+                    self.opts.post_copy_stall,
+                )
+                .map_err(|e| {
+                    DestError::Transfer(format!("cannot start the post-copy pager: {e}"))
+                })?;
+                Some(p)
+            }
+            None => None,
+        };
         let started = Instant::now();
         w.start(ReqType::Restore, o)?;
         // CRIU restores; the source only waits. Anything it sends now (an
@@ -748,6 +827,7 @@ impl<'a> Session<'a> {
                             root,
                             started,
                             worked: started.elapsed(),
+                            pager,
                         });
                     }
                     if let Some(t) = pid.filter(|p| *p > 0).and_then(proc::task) {
@@ -865,6 +945,7 @@ impl<'a> Session<'a> {
                     root,
                     started,
                     worked: started.elapsed(),
+                    pager: None,
                 });
             }
             hold.verdict(true)
@@ -959,6 +1040,15 @@ impl<'a> Session<'a> {
                     return Ok(if pid > 0 { pid } else { root_pid });
                 }
             };
+            // Post-copy: from here on the copy runs on memory that is still
+            // arriving; the keeper must hold its userfaultfds first.
+            if let Some(p) = &held.pager {
+                let keeper = p.go().map_err(DestError::Transfer)?;
+                tracing::info!(
+                    keeper,
+                    "post-copy: the userfaultfd keeper holds the copy's memory"
+                );
+            }
             w.answer_notify(true)?;
             w.set_deadline(Some(Instant::now() + Duration::from_secs(60)));
             loop {
@@ -980,11 +1070,16 @@ impl<'a> Session<'a> {
             Err(e) => return Err((State::Held(Box::new(held)), e)),
         };
         let took = held.worked + t.elapsed();
-        if let Err(e) = self.journal.set(
-            &mut self.record,
-            journal::State::Migrated,
-            "the workload runs here",
-        ) {
+        let pager = held.pager.take();
+        let (state, note) = match pager {
+            Some(_) => (
+                journal::State::PostCopy,
+                "the workload runs here; its memory is still arriving",
+            ),
+            None => (journal::State::Migrated, "the workload runs here"),
+        };
+        self.record.tasks = vec![held.root];
+        if let Err(e) = self.journal.set(&mut self.record, state, note) {
             tracing::error!("{e}");
         }
         let restore_stats = stats::read_restore(&self.work.criu()).ok();
@@ -999,7 +1094,79 @@ impl<'a> Session<'a> {
             held_ms = held.started.elapsed().as_millis() as u64,
             "released"
         );
+        if let Some(p) = pager {
+            return self.post_copy(p, pid, took);
+        }
         Ok(State::Done(self.complete(pid, took)))
+    }
+
+    /// Post-copy after the switch: the pager fetches the rest of the
+    /// memory. Every page in: the migration is complete. A broken
+    /// transfer leaves the copy running, waiting on the pages it lacks
+    /// (the keeper holds its userfaultfds), and says so.
+    fn post_copy(
+        &mut self,
+        pager: crate::postcopy::pager::Pager,
+        pid: i32,
+        took: Duration,
+    ) -> Result<State, (State, DestError)> {
+        use crate::postcopy::pager::PagerEnd;
+        match pager.wait() {
+            PagerEnd::AllIn(st) => {
+                tracing::info!(
+                    lazy = st.lazy_pages,
+                    placed = st.placed,
+                    on_demand = st.on_demand,
+                    zero_faults = st.zero_faults,
+                    dropped = st.dropped,
+                    took_ms = st.took.as_millis() as u64,
+                    "post-copy: every page arrived"
+                );
+                let note = format!(
+                    "the workload runs here; all {} lazy pages arrived ({} placed, {} on demand)",
+                    st.lazy_pages, st.placed, st.on_demand
+                );
+                if let Err(e) = self
+                    .journal
+                    .set(&mut self.record, journal::State::Migrated, &note)
+                {
+                    tracing::error!("{e}");
+                }
+                Ok(State::Done(self.complete(pid, took)))
+            }
+            PagerEnd::Broken {
+                why,
+                missing,
+                keeper,
+                ..
+            } => {
+                let note = format!(
+                    "post-copy transfer broke with {missing} pages missing: {why}; keeper pid {}",
+                    keeper.map_or("none".into(), |k| k.to_string())
+                );
+                if let Err(e) = self
+                    .journal
+                    .set(&mut self.record, journal::State::PostCopy, &note)
+                {
+                    tracing::error!("{e}");
+                }
+                self.work.keep(true);
+                let e = DestError::PostCopyBroken { why, missing, pid };
+                let sum = self.summary(pid, took);
+                Err((State::Done(sum), e))
+            }
+            PagerEnd::Stopped(why) => {
+                let sum = self.summary(pid, took);
+                Err((
+                    State::Done(sum),
+                    DestError::PostCopyBroken {
+                        why,
+                        missing: 0,
+                        pid,
+                    },
+                ))
+            }
+        }
     }
 
     /// Restart mode: installs the meta files and starts the workload.
@@ -1029,6 +1196,14 @@ impl<'a> Session<'a> {
             tracing::error!("{e}");
         }
         Ok(self.complete(pid, started.elapsed()))
+    }
+
+    fn summary(&self, pid: i32, took: Duration) -> DestSummary {
+        DestSummary {
+            session: self.hello.session,
+            pid,
+            restore_time: took,
+        }
     }
 
     fn complete(&mut self, pid: i32, took: Duration) -> DestSummary {
@@ -1245,6 +1420,12 @@ pub(crate) fn serve_with(
                 return Ok(sum);
             }
             Ok(next) => next,
+            Err((_, e @ DestError::PostCopyBroken { .. })) => {
+                // Not a rollback: the copy runs here, waiting on pages.
+                tracing::error!("{e}");
+                record(Outcome::InProgress);
+                return Err(e);
+            }
             Err((state, e)) => {
                 tracing::warn!("rolling back: {e}");
                 e.tell(&mut control);
@@ -1293,6 +1474,7 @@ mod tests {
             pids: Vec::new(),
             bound: Vec::new(),
             dry_run: false,
+            post_copy: false,
         };
         let c = check_hello(&hello).unwrap();
         assert_eq!(c.need_bytes, u64::MAX);

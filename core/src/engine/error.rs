@@ -226,6 +226,18 @@ pub enum CommitError {
         /// What broke.
         why: String,
     },
+    /// Post-copy: the page transfer broke after the switch. The
+    /// destination's copy runs but waits on the pages it lacks (none is
+    /// made up); the source's copy is stopped and whole.
+    #[error(
+        "the post-copy page transfer broke after the switch: {why}. The destination's copy runs \
+         but its threads wait on the pages it lacks (none is made up); this host's copy is \
+         stopped and whole"
+    )]
+    PostCopyBroken {
+        /// What broke.
+        why: String,
+    },
     /// The decision could not be recorded.
     #[error(transparent)]
     Journal(#[from] JournalError),

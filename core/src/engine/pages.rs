@@ -74,8 +74,9 @@ impl PageServers {
     }
 
     /// Starts the page server for pass `iter` (after the previous one
-    /// finished); `parent` links the pass to the one it builds on.
-    pub fn start(&mut self, iter: u32, parent: Option<u32>) -> Result<(), String> {
+    /// finished); `parent` links the pass to the one it builds on. A lazy
+    /// pass (post-copy) sends no pages now: only its directory is made.
+    pub fn start(&mut self, iter: u32, parent: Option<u32>, lazy: bool) -> Result<(), String> {
         self.wait(Duration::from_secs(60))?;
         if iter != self.last + 1 || parent.is_some_and(|p| p != self.last) {
             return Err(format!("pass {iter} cannot follow pass {}", self.last));
@@ -85,6 +86,10 @@ impl PageServers {
         if let Some(p) = parent {
             std::os::unix::fs::symlink(format!("../{p}"), dir.join("parent"))
                 .map_err(|e| e.to_string())?;
+        }
+        if lazy {
+            self.last = iter;
+            return Ok(());
         }
         let pid = self
             .worker

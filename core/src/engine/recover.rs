@@ -164,6 +164,26 @@ fn recover_source(
         .iter()
         .find(|(s, _)| *s == rec.session)
         .map(|(_, d)| *d);
+    if rec.state == State::PostCopy && explicit.is_none() {
+        // The destination's copy runs on memory only this stopped copy
+        // holds in full: neither answer of the destination's makes one
+        // of them disposable.
+        return Ok(Action::new(
+            rec,
+            "left-stopped",
+            format!(
+                "the post-copy page transfer broke: the destination's copy runs but waits on pages \
+                 that only this stopped copy (pid {root}) holds ({note}). This phaul cannot resume \
+                 the transfer. Decide: `phaul recover --resume-source {s}` once the destination's \
+                 copy is killed there (the workload then continues from its freeze point here, \
+                 forgetting what it did there), or `--kill-source {s}` to give the missing pages \
+                 up (the destination's copy then waits on them forever)",
+                note = rec.note,
+                s = rec.session_hex()
+            ),
+            true,
+        ));
+    }
     let verdict = match (explicit, rec.peer.as_deref()) {
         (Some(Decision::KillSource), _) => Verdict::Runs,
         (Some(Decision::ResumeSource), _) => Verdict::Discarded,
@@ -255,6 +275,25 @@ pub fn reconcile_destination(journal: &Journal, rec: &mut Record) -> Result<Acti
             State::Migrated,
             "kept-copy",
             format!("the source committed and the copy (pid {pid}) runs here"),
+        ),
+        State::PostCopy if state != TaskState::Gone => {
+            return Ok(Action::new(
+                rec,
+                "left-alone",
+                format!(
+                    "the copy (pid {pid}) runs here but its memory was still arriving when the \
+                     transfer broke ({}); its threads wait on the missing pages (a keeper process \
+                     holds its userfaultfds, so none becomes a zero page). Decide on the source \
+                     with `phaul recover`; to give this copy up, kill it (pid {pid})",
+                    rec.note
+                ),
+                true,
+            ))
+        }
+        State::PostCopy => (
+            State::RolledBack,
+            "nothing",
+            format!("the post-copy copy (pid {pid}) is gone; the source's stopped copy is the workload"),
         ),
         State::Committing => (
             State::RolledBack,

@@ -99,6 +99,30 @@ pub struct Report {
     pub fs_passes: Vec<crate::fsync::PassStats>,
     /// Why the live file-sync passes stopped.
     pub fs_stop_reason: Option<String>,
+    /// The memory that followed after the switch (`--post-copy`); `None`
+    /// for a single-shot or pre-copied migration.
+    pub post_copy: Option<PostCopyReport>,
+}
+
+/// Post-copy: what crossed after the workload ran on the destination.
+#[derive(Debug, Clone, Serialize)]
+pub struct PostCopyReport {
+    /// Why post-copy was used (`--post-copy`, or what `auto` predicted).
+    pub why: String,
+    /// Pages the source served after the switch.
+    pub pages_served: u64,
+    /// Pages the destination placed (the rest were dropped or replaced by
+    /// the workload before they arrived).
+    pub pages_placed: u64,
+    /// Pages a thread on the destination was blocked on (faulted on
+    /// demand).
+    pub pages_on_demand: u64,
+    /// Pages pushed in the background.
+    pub pages_background: u64,
+    /// From the switch until every page had arrived, microseconds.
+    pub time_to_last_page_us: u64,
+    /// The page transfer's rate, MiB/s.
+    pub rate_mib_s: f64,
 }
 
 /// Progress callbacks; the CLI draws bars from them.

@@ -177,6 +177,7 @@ pub(crate) fn source(
                 criu_restore: None,
                 fs_passes: fs_report.as_ref().map(|r| r.0.clone()).unwrap_or_default(),
                 fs_stop_reason: fs_report.map(|r| r.1),
+                post_copy: None,
             })
         }
         Err(Failed::Unsure(e)) => Err(MigrationError::AfterCommit(format!(

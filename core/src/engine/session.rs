@@ -242,6 +242,7 @@ pub(crate) fn hello(opts: &SourceOptions, session: u64, roots: &[String]) -> Hel
         pids: Vec::new(),
         bound: Vec::new(),
         dry_run: false,
+        post_copy: false,
     }
 }
 

@@ -17,6 +17,7 @@
 //! answer leaves it stopped for `phaul recover`. See the
 //! [module documentation](super) for the invariant.
 
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,7 +32,7 @@ use super::error::{
 use super::fs::SourceSync;
 use super::iter::{PassStats, StopReason, StopRules};
 use super::predump::{PreDumpLoop, Remote};
-use super::report::{PassReport, Progress, Report};
+use super::report::{PassReport, PostCopyReport, Progress, Report};
 use super::session::{
     self, connect, fs_roots, handshake, hello, prepare, send_file, unexpected, Control, Prepared,
     Verdict,
@@ -92,6 +93,12 @@ pub struct SourceOptions {
     /// after it (then the outcome is resolved); `None`:
     /// [`default_freeze_timeout`] of the workload's size.
     pub freeze_timeout: Option<Duration>,
+    /// Post-copy ([`crate::postcopy`]): the final dump leaves private
+    /// memory to follow after the switch.
+    pub post_copy: crate::postcopy::PostCopy,
+    /// Post-copy: how long the page transfer may make no progress before
+    /// it is declared broken.
+    pub post_copy_stall: Duration,
 }
 
 /// The freeze deadline when none is given: 10 s plus 4 s per GiB of the
@@ -210,6 +217,8 @@ pub(crate) struct Preflight {
     pub(crate) roots: Vec<String>,
     pub(crate) pids: Vec<i32>,
     pub(crate) bound: Vec<super::checks::BoundSocket>,
+    /// Post-copy is possible here (asked for, and CRIU and the kernel can).
+    pub(crate) post_copy: bool,
 }
 
 /// Pre-flight: a probe worker answers the questions (the dump worker,
@@ -230,6 +239,10 @@ pub(crate) fn preflight(
             "--tcp-established: the {} driver cannot migrate established TCP connections",
             opts.htype
         )));
+    }
+    let post_copy = opts.post_copy != crate::postcopy::PostCopy::Off;
+    if post_copy {
+        post_copy_preflight(opts, caps, &mut *criu)?;
     }
     let mem_track = criu.mem_track()?;
     let use_pre_dump = match (
@@ -252,6 +265,14 @@ pub(crate) fn preflight(
             "this kernel cannot track dirty memory (no soft-dirty); memory moves in one final dump"
                 .to_string(),
         ),
+    };
+    let use_pre_dump = match use_pre_dump {
+        Ok(()) if post_copy => Err(
+            "post-copy: the memory follows after the switch (pre-copy with post-copy is not \
+             supported yet)"
+                .to_string(),
+        ),
+        other => other,
     };
     match &use_pre_dump {
         Ok(()) => tracing::info!("pre-dumps: enabled (CRIU can track dirty memory)"),
@@ -284,7 +305,44 @@ pub(crate) fn preflight(
         roots,
         pids,
         bound,
+        post_copy,
     })
+}
+
+/// Post-copy's own pre-flight: a dump phaul's CRIU runs, CRIU's lazy
+/// pages, and a pipe limit CRIU's lazy dump needs.
+fn post_copy_preflight(
+    opts: &SourceOptions,
+    caps: Capabilities,
+    criu: &mut dyn Criu,
+) -> Result<(), PreflightError> {
+    if caps.contains(Capabilities::OWN_DUMP) {
+        return Err(PreflightError::Check(format!(
+            "--post-copy: the {} driver dumps through its own tooling, which phaul cannot make \
+             leave memory lazy; run without --post-copy",
+            opts.htype
+        )));
+    }
+    let f = criu.feature(rpc::Features {
+        lazy_pages: Some(true),
+        ..Default::default()
+    })?;
+    if f.lazy_pages != Some(true) {
+        return Err(PreflightError::Check(
+            "--post-copy: CRIU says this kernel cannot restore lazily (no non-cooperative \
+             userfaultfd: `criu check --feature uffd-noncoop` fails); run without --post-copy"
+                .into(),
+        ));
+    }
+    match crate::postcopy::ensure_pipe_max_size() {
+        Ok(Some(was)) => tracing::warn!(
+            "raised fs.pipe-max-size from {was} to {} for CRIU's lazy dump (its pipes are 4 MiB)",
+            crate::postcopy::PIPE_SIZE_NEEDED
+        ),
+        Ok(None) => {}
+        Err(e) => return Err(PreflightError::Check(e)),
+    }
+    Ok(())
 }
 
 /// Counters for the report.
@@ -327,6 +385,16 @@ struct Live<'a> {
     shared_storage: bool,
     snapshotted: bool,
     stats: Stats,
+    /// Post-copy: the CRIU configuration that hands the lazy dump's page
+    /// server a socket phaul closed (so it never listens on the network,
+    /// and ends at once leaving the tree stopped).
+    lazy_conf: Option<PathBuf>,
+    /// The final dump is lazy (post-copy), and why.
+    post_copy: Option<String>,
+    /// Post-copy: the page server, reading the frozen (later stopped)
+    /// tree since the restore request went out (CRIU's restorer already
+    /// touches lazy memory before the copy is held).
+    serving: Option<Serving>,
 }
 
 /// Memory passes done while the workload ran.
@@ -360,6 +428,13 @@ struct Committed {
     tasks: Vec<Task>,
     /// The commit could not be confirmed sent: resolve at once.
     broken: Option<PeerError>,
+}
+
+/// The source's post-copy page server, running.
+struct Serving {
+    thread: std::thread::JoinHandle<crate::postcopy::serve::Served>,
+    counts: Arc<crate::postcopy::serve::ServeCounts>,
+    since: Instant,
 }
 
 /// Driver hooks and progress during the final dump.
@@ -403,6 +478,7 @@ impl<'a> Live<'a> {
             roots,
             pids,
             bound,
+            post_copy,
         } = pre;
         let opts = env.opts;
         let conns = connect(env.connector, env.session, true, !roots.is_empty())?;
@@ -425,6 +501,7 @@ impl<'a> Live<'a> {
                 need_bytes,
                 pids,
                 bound,
+                post_copy,
                 ..hello(opts, env.session, &roots)
             },
         )?;
@@ -438,7 +515,35 @@ impl<'a> Live<'a> {
         });
         let mem = MemChannel::new(mem);
         let ps_fd = mem.raw_fd();
-        let dumper = env.launcher.spawn("source", &work.criu(), &[ps_fd])?;
+        // Post-copy: CRIU's lazy page server gets one end of a socketpair
+        // whose other end is closed now (see `crate::postcopy`).
+        let lazy = match post_copy {
+            true => Some(
+                nix::sys::socket::socketpair(
+                    nix::sys::socket::AddressFamily::Unix,
+                    nix::sys::socket::SockType::Stream,
+                    None,
+                    nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+                )
+                .map_err(|e| PreflightError::Check(format!("socketpair: {e}")))?
+                .1,
+            ),
+            false => None,
+        };
+        let inherit: Vec<i32> = std::iter::once(ps_fd)
+            .chain(lazy.as_ref().map(|l| l.as_raw_fd()))
+            .collect();
+        let dumper = env.launcher.spawn("source", &work.criu(), &inherit)?;
+        let lazy_conf = match &lazy {
+            Some(l) => {
+                let p = work.path().join("lazy-dump.conf");
+                std::fs::write(&p, format!("ps-socket {}\n", l.as_raw_fd()))
+                    .map_err(|e| PreflightError::Check(format!("{}: {e}", p.display())))?;
+                Some(p)
+            }
+            None => None,
+        };
+        drop(lazy);
         let mut record = Record::new(
             env.session,
             journal::Side::Source,
@@ -482,6 +587,9 @@ impl<'a> Live<'a> {
                 shared_storage: spec.kind == FsSyncKind::SharedStorage,
                 snapshotted: false,
                 stats: Stats::default(),
+                lazy_conf,
+                post_copy: None,
+                serving: None,
             },
             Connected { dumper },
         ))
@@ -512,6 +620,7 @@ impl<'a> Live<'a> {
                 let mut remote = ControlRemote {
                     control: &mut self.control,
                     abort: self.env.abort,
+                    lazy: false,
                 };
                 let (reports, n, r) = lp.run(&mut remote).map_err(CopyError::Pass)?;
                 self.stats.passes.extend(reports);
@@ -542,9 +651,12 @@ impl<'a> Live<'a> {
             last_pre: parent,
         } = copied;
         let iter = parent.map_or(1, |n| n + 1);
+        self.post_copy = self.decide_post_copy();
+        let lazy = self.post_copy.is_some();
         ControlRemote {
             control: &mut self.control,
             abort: self.env.abort,
+            lazy,
         }
         .start_iter(iter, parent)
         .map_err(HandOverError::Dump)?;
@@ -624,10 +736,22 @@ impl<'a> Live<'a> {
             let mut o = criu.opts(&dir, "dump.log");
             o.pid = Some(self.pid);
             o.notify_scripts = Some(true);
-            o.ps = Some(rpc::PageServerInfo {
-                fd: Some(self.ps_fd),
-                ..Default::default()
-            });
+            match (lazy, &self.lazy_conf) {
+                (true, Some(conf)) => {
+                    // Private memory stays behind; CRIU's lazy page server
+                    // ends at once (its socket's peer is closed) and leaves
+                    // the tree stopped for phaul to serve the pages.
+                    o.lazy_pages = Some(true);
+                    o.leave_stopped = Some(true);
+                    o.config_file = Some(conf.display().to_string());
+                }
+                _ => {
+                    o.ps = Some(rpc::PageServerInfo {
+                        fd: Some(self.ps_fd),
+                        ..Default::default()
+                    })
+                }
+            }
             if let Some(p) = parent {
                 o.parent_img = Some(format!("../{p}"));
                 o.track_mem = Some(true);
@@ -745,6 +869,10 @@ impl<'a> Live<'a> {
             })
             .map_err(|e| timeout(e, "sending the restore request"))?;
         self.env.progress.phase("restoring on the destination");
+        if self.post_copy.is_some() {
+            let tasks = proc::tasks(self.pid);
+            self.serving = Some(self.start_serving(&tasks));
+        }
         // While the destination restores, CRIU holds the tree; if CRIU
         // dies, the tree runs on and the dump is stale: roll back at once.
         while !self
@@ -808,6 +936,39 @@ impl<'a> Live<'a> {
         })
     }
 
+    /// Whether the final dump leaves private memory lazy, and why.
+    fn decide_post_copy(&self) -> Option<String> {
+        use crate::postcopy::PostCopy;
+        self.lazy_conf.as_ref()?;
+        match self.env.opts.post_copy {
+            PostCopy::Off => None,
+            PostCopy::On => Some("--post-copy".into()),
+            PostCopy::Auto => Some("--post-copy=auto".into()),
+        }
+    }
+
+    fn start_serving(&mut self, tasks: &[Task]) -> Serving {
+        let pids = crate::postcopy::serve::vpid_map(tasks);
+        let counts = Arc::new(crate::postcopy::serve::ServeCounts::default());
+        let c = counts.clone();
+        let conn = self.mem.conn().try_clone();
+        let stall = self.env.opts.post_copy_stall;
+        let thread = std::thread::Builder::new()
+            .name("postcopy-serve".into())
+            .spawn(move || match conn {
+                Ok(conn) => crate::postcopy::serve::serve(&conn, &pids, stall, &c),
+                Err(e) => {
+                    crate::postcopy::serve::Served::Broken(format!("the memory channel: {e}"))
+                }
+            })
+            .expect("spawn the post-copy server");
+        Serving {
+            thread,
+            counts,
+            since: Instant::now(),
+        }
+    }
+
     /// Waits for the destination's `Resumed` (or resolves the outcome by
     /// asking it) and finishes accordingly.
     fn complete(mut self, mut c: Committed) -> Result<Report, MigrationError> {
@@ -821,6 +982,9 @@ impl<'a> Live<'a> {
                 stats,
                 restore_us,
             }) => {
+                if self.serving.is_some() {
+                    return self.post_copied(c, pid, stats, restore_us);
+                }
                 return Ok(self.migrated(c, pid, stats, restore_us));
             }
             // The destination could not let its copy run and discarded it.
@@ -839,6 +1003,9 @@ impl<'a> Live<'a> {
         match verdict {
             (Verdict::Runs, _) => {
                 tracing::info!("the destination runs the workload: completing the migration");
+                if self.serving.is_some() {
+                    return self.post_copied(c, 0, None, 0);
+                }
                 Ok(self.migrated(c, 0, None, 0))
             }
             (Verdict::Discarded, why) => Err(self.resume(
@@ -902,6 +1069,137 @@ impl<'a> Live<'a> {
         if !proc::kill_tasks(&c.tasks, Duration::from_secs(10)) {
             tracing::error!("the source copy (pid {}) did not go away", self.pid);
         }
+        let times = (frozen_at, resumed_at, dest_pid, restore_us);
+        self.finish(times, work_criu, restore, None)
+    }
+
+    /// Post-copy: the destination runs the workload and fetches its
+    /// memory from this host's stopped copy. Record it, let CRIU go (its
+    /// lazy page server ends at once and leaves the tree stopped), serve
+    /// until every page has arrived, then remove the source copy.
+    fn post_copied(
+        mut self,
+        c: Committed,
+        dest_pid: i32,
+        restore: Option<stats::RestoreStats>,
+        restore_us: u64,
+    ) -> Result<Report, MigrationError> {
+        let resumed_at = Instant::now();
+        if let Err(e) = self.journal.set(
+            &mut self.record,
+            journal::State::PostCopy,
+            "the destination runs; this stopped copy serves the memory it still lacks",
+        ) {
+            tracing::error!("{e}");
+        }
+        let serving = self.serving.take().expect("post-copy serves");
+        let frozen_at = c.dump.frozen_at();
+        let work_criu = c.dump.work_dir();
+        let mut hooks = Hooks {
+            driver: &mut self.driver,
+            progress: &*self.env.progress,
+        };
+        if let Err(e) = c.dump.release(true, &mut hooks, Duration::from_secs(30)) {
+            tracing::warn!(
+                "CRIU reported a failure ending the lazy dump ({e}); the tree stays stopped"
+            );
+        }
+        // CRIU left the tree stopped; the SIGSTOP queued at the commit
+        // holds it whatever CRIU did.
+        proc::signal_tasks(&c.tasks, nix::sys::signal::Signal::SIGSTOP);
+        let progress = self.env.progress.clone();
+        progress.phase("post-copy: memory follows");
+        progress.pass_started(0, "post-copy", self.need_bytes);
+        while !serving.thread.is_finished() {
+            let pages = serving
+                .counts
+                .pages
+                .load(std::sync::atomic::Ordering::Relaxed);
+            progress.pass_progress(pages * super::iter::PAGE_SIZE);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let served = serving.thread.join().unwrap_or_else(|_| {
+            crate::postcopy::serve::Served::Broken("the page server panicked".into())
+        });
+        let took = serving.since.elapsed();
+        let pages = serving
+            .counts
+            .pages
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let urgent = serving
+            .counts
+            .urgent
+            .load(std::sync::atomic::Ordering::Relaxed);
+        progress.pass_finished(&PassStats {
+            pages_written: pages,
+            bytes: pages * super::iter::PAGE_SIZE,
+            duration: took,
+        });
+        match served {
+            crate::postcopy::serve::Served::AllIn { pages: placed } => {
+                if let Err(e) = self.journal.set(
+                    &mut self.record,
+                    journal::State::Migrated,
+                    "every page arrived at the destination",
+                ) {
+                    tracing::error!("{e}");
+                }
+                if !proc::kill_tasks(&c.tasks, Duration::from_secs(10)) {
+                    tracing::error!("the source copy (pid {}) did not go away", self.pid);
+                }
+                if let Err(e) = crate::postcopy::serve::released(self.mem.conn()) {
+                    tracing::warn!(
+                        "the destination did not hear that the source copy is gone: {e}"
+                    );
+                }
+                let report = PostCopyReport {
+                    why: self.post_copy.take().unwrap_or_default(),
+                    pages_served: pages,
+                    pages_placed: placed,
+                    pages_on_demand: urgent,
+                    pages_background: pages - urgent,
+                    time_to_last_page_us: took.as_micros() as u64,
+                    rate_mib_s: (pages * super::iter::PAGE_SIZE) as f64
+                        / took.as_secs_f64().max(1e-6)
+                        / (1 << 20) as f64,
+                };
+                let times = (frozen_at, resumed_at, dest_pid, restore_us);
+                Ok(self.finish(times, work_criu, restore, Some(report)))
+            }
+            crate::postcopy::serve::Served::Broken(why) => {
+                // Neither copy is whole on its own now: keep this one
+                // stopped, say so, and leave the decision to recover.
+                proc::signal_tasks(&c.tasks, nix::sys::signal::Signal::SIGSTOP);
+                let note = format!("post-copy transfer broke after {pages} pages: {why}");
+                if let Err(e) = self
+                    .journal
+                    .set(&mut self.record, journal::State::PostCopy, &note)
+                {
+                    tracing::error!("{e}");
+                }
+                if self.driver.net_locked() {
+                    if let Err(e) = self.driver.net_unlock() {
+                        tracing::warn!("{e}");
+                    }
+                }
+                self.work.keep(true);
+                self.mem.shutdown();
+                Err(MigrationError::Undecided {
+                    cause: CommitError::PostCopyBroken { why },
+                    pid: self.pid,
+                })
+            }
+        }
+    }
+
+    /// The migration succeeded: statistics, clean-up, the report.
+    fn finish(
+        mut self,
+        (frozen_at, resumed_at, dest_pid, restore_us): (Instant, Instant, i32, u64),
+        work_criu: Option<PathBuf>,
+        restore: Option<stats::RestoreStats>,
+        post_copy: Option<PostCopyReport>,
+    ) -> Report {
         self.stats.criu_dump = work_criu.and_then(|d| stats::read_dump(&d).ok());
         if let (Some(last), Some(s)) = (self.stats.passes.last_mut(), self.stats.criu_dump.as_ref())
         {
@@ -971,6 +1269,7 @@ impl<'a> Live<'a> {
                 .map(|r| r.0.clone())
                 .unwrap_or_default(),
             fs_stop_reason: self.stats.fs_report.take().map(|r| r.1),
+            post_copy,
         }
     }
 
@@ -978,6 +1277,7 @@ impl<'a> Live<'a> {
     /// workload: put the storage back, let the stopped tree run again.
     fn resume(mut self, c: Committed, cause: CommitError) -> MigrationError {
         tracing::warn!("resuming the source copy: {cause}");
+        self.stop_serving();
         self.rollback_storage();
         let mut hooks = Hooks {
             driver: &mut self.driver,
@@ -994,6 +1294,7 @@ impl<'a> Live<'a> {
     /// stays stopped (CRIU lets go of it; the queued SIGSTOP holds it), the
     /// journal says `Committing`, and `phaul recover` decides later.
     fn undecided(mut self, c: Committed, cause: CommitError) -> MigrationError {
+        self.stop_serving();
         drop(c.dump);
         proc::signal_tasks(&c.tasks, nix::sys::signal::Signal::SIGSTOP);
         // CRIU let go of the tree and of its network lock; the driver's
@@ -1013,12 +1314,22 @@ impl<'a> Live<'a> {
         }
     }
 
+    /// Post-copy's page server must stop before the tree may run again (or
+    /// is given up): nothing reads it after that.
+    fn stop_serving(&mut self) {
+        if let Some(s) = self.serving.take() {
+            self.mem.shutdown();
+            let _ = s.thread.join();
+        }
+    }
+
     /// A failure while frozen, before the commit: the storage goes back
     /// before the tree resumes on it, then CRIU resumes the tree and
     /// unlocks its network exactly as it was.
     fn roll_back(mut self, frozen: Frozen, e: HandOverError) -> MigrationError {
         tracing::warn!("rolling back: {e}");
         self.control.abort(&e.to_string());
+        self.stop_serving();
         self.rollback_storage();
         let mut hooks = Hooks {
             driver: &mut self.driver,
@@ -1092,6 +1403,8 @@ fn stale_dump() -> HandOverError {
 struct ControlRemote<'c> {
     control: &'c mut Control,
     abort: &'c Abort,
+    /// The pass is a lazy final dump (post-copy): no page server.
+    lazy: bool,
 }
 
 impl Remote for ControlRemote<'_> {
@@ -1101,7 +1414,11 @@ impl Remote for ControlRemote<'_> {
             None => e.to_string(),
         };
         self.control
-            .send(&Msg::StartIter { iter, parent })
+            .send(&Msg::StartIter {
+                iter,
+                parent,
+                lazy: self.lazy,
+            })
             .map_err(e)?;
         match self.control.recv("IterReady") {
             Ok(Msg::IterReady { iter: i }) if i == iter => Ok(()),

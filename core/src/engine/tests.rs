@@ -250,6 +250,7 @@ fn run(case: Case) -> Result_ {
         log_dir: dirs.path().join("dst-logs"),
         hook_deadlines: deadlines.clone(),
         policy: Default::default(),
+        post_copy_stall: Duration::from_secs(15),
     };
     let (dst_fail, dst_panic) = (case.dst_fail, case.dst_panic);
     let dest = std::thread::spawn(move || {
@@ -302,6 +303,8 @@ fn run(case: Case) -> Result_ {
         log_dir: dirs.path().join("src-logs"),
         hook_deadlines: deadlines,
         freeze_timeout: case.freeze_timeout.or(Some(Duration::from_secs(5))),
+        post_copy: Default::default(),
+        post_copy_stall: Duration::from_secs(15),
     };
     let connector = Connector::Given {
         control: Conn::from(ctl_src),

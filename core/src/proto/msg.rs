@@ -61,6 +61,9 @@ pub struct Hello {
     /// Only check: the destination runs its pre-flight and answers, then
     /// the source ends the session (`--dry-run`).
     pub dry_run: bool,
+    /// The final dump may leave private memory lazy (`--post-copy`): the
+    /// destination must be able to restore with lazy pages.
+    pub post_copy: bool,
 }
 
 /// The destination accepts the migration.
@@ -157,6 +160,9 @@ pub enum Msg {
         iter: u32,
         /// The previous pass, for incremental pre-dumps.
         parent: Option<u32>,
+        /// A lazy final dump (post-copy): no pages on the memory channel
+        /// now, the private memory follows after the switch.
+        lazy: bool,
     },
     /// Destination -> source: the page server for `iter` listens.
     IterReady {

@@ -13,6 +13,7 @@ use phaul_core::engine::report::{NoProgress, Progress, Report};
 use phaul_core::engine::source::{migrate, SourceOptions};
 use phaul_core::engine::{Connector, MigrationError, PreDump};
 use phaul_core::fsync::FsStopRules;
+use phaul_core::postcopy::PostCopy;
 use phaul_core::proto::MigrationMode;
 
 use super::progress::Bars;
@@ -28,6 +29,19 @@ pub enum ModeArg {
     Restart,
 }
 
+/// `--post-copy` choices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PostCopyArg {
+    /// Always: the workload runs on the destination after a short pause,
+    /// its memory following on demand.
+    On,
+    /// Only when a single-shot dump would freeze longer than
+    /// --downtime-target.
+    Auto,
+    /// Never (the default).
+    Off,
+}
+
 /// Arguments of `phaul migrate`.
 #[derive(Debug, Args)]
 #[command(after_help = concat!("\
@@ -39,6 +53,8 @@ Examples:
   phaul migrate pid 4242 --to dst.example:7070 -o shell-job --downtime-target 100
   phaul migrate pid 4242 --to dst.example:7070 --sync /srv/data     # with its files
   phaul migrate pid 4242 --to dst.example:7070 --mode restart --sync /srv/app
+  phaul migrate pid 4242 --to dst.example:7070 --post-copy      # run there at once, memory follows
+  phaul migrate pid 4242 --to dst.example:7070 --post-copy=auto --downtime-target 300
   phaul migrate pid 4242 --to dst.example:7070 --dry-run        # check only, move nothing
   phaul migrate pid 4242 --to 127.0.0.1:7070 --insecure         # plain TCP, one machine only
   phaul migrate lxc web1 --to dst.example:7070 --tcp-established # an LXC container
@@ -129,6 +145,16 @@ pub struct MigrateArgs {
     /// Never pre-dump: move all memory in the final dump.
     #[arg(long)]
     pub no_pre_dump: bool,
+    /// Post-copy: run on the destination first, move the memory after. At
+    /// risk: from the switch until the last page, the workload needs both
+    /// hosts and the link between them.
+    #[arg(long, value_enum, value_name = "WHEN", num_args = 0..=1, default_missing_value = "on",
+          default_value = "off")]
+    pub post_copy: PostCopyArg,
+    /// Post-copy: declare the page transfer broken after this many seconds
+    /// without progress.
+    #[arg(long, value_name = "SECONDS", default_value_t = 15)]
+    pub post_copy_stall: u64,
     /// Stop pre-dumping after this many passes.
     #[arg(long, value_name = "N", default_value_t = 8)]
     pub max_iterations: u32,
@@ -275,6 +301,12 @@ pub fn run(dirs: &[PathBuf], quiet: bool, args: MigrateArgs) -> anyhow::Result<E
         freeze_timeout: args
             .freeze_timeout
             .map(|s| Duration::from_secs_f64(s.max(0.1))),
+        post_copy: match args.post_copy {
+            PostCopyArg::On => PostCopy::On,
+            PostCopyArg::Auto => PostCopy::Auto,
+            PostCopyArg::Off => PostCopy::Off,
+        },
+        post_copy_stall: Duration::from_secs(args.post_copy_stall.max(1)),
     };
     let connector = Connector::Tcp(super::tls::remote(
         &args.to,
@@ -462,6 +494,18 @@ fn print_summary(r: &Report) {
         );
     }
     println!("  iterations stopped: {}", r.stop_reason);
+    if let Some(p) = &r.post_copy {
+        println!(
+            "  post-copy ({}): {} pages after the switch ({} faulted on demand, {} pushed), \
+             last page after {} ({:.0} MiB/s)",
+            p.why,
+            p.pages_served,
+            p.pages_on_demand,
+            p.pages_background,
+            ms(p.time_to_last_page_us),
+            p.rate_mib_s
+        );
+    }
     for p in &r.fs_passes {
         println!(
             "  file sync pass {}{}: {} files scanned, {} sent, {} deleted, {} in {}",

@@ -76,6 +76,10 @@ pub struct ServeArgs {
     /// How long a restored workload waits for the source's commit, seconds.
     #[arg(long, value_name = "S", default_value_t = 30)]
     pub commit_timeout: u64,
+    /// Post-copy: declare the page transfer broken after this many seconds
+    /// without progress (the copy then keeps waiting on its missing pages).
+    #[arg(long, value_name = "SECONDS", default_value_t = 15)]
+    pub post_copy_stall: u64,
     /// How long a driver hook may take on this side, HOOK=SECONDS
     /// (repeatable; see `phaul migrate --help`).
     #[arg(long = "hook-timeout", value_name = "HOOK=S", value_parser = super::migrate::parse_hook_timeout)]
@@ -137,6 +141,7 @@ pub fn run(dirs: &[PathBuf], args: ServeArgs) -> anyhow::Result<ExitCode> {
         log_dir: args.log_dir.clone(),
         hook_deadlines: args.hook_timeouts.clone(),
         policy,
+        post_copy_stall: Duration::from_secs(args.post_copy_stall.max(1)),
     };
     if let Some(rpc) = args.fd_rpc {
         phaul_core::server::open_journal(&opts)?;
