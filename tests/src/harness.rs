@@ -1031,6 +1031,12 @@ impl Recovery {
 /// --json --timeout <timeout_s>`, killed if it overruns its own timeout by
 /// 30 s.
 pub fn recover(plugins: &Path, journal: &Path, timeout_s: u64) -> Recovery {
+    recover_with(plugins, journal, timeout_s, &[])
+}
+
+/// [`recover`] with extra arguments (an operator's decision, such as
+/// `--resume-source SESSION`).
+pub fn recover_with(plugins: &Path, journal: &Path, timeout_s: u64, extra: &[&str]) -> Recovery {
     let out = tempfile::NamedTempFile::new().expect("stdout file");
     let err = tempfile::NamedTempFile::new().expect("stderr file");
     let mut child = Command::new(bin("phaul"))
@@ -1041,6 +1047,7 @@ pub fn recover(plugins: &Path, journal: &Path, timeout_s: u64) -> Recovery {
         .arg("--tls-dir")
         .arg(&crate::pki::pki().src)
         .args(["--json", "--timeout", &timeout_s.to_string()])
+        .args(extra)
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .stdout(out.reopen().expect("reopen stdout file"))

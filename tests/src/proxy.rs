@@ -42,6 +42,10 @@ pub enum Fault {
     /// Send a frame of garbage instead of the first control frame with this
     /// name, then keep forwarding.
     GarbleAt(&'static str),
+    /// Stop forwarding the memory connection from the source (but keep it
+    /// open) once this many bytes went through: a network that stalls in
+    /// the middle of a transfer.
+    StallMemoryAfter(u64),
 }
 
 struct State {
@@ -232,6 +236,14 @@ fn handle(mut client: Conn, mut server: Conn, st: Arc<State>) {
                         nix::sys::signal::Signal::SIGKILL,
                     );
                     st.cut();
+                    return;
+                }
+            }
+            if let Fault::StallMemoryAfter(bytes) = st.fault {
+                if total >= bytes && !st.healed.load(Ordering::SeqCst) {
+                    st.triggered.store(true, Ordering::SeqCst);
+                    // Nobody forwards any more; the copies in `sockets`
+                    // keep both connections open.
                     return;
                 }
             }

@@ -137,6 +137,10 @@ impl Pager {
         let wake_fd = wake.as_raw_fd();
         let (tx, rx) = mpsc::channel();
         let images = images.to_path_buf();
+        // A source that stops mid-answer (or stops reading) is a stall,
+        // not a hang.
+        mem.set_read_timeout(Some(stall))?;
+        mem.set_write_timeout(Some(stall))?;
         let thread = std::thread::Builder::new()
             .name("postcopy-pager".into())
             .spawn(move || {
@@ -567,6 +571,16 @@ impl State {
         Ok(pid)
     }
 
+    fn channel_error(&self, e: std::io::Error) -> String {
+        match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => format!(
+                "the source sent nothing for {} s in the middle of an answer: the transfer stalled",
+                self.stall.as_secs()
+            ),
+            _ => format!("the memory channel broke: {e}"),
+        }
+    }
+
     fn send_get(
         &mut self,
         lpi: usize,
@@ -587,7 +601,7 @@ impl State {
             pages: pages as u32,
             urgent,
         };
-        write_frame(&mut self.mem, &f, &[]).map_err(|e| format!("the memory channel: {e}"))?;
+        write_frame(&mut self.mem, &f, &[]).map_err(|e| self.channel_error(e))?;
         if !urgent {
             self.in_flight += pages;
         } else {
@@ -626,14 +640,14 @@ impl State {
     }
 
     fn answer(&mut self) -> Result<(), String> {
-        let f = read_frame(&mut self.mem).map_err(|e| format!("the memory channel broke: {e}"))?;
+        let f = read_frame(&mut self.mem).map_err(|e| self.channel_error(e))?;
         self.last_answer = Instant::now();
         let (id, data) = match f {
             Frame::Pages { id, pages } => {
                 let mut data = vec![0u8; (pages as u64 * PAGE) as usize];
-                self.mem
-                    .read_exact(&mut data)
-                    .map_err(|e| format!("the memory channel broke: {e}"))?;
+                if let Err(e) = self.mem.read_exact(&mut data) {
+                    return Err(self.channel_error(e));
+                }
                 (id, data)
             }
             Frame::Fail { id, errno } => {

@@ -104,6 +104,8 @@ pub fn serve(
         Ok(c) => c,
         Err(e) => return Served::Broken(format!("the memory channel: {e}")),
     };
+    // A peer that stops reading must not hold this side forever.
+    let _ = writer.set_write_timeout(Some(stall));
     let q = Arc::new((Mutex::new(Queue::default()), Condvar::new()));
     let q2 = q.clone();
     let rt = std::thread::Builder::new()
@@ -201,9 +203,13 @@ pub fn serve(
         };
         if let Err(e) = w {
             conn.shutdown();
-            return Served::Broken(format!(
-                "the memory channel broke during the page transfer: {e}"
-            ));
+            return Served::Broken(match e.kind() {
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => format!(
+                    "the destination took no page for {} s: the transfer stalled",
+                    stall.as_secs()
+                ),
+                _ => format!("the memory channel broke during the page transfer: {e}"),
+            });
         }
     }
     let end = lock.lock().expect("queue").end.take();

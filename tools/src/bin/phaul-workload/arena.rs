@@ -38,6 +38,8 @@ pub struct Arena {
     seed: u64,
     /// Next page to dirty (round robin).
     cursor: usize,
+    /// Dirty in a scattered order (see [`Arena::scatter`]).
+    scattered: bool,
     /// Page rewrites so far.
     dirtied_total: u64,
 }
@@ -79,6 +81,7 @@ impl Arena {
             gens: vec![0; pages],
             seed,
             cursor: 0,
+            scattered: false,
             dirtied_total: 0,
         };
         for i in 0..pages {
@@ -120,14 +123,30 @@ impl Arena {
         pattern::fill(self.page_mut(i), state);
     }
 
-    /// Dirties `n` pages round robin: bumps their generation and rewrites
-    /// them.
+    /// Dirties pages in a scattered order from now on: the `k`-th dirtied
+    /// page is `k * STRIDE mod pages` (an odd stride visits every page of
+    /// a power-of-two arena once per round), far from its neighbours, so
+    /// that a post-copy migration faults ahead of its background push.
+    pub fn scatter(&mut self) {
+        self.scattered = true;
+    }
+
+    /// Dirties `n` pages round robin (or scattered): bumps their
+    /// generation and rewrites them.
     pub fn dirty(&mut self, n: u64) {
+        const STRIDE: usize = 40_503;
         for _ in 0..n {
-            let i = self.cursor;
+            let i = match self.scattered {
+                true => (self.cursor * STRIDE) % self.pages,
+                false => self.cursor,
+            };
             self.gens[i] = self.gens[i].wrapping_add(1);
             self.write_page(i);
-            self.cursor = if i + 1 == self.pages { 0 } else { i + 1 };
+            self.cursor = if self.cursor + 1 == self.pages {
+                0
+            } else {
+                self.cursor + 1
+            };
         }
         self.dirtied_total += n;
     }

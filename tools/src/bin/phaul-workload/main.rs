@@ -149,6 +149,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "P", default_value_t = 0.0)]
     pub dirty_pct: f64,
 
+    /// Rewrite pages in a scattered order instead of address order (a
+    /// post-copy migration then faults far ahead of its background push).
+    #[arg(long)]
+    pub dirty_scattered: bool,
+
     /// Seed of the memory pattern.
     #[arg(long, value_name = "S", default_value_t = 1)]
     pub seed: u64,

@@ -208,7 +208,10 @@ pub fn run(args: &RunArgs) -> Result<()> {
     } else {
         Some(Objects::start(&args.state_dir, &args.objects)?)
     };
-    let arena = Arena::new(args.mem_mib, args.seed)?;
+    let mut arena = Arena::new(args.mem_mib, args.seed)?;
+    if args.dirty_scattered {
+        arena.scatter();
+    }
     let tcp = match args.tcp_listen {
         Some(addr) => Some(TcpServer::bind(addr)?),
         None => None,
