@@ -104,6 +104,14 @@ if ! out=$("$CRIU_PREFIX/sbin/criu" check 2>&1); then
 fi
 log "criu check: $(printf '%s\n' "$out" | tail -n1)"
 
+# Post-copy: CRIU's lazy dump grows a pipe to 4 MiB, which root without
+# CAP_SYS_RESOURCE (as here) may do only up to fs.pipe-max-size (1 MiB by
+# default); phaul raises it itself when it must, saying so.
+if [ "$(cat /proc/sys/fs/pipe-max-size)" -lt 4194304 ]; then
+  sysctl -qw fs.pipe-max-size=4194304
+  log "set fs.pipe-max-size=4194304 (CRIU's lazy dump, for --post-copy)"
+fi
+
 # --- Rust --------------------------------------------------------------------
 command -v cargo >/dev/null || die "cargo not found: install a Rust toolchain (rustup) first"
 if ! command -v cargo-nextest >/dev/null && ! cargo nextest --version >/dev/null 2>&1; then

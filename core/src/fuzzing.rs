@@ -56,6 +56,27 @@ pub fn frame(data: &[u8]) {
             "an FsMsg does not survive re-encoding"
         );
     }
+    // The post-copy page protocol's headers, and the pagemap parser the
+    // destination's pager runs on the images the source sent.
+    for h in data.chunks_exact(32) {
+        if let Ok(f) = crate::postcopy::wire::Frame::decode(h.try_into().expect("32 bytes")) {
+            assert_eq!(
+                crate::postcopy::wire::Frame::decode(&f.encode()),
+                Ok(f),
+                "a post-copy frame does not survive re-encoding"
+            );
+        }
+    }
+    if let Ok(ranges) = crate::postcopy::image::parse(data) {
+        assert!(
+            ranges.windows(2).all(|w| w[0].0 <= w[1].0),
+            "lazy ranges out of order: {ranges:?}"
+        );
+        assert!(
+            ranges.iter().all(|r| r.0 <= r.1),
+            "an inverted range: {ranges:?}"
+        );
+    }
 }
 
 /// The destination service's first steps on a new connection: preamble,

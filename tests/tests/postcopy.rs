@@ -174,6 +174,49 @@ fn post_copy_runs_the_workload_there_before_its_memory_arrives() {
     );
 }
 
+#[test]
+fn post_copy_auto_picks_single_shot_for_a_small_workload_and_post_copy_for_a_large_one() {
+    if !setup() {
+        return;
+    }
+    let serve = Serve::start(PID, &["--once"]);
+    let src = plugin_dir(PID);
+    let mut small = Workload::spawn(&["--mem-mib", "8"]);
+    let (out, json) = migrate(
+        src.path(),
+        "pid",
+        small.pid,
+        &serve.addr,
+        &["--post-copy=auto", "--downtime-target", "5000"],
+    );
+    assert_eq!(out.status.code(), Some(0));
+    let r = json.unwrap();
+    assert!(r["post_copy"].is_null(), "{r}");
+    let why = r["post_copy_decision"].as_str().unwrap();
+    assert!(why.contains("within the 5000 ms target"), "{why}");
+    assert!(r["criu_dump"]["pages_written"].as_u64().unwrap() >= 8 * 256);
+    small.moved_to(r["destination_pid"].as_i64().unwrap() as i32);
+    small.assert_intact(&small.report());
+    drop(serve);
+
+    let serve = Serve::start(PID, &["--once"]);
+    let mut large = Workload::spawn(&["--mem-mib", "128"]);
+    let (out, json) = migrate(
+        src.path(),
+        "pid",
+        large.pid,
+        &serve.addr,
+        &["--post-copy=auto", "--downtime-target", "10"],
+    );
+    assert_eq!(out.status.code(), Some(0));
+    let r = json.unwrap();
+    let why = r["post_copy"]["why"].as_str().unwrap();
+    assert!(why.contains("above the 10 ms target"), "{r}");
+    assert!(r["post_copy"]["pages_served"].as_u64().unwrap() >= 128 * 256);
+    large.moved_to(r["destination_pid"].as_i64().unwrap() as i32);
+    large.assert_intact(&large.report());
+}
+
 /// What breaks the page transfer once the workload runs on the
 /// destination (the memory connection stalls after 32 MiB of pages
 /// first, so that the break happens at a known point).

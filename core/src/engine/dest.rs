@@ -569,6 +569,10 @@ impl<'a> Session<'a> {
                 };
                 ok_or(r, State::Receiving(rx))
             }
+            (State::Receiving(mut rx), Msg::Probe { bytes }) => {
+                let r = probe(&mut rx, bytes).and_then(|()| Ok(control.send(&Msg::ProbeDone)?));
+                ok_or(r, State::Receiving(rx))
+            }
             (State::Receiving(mut rx), Msg::File { name, mode, size }) => {
                 let r = self.receive_file(&mut rx, control, &name, mode, size);
                 ok_or(r, State::Receiving(rx))
@@ -1290,6 +1294,30 @@ impl<'a> Session<'a> {
             tracing::error!("{e}");
         }
     }
+}
+
+/// Reads and discards a rate probe's bytes from the memory channel
+/// (between passes, when no page server reads it).
+fn probe(rx: &mut Receiving, bytes: u64) -> Result<()> {
+    if bytes > crate::proto::MAX_PROBE_BYTES {
+        return Err(DestError::Protocol(format!(
+            "a rate probe of {bytes} bytes"
+        )));
+    }
+    let mem = rx
+        .mem
+        .as_mut()
+        .ok_or_else(|| DestError::Protocol("a rate probe without a memory channel".into()))?;
+    let _ = mem.set_read_timeout(Some(Duration::from_secs(60)));
+    let n = std::io::copy(&mut std::io::Read::take(&*mem, bytes), &mut std::io::sink())
+        .map_err(|e| DestError::Transfer(format!("the rate probe: {e}")))?;
+    let _ = mem.set_read_timeout(None);
+    if n != bytes {
+        return Err(DestError::Transfer(format!(
+            "the rate probe ended after {n} of {bytes} bytes"
+        )));
+    }
+    Ok(())
 }
 
 fn ok_or(r: Result<()>, state: State) -> Result<State, (State, DestError)> {

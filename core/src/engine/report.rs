@@ -102,6 +102,8 @@ pub struct Report {
     /// The memory that followed after the switch (`--post-copy`); `None`
     /// for a single-shot or pre-copied migration.
     pub post_copy: Option<PostCopyReport>,
+    /// `--post-copy=auto`: what it predicted and chose.
+    pub post_copy_decision: Option<String>,
 }
 
 /// Post-copy: what crossed after the workload ran on the destination.

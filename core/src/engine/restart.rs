@@ -178,6 +178,7 @@ pub(crate) fn source(
                 fs_passes: fs_report.as_ref().map(|r| r.0.clone()).unwrap_or_default(),
                 fs_stop_reason: fs_report.map(|r| r.1),
                 post_copy: None,
+                post_copy_decision: None,
             })
         }
         Err(Failed::Unsure(e)) => Err(MigrationError::AfterCommit(format!(

@@ -391,6 +391,8 @@ struct Live<'a> {
     lazy_conf: Option<PathBuf>,
     /// The final dump is lazy (post-copy), and why.
     post_copy: Option<String>,
+    /// What `--post-copy=auto` predicted and chose.
+    post_copy_decision: Option<String>,
     /// Post-copy: the page server, reading the frozen (later stopped)
     /// tree since the restore request went out (CRIU's restorer already
     /// touches lazy memory before the copy is held).
@@ -589,6 +591,7 @@ impl<'a> Live<'a> {
                 stats: Stats::default(),
                 lazy_conf,
                 post_copy: None,
+                post_copy_decision: None,
                 serving: None,
             },
             Connected { dumper },
@@ -639,7 +642,82 @@ impl<'a> Live<'a> {
         if let Some(r) = self.env.abort.reason() {
             return Err(CopyError::Interrupted(r));
         }
+        self.post_copy = self.decide_post_copy()?;
         Ok(Copied { dumper, last_pre })
+    }
+
+    /// Whether the final dump leaves private memory lazy, and why (also
+    /// recorded for the report when `auto` decides against it).
+    fn decide_post_copy(&mut self) -> Result<Option<String>, CopyError> {
+        use crate::postcopy::PostCopy;
+        if self.lazy_conf.is_none() {
+            return Ok(None);
+        }
+        let why = match self.env.opts.post_copy {
+            PostCopy::Off => return Ok(None),
+            PostCopy::On => return Ok(Some("--post-copy".into())),
+            PostCopy::Auto => {
+                let rate = match self.stats.passes.last().map(PassStats::rate_of) {
+                    Some(r) if r > 0.0 => r,
+                    _ => self.probe_rate()?,
+                };
+                let target = self.env.opts.rules.downtime_target;
+                let last = PassStats {
+                    pages_written: self.need_bytes / super::iter::PAGE_SIZE,
+                    bytes: rate as u64,
+                    duration: Duration::from_secs(1),
+                };
+                let predicted =
+                    super::iter::predicted_downtime(&last, self.env.opts.restore_estimate)
+                        .unwrap_or(Duration::MAX);
+                let said = format!(
+                    "--post-copy=auto: a single-shot dump would freeze the workload for about {} ms \
+                     ({} MiB at {:.0} MiB/s measured, plus the restore), {} the {} ms target",
+                    predicted.as_millis(),
+                    self.need_bytes >> 20,
+                    rate / (1 << 20) as f64,
+                    if predicted > target { "above" } else { "within" },
+                    target.as_millis()
+                );
+                tracing::info!("{said}");
+                self.post_copy_decision = Some(said.clone());
+                if predicted <= target {
+                    return Ok(None);
+                }
+                said
+            }
+        };
+        Ok(Some(why))
+    }
+
+    /// Measures the memory channel's rate with a burst of filler bytes
+    /// while the workload runs.
+    fn probe_rate(&mut self) -> Result<f64, CopyError> {
+        use std::io::Write;
+        let bytes = (self.need_bytes / 8).clamp(8 << 20, 64 << 20);
+        self.env.progress.phase("measuring the link");
+        let started = Instant::now();
+        self.control.send(&Msg::Probe { bytes })?;
+        let chunk = vec![0u8; 1 << 20];
+        let mut conn = self
+            .mem
+            .conn()
+            .try_clone()
+            .map_err(|e| CopyError::Pass(format!("the memory channel: {e}")))?;
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(chunk.len() as u64) as usize;
+            conn.write_all(&chunk[..n])
+                .map_err(|e| CopyError::Pass(format!("the rate probe: {e}")))?;
+            left -= n as u64;
+        }
+        match self.control.recv("ProbeDone")? {
+            Msg::ProbeDone => {}
+            other => return Err(unexpected(&other, "ProbeDone", "destination").into()),
+        }
+        let rate = bytes as f64 / started.elapsed().as_secs_f64().max(1e-6);
+        tracing::debug!(mib_s = rate / (1 << 20) as f64, "memory channel measured");
+        Ok(rate)
     }
 
     /// The final dump up to `post-dump`: CRIU freezes the tree, streams the
@@ -651,7 +729,6 @@ impl<'a> Live<'a> {
             last_pre: parent,
         } = copied;
         let iter = parent.map_or(1, |n| n + 1);
-        self.post_copy = self.decide_post_copy();
         let lazy = self.post_copy.is_some();
         ControlRemote {
             control: &mut self.control,
@@ -936,17 +1013,6 @@ impl<'a> Live<'a> {
         })
     }
 
-    /// Whether the final dump leaves private memory lazy, and why.
-    fn decide_post_copy(&self) -> Option<String> {
-        use crate::postcopy::PostCopy;
-        self.lazy_conf.as_ref()?;
-        match self.env.opts.post_copy {
-            PostCopy::Off => None,
-            PostCopy::On => Some("--post-copy".into()),
-            PostCopy::Auto => Some("--post-copy=auto".into()),
-        }
-    }
-
     fn start_serving(&mut self, tasks: &[Task]) -> Serving {
         let pids = crate::postcopy::serve::vpid_map(tasks);
         let counts = Arc::new(crate::postcopy::serve::ServeCounts::default());
@@ -1200,7 +1266,11 @@ impl<'a> Live<'a> {
         restore: Option<stats::RestoreStats>,
         post_copy: Option<PostCopyReport>,
     ) -> Report {
-        self.stats.criu_dump = work_criu.and_then(|d| stats::read_dump(&d).ok());
+        // A lazy dump's statistics describe CRIU's own lazy page server,
+        // which phaul ends at once: they would mislead.
+        self.stats.criu_dump = work_criu
+            .filter(|_| post_copy.is_none())
+            .and_then(|d| stats::read_dump(&d).ok());
         if let (Some(last), Some(s)) = (self.stats.passes.last_mut(), self.stats.criu_dump.as_ref())
         {
             last.pages_written = s.pages_written;
@@ -1270,6 +1340,7 @@ impl<'a> Live<'a> {
                 .unwrap_or_default(),
             fs_stop_reason: self.stats.fs_report.take().map(|r| r.1),
             post_copy,
+            post_copy_decision: self.post_copy_decision.take(),
         }
     }
 

@@ -38,7 +38,8 @@ pub fn lazy_ranges(images: &Path, pid: i32) -> Result<Vec<(u64, u64)>, String> {
     parse(&data).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-fn parse(data: &[u8]) -> Result<Vec<(u64, u64)>, String> {
+/// Parses a pagemap image (public for the fuzz targets).
+pub fn parse(data: &[u8]) -> Result<Vec<(u64, u64)>, String> {
     let word = |at: usize| -> Result<u32, String> {
         data.get(at..at + 4)
             .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
@@ -66,9 +67,9 @@ fn parse(data: &[u8]) -> Result<Vec<(u64, u64)>, String> {
             continue;
         }
         let pages = e.nr_pages.unwrap_or(e.compat_nr_pages as u64);
-        let end = e
-            .vaddr
-            .checked_add(pages * super::uffd::PAGE)
+        let end = pages
+            .checked_mul(super::uffd::PAGE)
+            .and_then(|len| e.vaddr.checked_add(len))
             .ok_or("an entry past the end of the address space")?;
         match out.last_mut() {
             Some(last) if last.1 == e.vaddr => last.1 = end,

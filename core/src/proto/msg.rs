@@ -117,6 +117,9 @@ pub enum Outcome {
     Unknown,
 }
 
+/// The largest rate probe a destination reads.
+pub const MAX_PROBE_BYTES: u64 = 256 << 20;
+
 /// Every control message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Msg {
@@ -220,6 +223,15 @@ pub enum Msg {
         /// The session.
         session: u64,
     },
+    /// Source -> destination, live mode, between memory passes: `bytes`
+    /// of filler follow on the memory channel, to measure its rate
+    /// (`--post-copy=auto` without a pre-dump to measure it by).
+    Probe {
+        /// How many bytes follow (at most [`MAX_PROBE_BYTES`]).
+        bytes: u64,
+    },
+    /// Destination -> source: the probe's bytes all arrived.
+    ProbeDone,
     /// Destination -> source: the answer to [`Msg::Query`].
     Status {
         /// The session.
@@ -251,6 +263,8 @@ impl Msg {
             Msg::Abort { .. } => "Abort",
             Msg::Query { .. } => "Query",
             Msg::Status { .. } => "Status",
+            Msg::Probe { .. } => "Probe",
+            Msg::ProbeDone => "ProbeDone",
         }
     }
 }

@@ -494,6 +494,9 @@ fn print_summary(r: &Report) {
         );
     }
     println!("  iterations stopped: {}", r.stop_reason);
+    if let (None, Some(d)) = (&r.post_copy, &r.post_copy_decision) {
+        println!("  single-shot: {d}");
+    }
     if let Some(p) = &r.post_copy {
         println!(
             "  post-copy ({}): {} pages after the switch ({} faulted on demand, {} pushed), \
