@@ -220,7 +220,7 @@ pub fn measure(env: &Env, method: LxcMethod, mem: u64, run_no: u32) -> RunResult
         let state_a = hosts.a.join(NAME).join("rootfs/state");
         std::thread::sleep(Duration::from_millis(300));
         // Resets the gap window: the next report covers the move.
-        env.report(&state_a, pid)?;
+        let before = env.report(&state_a, pid)?;
         let t = Instant::now();
         match method {
             LxcMethod::Phaul => by_phaul(env, &hosts, &mut r)?,
@@ -228,7 +228,10 @@ pub fn measure(env: &Env, method: LxcMethod, mem: u64, run_no: u32) -> RunResult
         }
         r.total_ms = t.elapsed().as_secs_f64() * 1e3;
         let new = workload_pid(&hosts.b).ok_or_else(|| anyhow!("nothing runs in B"))?;
-        r.record_after(&env.report(&hosts.b.join(NAME).join("rootfs/state"), new)?)
+        r.record_after(
+            &before,
+            &env.report(&hosts.b.join(NAME).join("rootfs/state"), new)?,
+        )
     })();
     if let Err(e) = res {
         r.error = Some(format!("{e:#}"));

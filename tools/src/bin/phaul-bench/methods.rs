@@ -24,6 +24,9 @@ pub enum Method {
     PhaulInsecure,
     /// `phaul` (TLS) from another build (`--baseline DIR`).
     PhaulBaseline,
+    /// `phaul` (TLS) with `--post-copy`: the workload runs on the
+    /// destination after a short pause, its memory following.
+    PhaulPostCopy,
     /// criu dump to disk, cp -a, criu restore.
     Naive,
     /// criu dump to tmpfs, criu restore from it.
@@ -37,6 +40,7 @@ impl Method {
             Method::Phaul => "phaul",
             Method::PhaulInsecure => "phaul-insecure",
             Method::PhaulBaseline => "phaul-baseline",
+            Method::PhaulPostCopy => "phaul-post-copy",
             Method::Naive => "naive",
             Method::Floor => "floor",
         }
@@ -84,6 +88,12 @@ pub struct RunResult {
     pub phaul_dst_maxrss_kib: Option<u64>,
     /// Every page of the workload verified after the move.
     pub verified: bool,
+    /// Post-copy only: from the switch until the last page arrived.
+    pub last_page_ms: Option<f64>,
+    /// Heartbeat gaps over 10 ms the workload saw during the migration
+    /// (the pause itself is one; with post-copy, the rest are faults on
+    /// pages that had not arrived yet).
+    pub gaps_over_10ms: u64,
     /// phaul only: its whole `--json` summary (CRIU's own dump and restore
     /// statistics, passes, bytes), for analysis.
     pub phaul_report: Option<Value>,
@@ -95,8 +105,10 @@ impl RunResult {
     /// Records the workload's report after the move: the largest
     /// heartbeat gap it saw, and whether every page verified (an error if
     /// not).
-    pub(crate) fn record_after(&mut self, after: &Value) -> anyhow::Result<()> {
+    pub(crate) fn record_after(&mut self, before: &Value, after: &Value) -> anyhow::Result<()> {
         self.downtime_ms = after["window_max_gap_us"].as_u64().unwrap_or(0) as f64 / 1e3;
+        let gaps = |v: &Value| v["gaps_over_10ms"].as_u64().unwrap_or(0);
+        self.gaps_over_10ms = gaps(after).saturating_sub(gaps(before));
         self.verified = after["pages_bad"] == 0 && after["pages_verified"] == after["pages"];
         if !self.verified {
             bail!("the workload's memory did not verify after the move: {after}");
@@ -417,22 +429,24 @@ impl Env {
             std::thread::sleep(std::time::Duration::from_millis(300));
             // Resets the workload's gap window: the next report's window
             // covers exactly the migration.
-            self.report(&state, pid)?;
+            let before = self.report(&state, pid)?;
+            let phaul = self.bin.join("phaul");
             let new = match method {
-                Method::Phaul => self.phaul(pid, &self.bin.join("phaul"), true, &mut r)?,
-                Method::PhaulInsecure => self.phaul(pid, &self.bin.join("phaul"), false, &mut r)?,
+                Method::Phaul => self.phaul(pid, &phaul, true, &[], &mut r)?,
+                Method::PhaulInsecure => self.phaul(pid, &phaul, false, &[], &mut r)?,
+                Method::PhaulPostCopy => self.phaul(pid, &phaul, true, &["--post-copy"], &mut r)?,
                 Method::PhaulBaseline => {
                     let phaul = self
                         .baseline
                         .clone()
                         .ok_or_else(|| anyhow!("phaul-baseline needs --baseline DIR"))?;
-                    self.phaul(pid, &phaul, true, &mut r)?
+                    self.phaul(pid, &phaul, true, &[], &mut r)?
                 }
                 Method::Naive => self.criu_cli(pid, true, &mut r)?,
                 Method::Floor => self.criu_cli(pid, false, &mut r)?,
             };
             pids.push(new);
-            r.record_after(&self.report(&state, new)?)
+            r.record_after(&before, &self.report(&state, new)?)
         })();
         if let Err(e) = res {
             r.error = Some(format!("{e:#}"));
@@ -444,12 +458,13 @@ impl Env {
     }
 
     /// `phaul serve` + `phaul migrate`, with TLS (`secure`) or
-    /// `--insecure` on both sides.
+    /// `--insecure` on both sides, and `extra` migrate arguments.
     fn phaul(
         &self,
         pid: i32,
         phaul: &Path,
         secure: bool,
+        extra: &[&str],
         r: &mut RunResult,
     ) -> anyhow::Result<i32> {
         let work = self.shm.join("phaul-work");
@@ -476,6 +491,7 @@ impl Env {
             ])
             .arg(&work)
             .args(security("src"))
+            .args(extra)
             .stdout(Stdio::piped())
             .spawn()?;
         let mid = migrate.id();
@@ -521,6 +537,9 @@ impl Env {
         r.phaul_cpu_ms = Some(src.cpu_ms + dst.cpu_ms);
         r.phaul_src_maxrss_kib = Some(src.maxrss_kib);
         r.phaul_dst_maxrss_kib = Some(dst.maxrss_kib);
+        r.last_page_ms = j["post_copy"]["time_to_last_page_us"]
+            .as_u64()
+            .map(|us| us as f64 / 1e3);
         let new = j["destination_pid"].as_i64().unwrap_or(0) as i32;
         r.phaul_report = Some(j);
         Ok(new)
