@@ -92,7 +92,18 @@ impl Outcomes {
             .unwrap_or_else(|p| p.into_inner())
             .get(&session)
             .copied();
-        recent.unwrap_or_else(|| recover::destination_outcome(&self.journal, session))
+        match recent {
+            // A session under way may be further than its start: a
+            // post-copy copy runs here while its memory still arrives.
+            Some(Outcome::InProgress) => {
+                match recover::destination_outcome(&self.journal, session) {
+                    Outcome::Resumed => Outcome::Resumed,
+                    _ => Outcome::InProgress,
+                }
+            }
+            Some(o) => o,
+            None => recover::destination_outcome(&self.journal, session),
+        }
     }
 }
 
@@ -377,6 +388,26 @@ fn route(
                     outcome: outcomes.get(session),
                 })
                 .map_err(|e| e.to_string())
+        }
+        Msg::ResumePages { session } => {
+            let span = tracing::info_span!("serve", session = %format!("{session:016x}"));
+            let _g = span.enter();
+            tracing::info!(peer = %who, "the source asks to resume a post-copy transfer");
+            let control = Control::new(conn).map_err(|e| e.to_string())?;
+            let r = crate::postcopy::resume::destination(
+                &opts.journal_dir,
+                session,
+                control,
+                opts.post_copy_stall,
+            );
+            match &r {
+                Ok(said) => {
+                    outcomes.set(session, Outcome::Resumed);
+                    tracing::info!("{said}");
+                }
+                Err(e) => tracing::warn!("{e}"),
+            }
+            r.map(drop)
         }
         Msg::Hello(hello) => {
             let session = hello.session;

@@ -207,9 +207,10 @@ fn handle(mut client: Conn, mut server: Conn, st: Arc<State>) {
     }
     let mut back_preamble_client = client.try_clone().unwrap();
     let back_server = server.try_clone().unwrap();
-    if let Msg::AttachMemory { .. } | Msg::AttachFs { .. } = first {
-        // Memory (and the file sync's own protocol): raw bytes, counted
-        // (the memory only), in both directions.
+    if let Msg::AttachMemory { .. } | Msg::AttachFs { .. } | Msg::ResumePages { .. } = first {
+        // Memory (and the file sync's own protocol, and a resumed
+        // post-copy transfer's page protocol): raw bytes, counted (the
+        // memory only), in both directions.
         std::thread::spawn(move || {
             let _ = std::io::copy(&mut &back_server, &mut back_preamble_client);
             back_preamble_client.shutdown_write();

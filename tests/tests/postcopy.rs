@@ -29,6 +29,12 @@ fn keepers() -> Vec<i32> {
                     std::fs::read_to_string(format!("/proc/{p}/comm"))
                         .is_ok_and(|c| c.trim() == "phaul-uffd-keep")
                 })
+                // A keeper whose service died is reparented to the test
+                // (the subreaper): once it ends, reap it.
+                .filter(|&p| {
+                    reap(p);
+                    task_state(p).is_some_and(|s| s != 'Z')
+                })
                 .collect()
         })
         .unwrap_or_default()
@@ -322,50 +328,94 @@ fn broken_transfer(how: Break) {
         let r: serde_json::Value = serde_json::from_slice(&probe.stdout).unwrap();
         Workload::check_intact(&r).expect("a destination copy with wrong memory");
     }
-    // `phaul recover` on the source leaves the decision to the operator.
-    let rec = recover(src.path(), journal.path(), 2);
-    let sessions = rec.json.as_ref().unwrap()["sessions"]
-        .as_array()
-        .unwrap()
-        .clone();
-    assert_eq!(sessions.len(), 1, "{}", rec.summary());
-    assert_eq!(sessions[0]["action"], "left-stopped", "{}", rec.summary());
-    assert!(
-        sessions[0]["message"]
-            .as_str()
-            .unwrap()
-            .contains("post-copy page transfer broke"),
-        "{}",
-        rec.summary()
-    );
-    assert_eq!(task_state(w.pid), Some('T'));
     if matches!(how, Break::KillDestination) {
         // The destination's phaul is gone; its recover keeps the copy.
         let d = recover(src.path(), dst_journal.path(), 2);
         let s = &d.json.as_ref().unwrap()["sessions"][0];
         assert_eq!(s["action"], "left-alone", "{}", d.summary());
         assert!(alive(dst), "the destination's copy is kept");
+        serve.restart();
     }
-    // The operator gives the destination's copy up and resumes the source
-    // at its freeze point: the workload continues, whole.
-    let session = sessions[0]["session"].as_str().unwrap().to_string();
+    // The network works again for new connections.
+    proxy.heal();
+    // `phaul recover` on the source resumes the transfer: the destination
+    // takes the userfaultfds back from the keeper and asks for what its
+    // copy still lacks.
+    let rec = recover(src.path(), journal.path(), 5);
+    let s = &rec.json.as_ref().unwrap()["sessions"][0];
+    assert_eq!(s["action"], "resumed-transfer", "{}", rec.summary());
+    assert!(wait_for(Duration::from_secs(10), || {
+        reap(w.pid);
+        !alive(w.pid)
+    }));
+    w.moved_to(dst);
+    let after = w.report();
+    w.assert_intact(&after);
+    assert!(after["counter"].as_u64() > before["counter"].as_u64());
+    assert_eq!(copies_since(&w, started), vec![dst]);
+    assert!(
+        wait_for(Duration::from_secs(5), || keepers.get().is_empty()),
+        "the keeper is gone once every page arrived: {:?}",
+        keepers.get()
+    );
+    // Nothing is pending on either side.
+    let again = recover(src.path(), journal.path(), 2);
+    assert_eq!(
+        again.json.as_ref().unwrap()["pending"],
+        0,
+        "{}",
+        again.summary()
+    );
+    drop(proxy);
+}
+
+/// The operator's other choice: give the destination's copy up and resume
+/// the source at its freeze point.
+#[test]
+fn after_a_broken_transfer_the_operator_can_resume_the_source_instead() {
+    if !setup() {
+        return;
+    }
+    let keepers = NewKeepers::since_now();
+    let journal = tempfile::tempdir().unwrap();
+    let serve = Serve::start(PID, &["--post-copy-stall", "2"]);
+    let proxy = Proxy::start(&serve.addr, Fault::StallMemoryAfter(16 << 20));
+    let mut w = Workload::spawn(&["--mem-mib", "64", "--dirty-pct", "20", "--dirty-scattered"]);
+    let before = w.report();
+    let src = plugin_dir(PID);
+    let started = start_time(w.pid);
+    let mut m = Migration::start(
+        src.path(),
+        "pid",
+        w.pid,
+        &proxy.addr,
+        journal.path(),
+        &["--post-copy", "--post-copy-stall", "2"],
+        None,
+    );
+    assert_eq!(
+        m.wait_timeout(Duration::from_secs(60))
+            .and_then(|s| s.code()),
+        Some(5)
+    );
+    let copies = copies_since(&w, started);
+    let dst = *copies
+        .iter()
+        .find(|&&p| p != w.pid)
+        .expect("a destination copy");
+    w.seen(dst);
     phaul_core::proc::signal_tree(dst, nix::sys::signal::Signal::SIGKILL);
-    for k in keeper {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(k),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
+    drop(keepers);
     assert!(wait_for(Duration::from_secs(10), || {
         reap(dst);
         !alive(dst)
     }));
-    let rec = recover_with(
-        src.path(),
-        journal.path(),
-        2,
-        &["--resume-source", &session],
-    );
+    let pending = recover_with(src.path(), journal.path(), 2, &[]);
+    let sid = pending.json.as_ref().unwrap()["sessions"][0]["session"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let rec = recover_with(src.path(), journal.path(), 2, &["--resume-source", &sid]);
     assert_eq!(
         rec.json.as_ref().unwrap()["sessions"][0]["action"],
         "resumed-source",

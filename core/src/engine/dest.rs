@@ -766,11 +766,14 @@ impl<'a> Session<'a> {
         let pager = match mem {
             Some(mem) => {
                 o.lazy_pages = Some(true);
+                let events =
+                    crate::postcopy::resume::log_path(&self.opts.journal_dir, self.hello.session);
                 let p = crate::postcopy::pager::Pager::start(
                     w.work_dir(),
                     &images,
                     mem,
                     self.opts.post_copy_stall,
+                    Some(&events),
                 )
                 .map_err(|e| {
                     DestError::Transfer(format!("cannot start the post-copy pager: {e}"))
@@ -1136,6 +1139,10 @@ impl<'a> Session<'a> {
                 {
                     tracing::error!("{e}");
                 }
+                let _ = std::fs::remove_file(crate::postcopy::resume::log_path(
+                    &self.opts.journal_dir,
+                    self.hello.session,
+                ));
                 Ok(State::Done(self.complete(pid, took)))
             }
             PagerEnd::Broken {

@@ -166,15 +166,53 @@ fn recover_source(
         .map(|(_, d)| *d);
     if rec.state == State::PostCopy && explicit.is_none() {
         // The destination's copy runs on memory only this stopped copy
-        // holds in full: neither answer of the destination's makes one
-        // of them disposable.
+        // holds in full: resume the page transfer, or leave the decision
+        // to the operator.
+        if !proc::any_exists(&rec.tasks) {
+            return Ok(Action::new(
+                rec,
+                "left-alone",
+                format!(
+                    "the post-copy page transfer broke and the stopped source copy (pid {root}) is \
+                     gone: the pages the destination's copy still lacks exist nowhere else, so \
+                     that copy cannot be completed ({})",
+                    rec.note
+                ),
+                true,
+            ));
+        }
+        let why = match rec.peer.as_deref() {
+            Some(peer) => match remote_of(rec, peer, opts) {
+                Ok(remote) => {
+                    let stall = opts.timeout.max(Duration::from_secs(5));
+                    match crate::postcopy::resume::source(&remote, rec.session, &rec.tasks, stall) {
+                        Ok((pages, control)) => {
+                            let gone = proc::kill_tasks(&rec.tasks, Duration::from_secs(10));
+                            let _ = crate::postcopy::serve::released(control.conn());
+                            let msg = format!(
+                                "resumed the post-copy page transfer: the destination has every \
+                                 page now ({pages} placed); removed the stopped source copy \
+                                 (pid {root}){}",
+                                if gone { "" } else { ", but it did not go away" }
+                            );
+                            journal.set(rec, State::Migrated, &msg)?;
+                            return Ok(Action::new(rec, "resumed-transfer", msg, !gone));
+                        }
+                        Err(e) => e,
+                    }
+                }
+                Err(e) => e,
+            },
+            None => "the connections were handed in by an embedder".into(),
+        };
         return Ok(Action::new(
             rec,
             "left-stopped",
             format!(
                 "the post-copy page transfer broke: the destination's copy runs but waits on pages \
-                 that only this stopped copy (pid {root}) holds ({note}). This phaul cannot resume \
-                 the transfer. Decide: `phaul recover --resume-source {s}` once the destination's \
+                 that only this stopped copy (pid {root}) holds ({note}), and resuming the \
+                 transfer failed: {why}. Run `phaul recover` again once the destination is \
+                 reachable, or decide: `phaul recover --resume-source {s}` once the destination's \
                  copy is killed there (the workload then continues from its freeze point here, \
                  forgetting what it did there), or `--kill-source {s}` to give the missing pages \
                  up (the destination's copy then waits on them forever)",
@@ -319,6 +357,11 @@ pub fn destination_outcome(journal: &Journal, session: u64) -> Outcome {
             return Outcome::InProgress;
         }
     };
+    if rec.state == State::PostCopy {
+        // The copy runs here (its memory still arriving or waiting for a
+        // resumed transfer): the source must never resume its own.
+        return Outcome::Resumed;
+    }
     if !rec.state.is_final() {
         if owner_alive(&rec) {
             return Outcome::InProgress;

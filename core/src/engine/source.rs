@@ -439,6 +439,15 @@ struct Serving {
     since: Instant,
 }
 
+impl Serving {
+    /// The destination asked for pages in the background: it does so
+    /// only after the switch.
+    fn past_switch(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.counts.pages.load(Relaxed) > self.counts.urgent.load(Relaxed)
+    }
+}
+
 /// Driver hooks and progress during the final dump.
 struct Hooks<'d> {
     driver: &'d mut Driver,
@@ -1058,6 +1067,15 @@ impl<'a> Live<'a> {
                 return Err(self.resume(c, CommitError::Discarded(reason)));
             }
             Ok(other) => self.resolve(unexpected(&other, "Resumed", "destination").to_string()),
+            // Post-copy: a background page request means the destination
+            // passed the switch: its copy runs, whatever became of the
+            // control connection; the page transfer decides the rest.
+            Err(e) if self.serving.as_ref().is_some_and(Serving::past_switch) => {
+                tracing::warn!(
+                    "lost the control connection after the switch ({e}); the page transfer goes on"
+                );
+                return self.post_copied(c, 0, None, 0);
+            }
             Err(e) => {
                 let why = match self.env.abort.reason() {
                     Some(r) => format!("{r} after the commit"),

@@ -42,6 +42,7 @@
 pub mod image;
 pub mod keeper;
 pub mod pager;
+pub mod resume;
 pub mod serve;
 pub mod uffd;
 pub mod wire;

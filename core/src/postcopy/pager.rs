@@ -129,7 +129,9 @@ impl Pager {
         images: &Path,
         mem: Conn,
         stall: Duration,
+        events: Option<&Path>,
     ) -> std::io::Result<Pager> {
+        let events = events.map(super::resume::EventLog::create).transpose()?;
         let socket = criu_dir.join(SOCKET_NAME);
         let _ = std::fs::remove_file(&socket);
         let listener = UnixListener::bind(&socket)?;
@@ -144,7 +146,8 @@ impl Pager {
         let thread = std::thread::Builder::new()
             .name("postcopy-pager".into())
             .spawn(move || {
-                let mut s = State::new(listener, images, mem, wake_fd, stall);
+                let mut s = State::new(Some(listener), images, mem, wake_fd, stall);
+                s.events = events;
                 s.run(rx)
             })?;
         Ok(Pager {
@@ -199,7 +202,7 @@ impl Drop for Pager {
 
 /// A missing range: `[start, end)` in the task's address space, whose data
 /// is at `img` in the source task.
-type Ranges = BTreeMap<u64, (u64, u64)>;
+pub(crate) type Ranges = BTreeMap<u64, (u64, u64)>;
 
 struct Lpi {
     /// The source task the data comes from (a forked child's parent).
@@ -221,6 +224,8 @@ struct Pending {
 }
 
 struct State {
+    /// Post-copy's event log (see [`super::resume`]).
+    events: Option<super::resume::EventLog>,
     listener: Option<UnixListener>,
     client: Option<UnixStream>,
     images: PathBuf,
@@ -263,7 +268,7 @@ fn take_range(m: &mut Ranges, at: u64, max_pages: u64) -> Option<(u64, u64, u64)
 }
 
 /// Removes `[a, b)` from `m`; returns the pages removed.
-fn cut(m: &mut Ranges, a: u64, b: u64) -> u64 {
+pub(crate) fn cut(m: &mut Ranges, a: u64, b: u64) -> u64 {
     let hit: Vec<(u64, (u64, u64))> = m
         .range(..b)
         .filter(|(&s, &(e, _))| e > a && s < b)
@@ -281,6 +286,22 @@ fn cut(m: &mut Ranges, a: u64, b: u64) -> u64 {
         n += (e.min(b) - s.max(a)) / PAGE;
     }
     n
+}
+
+/// `mremap` moved `[from, from + len)` to `to`: the missing ranges in it
+/// move along (their source addresses stay).
+pub(crate) fn move_ranges(m: &mut Ranges, from: u64, to: u64, len: u64) {
+    let moved: Vec<(u64, (u64, u64))> = m
+        .range(..from + len)
+        .filter(|(&s, &(e, _))| e > from && s < from + len)
+        .map(|(&s, &v)| (s, v))
+        .collect();
+    cut(m, from, from + len);
+    for (s, (e, img)) in moved {
+        let (s2, e2) = (s.max(from), e.min(from + len));
+        let img2 = img + (s2 - s);
+        m.insert(s2 - from + to, (e2 - from + to, img2));
+    }
 }
 
 fn epoll_add(ep: RawFd, fd: RawFd, token: u64) -> std::io::Result<()> {
@@ -356,7 +377,7 @@ fn recv_from_criu(sock: &UnixStream) -> std::io::Result<FromCriu> {
 
 impl State {
     fn new(
-        listener: UnixListener,
+        listener: Option<UnixListener>,
         images: PathBuf,
         mem: Conn,
         wake: RawFd,
@@ -366,11 +387,14 @@ impl State {
         let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         // SAFETY: a fresh descriptor (checked below through its use).
         let epoll = unsafe { OwnedFd::from_raw_fd(ep) };
-        let _ = epoll_add(ep, listener.as_raw_fd(), T_LISTEN);
+        if let Some(l) = &listener {
+            let _ = epoll_add(ep, l.as_raw_fd(), T_LISTEN);
+        }
         let _ = epoll_add(ep, wake, T_WAKE);
         let _ = epoll_add(ep, mem.as_raw_fd(), T_MEM);
         State {
-            listener: Some(listener),
+            events: None,
+            listener,
             client: None,
             images,
             mem,
@@ -565,10 +589,43 @@ impl State {
             Keeper::spawn(&fds).map_err(|e| format!("cannot start the userfaultfd keeper: {e}"))?;
         let pid = k.pid();
         self.keeper = Some(k);
+        self.log_switch(pid);
         self.going = true;
         self.go_at = Some(Instant::now());
         self.last_answer = Instant::now();
         Ok(pid)
+    }
+
+    fn log(&mut self, line: String) {
+        if let Some(l) = &mut self.events {
+            l.line(&line);
+        }
+    }
+
+    /// At the switch: the keeper, and each task's userfaultfd (its number
+    /// in the keeper) with what it still lacks.
+    fn log_switch(&mut self, keeper: i32) {
+        if self.events.is_none() {
+            return;
+        }
+        let start = crate::proc::start_time(keeper).unwrap_or(0);
+        let mut lines = vec![format!("K {keeper} {start}")];
+        for (i, l) in self.lpis.iter().enumerate() {
+            lines.push(format!("T {i} {} {}", l.fd.as_raw_fd(), l.src));
+            let mut m = l.missing.clone();
+            for p in self.pending.values().filter(|p| p.lpi == i) {
+                m.insert(p.dst, (p.dst + p.pages * PAGE, p.img));
+                for &(a, b) in &p.holes {
+                    cut(&mut m, a, b);
+                }
+            }
+            for (s, (e, img)) in m {
+                lines.push(format!("r {i} {s} {e} {img}"));
+            }
+        }
+        for l in lines {
+            self.log(l);
+        }
     }
 
     fn channel_error(&self, e: std::io::Error) -> String {
@@ -760,6 +817,7 @@ impl State {
             match msg.event {
                 uffd::EVENT_PAGEFAULT => self.fault(i, msg.fault_address() & !(PAGE - 1))?,
                 uffd::EVENT_FORK => {
+                    self.log(format!("F {i}"));
                     // SAFETY: the kernel installed the child's descriptor
                     // in this process for us.
                     let fd = unsafe { OwnedFd::from_raw_fd(msg.fork_fd()) };
@@ -794,6 +852,7 @@ impl State {
     }
 
     fn drop_range(&mut self, i: usize, a: u64, b: u64) {
+        self.log(format!("R {i} {a} {b}"));
         let n = cut(&mut self.lpis[i].missing, a, b);
         self.stats.dropped += n;
         for p in self.pending.values_mut().filter(|p| p.lpi == i) {
@@ -805,19 +864,8 @@ impl State {
     }
 
     fn remap(&mut self, i: usize, from: u64, to: u64, len: u64) {
-        let l = &mut self.lpis[i];
-        let moved: Vec<(u64, (u64, u64))> = l
-            .missing
-            .range(..from + len)
-            .filter(|(&s, &(e, _))| e > from && s < from + len)
-            .map(|(&s, &v)| (s, v))
-            .collect();
-        cut(&mut l.missing, from, from + len);
-        for (s, (e, img)) in moved {
-            let (s2, e2) = (s.max(from), e.min(from + len));
-            let img2 = img + (s2 - s);
-            l.missing.insert(s2 - from + to, (e2 - from + to, img2));
-        }
+        self.log(format!("M {i} {from} {to} {len}"));
+        move_ranges(&mut self.lpis[i].missing, from, to, len);
         // A pending request whose target moved: its moved part is
         // asked again at the new place.
         let mut again = Vec::new();
@@ -884,6 +932,43 @@ impl State {
         self.lpis.clear();
         PagerEnd::AllIn(self.stats.clone())
     }
+}
+
+/// A pager resumed after a broken transfer ([`super::resume`]): the
+/// tasks' source pids, userfaultfds (taken back from the keeper) and
+/// missing pages. It runs in the calling thread.
+pub(crate) fn resumed(tasks: Vec<(i32, OwnedFd, Ranges)>, mem: Conn, stall: Duration) -> PagerEnd {
+    let wake = match eventfd() {
+        Ok(w) => w,
+        Err(e) => return PagerEnd::Stopped(format!("eventfd: {e}")),
+    };
+    if let Err(e) = mem
+        .set_read_timeout(Some(stall))
+        .and_then(|()| mem.set_write_timeout(Some(stall)))
+    {
+        return PagerEnd::Stopped(format!("the memory channel: {e}"));
+    }
+    let mut s = State::new(None, PathBuf::new(), mem, wake.as_raw_fd(), stall);
+    for (src, fd, missing) in tasks {
+        s.stats.lazy_pages += missing
+            .iter()
+            .map(|(&a, &(b, _))| (b - a) / PAGE)
+            .sum::<u64>();
+        if let Err(e) = s.push_lpi(Lpi {
+            src,
+            fd,
+            missing,
+            exited: false,
+        }) {
+            return PagerEnd::Stopped(e);
+        }
+    }
+    s.finished = true;
+    s.going = true;
+    s.go_at = Some(Instant::now());
+    s.last_answer = Instant::now();
+    let (_tx, rx) = mpsc::channel();
+    s.run(rx)
 }
 
 fn poll_in(fd: RawFd) -> bool {

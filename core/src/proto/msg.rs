@@ -232,6 +232,19 @@ pub enum Msg {
     },
     /// Destination -> source: the probe's bytes all arrived.
     ProbeDone,
+    /// Source -> destination, on a fresh connection (`phaul recover`):
+    /// resume the broken post-copy transfer of `session`; after
+    /// [`Msg::ResumeReady`] the connection carries the page protocol.
+    ResumePages {
+        /// The session.
+        session: u64,
+    },
+    /// Destination -> source: the copy is there and waits for `missing`
+    /// pages; the page protocol follows.
+    ResumeReady {
+        /// Pages it still lacks.
+        missing: u64,
+    },
     /// Destination -> source: the answer to [`Msg::Query`].
     Status {
         /// The session.
@@ -265,6 +278,8 @@ impl Msg {
             Msg::Status { .. } => "Status",
             Msg::Probe { .. } => "Probe",
             Msg::ProbeDone => "ProbeDone",
+            Msg::ResumePages { .. } => "ResumePages",
+            Msg::ResumeReady { .. } => "ResumeReady",
         }
     }
 }

@@ -78,7 +78,7 @@ struct Args {
     /// Only measure the raw channels and print them as JSON.
     #[arg(long)]
     channel_only: bool,
-    /// Container sizes for the LXC rows, MiB (empty: none; skipped where
+    /// Container sizes for the LXC rows, MiB (`0`: none; skipped where
     /// LXC is not installed).
     #[arg(long, value_delimiter = ',', default_value = "64,256")]
     lxc_sizes: Vec<u64>,
@@ -191,10 +191,11 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
 
     let mut containers: Vec<RunResult> = Vec::new();
-    if !args.lxc_sizes.is_empty() && !lxc::available() {
+    let lxc_sizes: Vec<u64> = args.lxc_sizes.iter().copied().filter(|&m| m > 0).collect();
+    if !lxc_sizes.is_empty() && !lxc::available() {
         eprintln!("phaul-bench: skipping the LXC rows: LXC is not installed");
     } else {
-        for &mem in &args.lxc_sizes {
+        for &mem in &lxc_sizes {
             for run in 1..=args.runs {
                 for method in [lxc::LxcMethod::Phaul, lxc::LxcMethod::ByHand] {
                     let r = lxc::measure(&env, method, mem, run);
