@@ -242,16 +242,16 @@ pub fn prepare(log: &Path, root: &Task) -> Result<Resumable, String> {
 pub fn run(r: Resumable, mem: Conn, stall: Duration) -> PagerEnd {
     let keeper = r.keeper;
     let end = super::pager::resumed(r.tasks, mem, stall);
-    if matches!(end, PagerEnd::AllIn(_)) {
-        if crate::proc::task_state(&keeper) != crate::proc::TaskState::Gone {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(keeper.pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-            let mut status = 0;
-            // SAFETY: reaps it if it is our child (ECHILD otherwise).
-            unsafe { libc::waitpid(keeper.pid, &mut status, 0) };
-        }
+    if matches!(end, PagerEnd::AllIn(_))
+        && crate::proc::task_state(&keeper) != crate::proc::TaskState::Gone
+    {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(keeper.pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let mut status = 0;
+        // SAFETY: reaps it if it is our child (ECHILD otherwise).
+        unsafe { libc::waitpid(keeper.pid, &mut status, 0) };
     }
     end
 }
