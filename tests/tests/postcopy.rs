@@ -369,6 +369,64 @@ fn broken_transfer(how: Break) {
     drop(proxy);
 }
 
+/// Before the switch a post-copy migration rolls back like any other: the
+/// destination's CRIU is killed while its lazily restored copy is held
+/// (the copy never ran; no keeper was started), and the source, which
+/// never hears `Restored`, resumes at its freeze deadline.
+#[test]
+fn the_destination_criu_killed_before_the_switch_rolls_back() {
+    if !setup() {
+        return;
+    }
+    let keepers = NewKeepers::since_now();
+    let journal = tempfile::tempdir().unwrap();
+    let serve = Serve::start(PID, &["--commit-timeout", "3"]);
+    let proxy = Proxy::start(&serve.addr, Fault::StallAt("Restored"));
+    let mut w = Workload::spawn(&["--mem-mib", "64", "--dirty-pct", "5"]);
+    let before = w.report();
+    let src = plugin_dir(PID);
+    let started = start_time(w.pid);
+    let mut m = Migration::start(
+        src.path(),
+        "pid",
+        w.pid,
+        &proxy.addr,
+        journal.path(),
+        &["--post-copy", "--freeze-timeout", "4"],
+        None,
+    );
+    assert!(wait_for(Duration::from_secs(30), || proxy.triggered()));
+    let restorer = serve
+        .criu_workers()
+        .into_iter()
+        .find(|c| c.name == "restore")
+        .expect("the destination's restore worker");
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(restorer.pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    assert_eq!(
+        m.wait_timeout(Duration::from_secs(60))
+            .and_then(|s| s.code()),
+        Some(4),
+        "rolled back"
+    );
+    for c in copies_since(&w, started) {
+        w.seen(c);
+    }
+    assert!(
+        wait_for(Duration::from_secs(15), || copies_since(&w, started)
+            == vec![w.pid]),
+        "only the source's copy is left: {:?}",
+        copies_since(&w, started)
+    );
+    assert!(keepers.get().is_empty(), "a keeper before the switch");
+    let after = w.report();
+    w.assert_intact(&after);
+    assert!(after["counter"].as_u64() > before["counter"].as_u64());
+    drop(proxy);
+}
+
 /// The operator's other choice: give the destination's copy up and resume
 /// the source at its freeze point.
 #[test]
