@@ -164,6 +164,7 @@ fn recover_source(
         .iter()
         .find(|(s, _)| *s == rec.session)
         .map(|(_, d)| *d);
+    let mut decided: Option<Verdict> = None;
     if rec.state == State::PostCopy && explicit.is_none() {
         // The destination's copy runs on memory only this stopped copy
         // holds in full: resume the page transfer, or leave the decision
@@ -205,10 +206,20 @@ fn recover_source(
             },
             None => "the connections were handed in by an embedder".into(),
         };
-        return Ok(Action::new(
-            rec,
-            "left-stopped",
-            format!(
+        // The destination may have discarded its copy (its CRIU kills a
+        // copy whose restore its phaul did not see through): then this
+        // stopped copy is the workload, and resumes below.
+        let asked = match rec.peer.as_deref().map(|p| remote_of(rec, p, opts)) {
+            Some(Ok(remote)) => session::ask(&remote, rec.session, opts.timeout, None),
+            _ => Verdict::NoAnswer(String::new()),
+        };
+        if asked == Verdict::Discarded {
+            decided = Some(Verdict::Discarded);
+        } else {
+            return Ok(Action::new(
+                rec,
+                "left-stopped",
+                format!(
                 "the post-copy page transfer broke: the destination's copy runs but waits on pages \
                  that only this stopped copy (pid {root}) holds ({note}), and resuming the \
                  transfer failed: {why}. Run `phaul recover` again once the destination is \
@@ -219,17 +230,21 @@ fn recover_source(
                 note = rec.note,
                 s = rec.session_hex()
             ),
-            true,
-        ));
+                true,
+            ));
+        }
     }
-    let verdict = match (explicit, rec.peer.as_deref()) {
-        (Some(Decision::KillSource), _) => Verdict::Runs,
-        (Some(Decision::ResumeSource), _) => Verdict::Discarded,
-        (None, Some(peer)) => match remote_of(rec, peer, opts) {
+    let verdict = match (decided, explicit, rec.peer.as_deref()) {
+        (Some(v), ..) => v,
+        (None, Some(Decision::KillSource), _) => Verdict::Runs,
+        (None, Some(Decision::ResumeSource), _) => Verdict::Discarded,
+        (None, None, Some(peer)) => match remote_of(rec, peer, opts) {
             Ok(remote) => session::ask(&remote, rec.session, opts.timeout, None),
             Err(why) => Verdict::NoAnswer(why),
         },
-        (None, None) => Verdict::NoAnswer("the connections were handed in by an embedder".into()),
+        (None, None, None) => {
+            Verdict::NoAnswer("the connections were handed in by an embedder".into())
+        }
     };
     let how = if explicit.is_some() {
         "as the operator decided"
@@ -343,6 +358,9 @@ pub fn reconcile_destination(journal: &Journal, rec: &mut Record) -> Result<Acti
         }
     };
     journal.set(rec, final_state, &msg)?;
+    // A post-copy keeper of a session that is over holds nothing anyone
+    // needs.
+    crate::postcopy::resume::discard(journal.dir(), rec.session);
     Ok(Action::new(rec, action, msg, false))
 }
 

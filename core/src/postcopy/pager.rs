@@ -584,7 +584,16 @@ impl State {
             }
             self.read_criu()?;
         }
-        let fds: Vec<RawFd> = self.lpis.iter().map(|l| l.fd.as_raw_fd()).collect();
+        // The keeper also holds CRIU's lazy-pages connection: CRIU's
+        // restore sends its "restore finished" word on it after the
+        // switch, and fails (killing the copy) if it finds it closed,
+        // which it would be if this pager broke or died first.
+        let fds: Vec<RawFd> = self
+            .lpis
+            .iter()
+            .map(|l| l.fd.as_raw_fd())
+            .chain(self.client.as_ref().map(|c| c.as_raw_fd()))
+            .collect();
         let k =
             Keeper::spawn(&fds).map_err(|e| format!("cannot start the userfaultfd keeper: {e}"))?;
         let pid = k.pid();

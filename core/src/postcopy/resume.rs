@@ -53,6 +53,23 @@ impl EventLog {
     }
 }
 
+/// A session is over on this side: its keeper (if the log names one that
+/// still runs) lets go, and the log goes.
+pub fn discard(journal_dir: &Path, session: u64) {
+    let path = log_path(journal_dir, session);
+    if let Ok(l) = parse_log(&path) {
+        if let Some(k) = l.keeper {
+            if crate::proc::task_state(&k) != crate::proc::TaskState::Gone {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(k.pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+    let _ = std::fs::remove_file(path);
+}
+
 /// One task as the log describes it.
 #[derive(Debug, Default)]
 struct LoggedTask {
