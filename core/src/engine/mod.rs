@@ -70,6 +70,11 @@
 //!    and sends `Commit`; the destination records it, lets its copy run and
 //!    reports `Resumed`. *Failure*: if the destination cannot let its copy
 //!    run, it discards it and says so, and the source resumes; exit 4.
+//!    With `--post-copy` ([`crate::postcopy`]) the final dump leaves the
+//!    private memory behind and the commit is the switch: from `Commit`
+//!    on, the destination's copy runs and fetches its pages from the
+//!    source's stopped copy; both journals say `PostCopy` until every page
+//!    has arrived, and `phaul recover` resumes a broken transfer.
 //! 5. **Point of no return**: the source receives `Resumed`, records
 //!    `Migrated`, answers `post-dump` with success and CRIU kills the
 //!    source copy (TCP sockets stay in repair mode, so peers see no reset).

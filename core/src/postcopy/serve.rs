@@ -147,7 +147,6 @@ pub fn serve(
     }
     let mut buf = vec![0u8; (super::wire::MAX_PAGES as u64 * super::uffd::PAGE) as usize];
     let (lock, cv) = &*q;
-    let started = Instant::now();
     loop {
         let next = {
             let mut g = lock.lock().expect("queue");
@@ -158,8 +157,11 @@ pub fn serve(
                 if g.end.is_some() {
                     break None;
                 }
-                let heard = g.last_heard.unwrap_or(started);
-                if heard.elapsed() >= stall {
+                // Counted from the first request: before the switch the
+                // destination asks only for what its restorer touches
+                // (often nothing); a destination that dies before asking
+                // anything breaks the control connection instead.
+                if g.last_heard.is_some_and(|h| h.elapsed() >= stall) {
                     conn.shutdown();
                     return Served::Broken(format!(
                         "the destination asked for no page for {} s: the transfer stalled",
