@@ -497,6 +497,23 @@ fn activity(pid: i32) -> Option<u64> {
     Some(cpu * 10 + switches)
 }
 
+/// After a successful migration: no CRIU process is left on the
+/// destination and its work directory is empty.
+pub fn assert_destination_clean(serve: &Serve) {
+    assert!(
+        wait_for(Duration::from_secs(5), || serve.criu_processes().is_empty()),
+        "CRIU processes left on the destination: {:?}",
+        serve.criu_processes()
+    );
+    assert!(
+        std::fs::read_dir(serve.work.path())
+            .unwrap()
+            .next()
+            .is_none(),
+        "destination work dir cleaned"
+    );
+}
+
 /// A test workload (`phaul-workload run`) in its own PID namespace.
 pub struct Workload {
     /// The host pid of its root (changes when it migrates).

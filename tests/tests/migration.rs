@@ -8,8 +8,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use phaul_tests::harness::{
-    alive, assert_refused_in_preflight, migrate, processes_with_cwd_under, reap, setup, wait_for,
-    Serve, Workload,
+    alive, assert_destination_clean, assert_refused_in_preflight, migrate,
+    processes_with_cwd_under, reap, setup, wait_for, Serve, Workload,
 };
 use phaul_tests::plugin_dir;
 use phaul_tests::proxy::{Fault, Proxy};
@@ -82,16 +82,7 @@ fn live_migration_moves_the_workload_with_its_memory_intact() {
     assert!(r["memory_bytes"].as_u64().unwrap() >= 64 << 20);
     assert_eq!(r["stop_reason"]["reason"], "no-pre-dump");
     // Nothing is left behind on either side.
-    assert!(wait_for(Duration::from_secs(5), || serve
-        .criu_processes()
-        .is_empty()));
-    assert!(
-        std::fs::read_dir(serve.work.path())
-            .unwrap()
-            .next()
-            .is_none(),
-        "destination work dir cleaned"
-    );
+    assert_destination_clean(&serve);
 }
 
 #[test]

@@ -10,8 +10,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use phaul_tests::harness::{
-    alive, migrate, reap, recover, recover_with, setup, task_state, wait_for, workload_copies,
-    Migration, Serve, Workload,
+    alive, assert_destination_clean, migrate, reap, recover, recover_with, setup, task_state,
+    wait_for, workload_copies, Migration, Serve, Workload,
 };
 use phaul_tests::plugin_dir;
 use phaul_tests::proxy::{Fault, Proxy};
@@ -38,6 +38,50 @@ fn keepers() -> Vec<i32> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// A post-copy migration of a fresh workload (scattered writes, 20 % per
+/// second) through a fault proxy, started.
+struct Moving {
+    proxy: Proxy,
+    w: Workload,
+    before: serde_json::Value,
+    src: tempfile::TempDir,
+    started: u64,
+    m: Migration,
+}
+
+impl Moving {
+    fn start(
+        serve: &Serve,
+        fault: Fault,
+        mem_mib: &str,
+        journal: &std::path::Path,
+        extra: &[&str],
+        log: Option<&std::path::Path>,
+    ) -> Moving {
+        let proxy = Proxy::start(&serve.addr, fault);
+        let w = Workload::spawn(&[
+            "--mem-mib",
+            mem_mib,
+            "--dirty-pct",
+            "20",
+            "--dirty-scattered",
+        ]);
+        let before = w.report();
+        w.assert_intact(&before);
+        let src = plugin_dir(PID);
+        let started = start_time(w.pid);
+        let m = Migration::start(src.path(), "pid", w.pid, &proxy.addr, journal, extra, log);
+        Moving {
+            proxy,
+            w,
+            before,
+            src,
+            started,
+            m,
+        }
+    }
 }
 
 /// The keepers a test started (those that were not there before it),
@@ -168,16 +212,7 @@ fn post_copy_runs_the_workload_there_before_its_memory_arrives() {
     assert!(after["dirtied_total"].as_u64() > before["dirtied_total"].as_u64());
     // Nothing holds the copy's userfaultfds any more.
     assert!(keepers.get().is_empty(), "keeper left: {:?}", keepers.get());
-    assert!(wait_for(Duration::from_secs(5), || serve
-        .criu_processes()
-        .is_empty()));
-    assert!(
-        std::fs::read_dir(serve.work.path())
-            .unwrap()
-            .next()
-            .is_none(),
-        "destination work dir cleaned"
-    );
+    assert_destination_clean(&serve);
 }
 
 #[test]
@@ -247,18 +282,18 @@ fn broken_transfer(how: Break) {
     let dst_journal = tempfile::tempdir().unwrap();
     let mut serve =
         Serve::start_journaled(PID, dst_journal.path(), &["--post-copy-stall", "2"], None);
-    let proxy = Proxy::start(&serve.addr, Fault::StallMemoryAfter(32 << 20));
-    let mut w = Workload::spawn(&["--mem-mib", "128", "--dirty-pct", "20", "--dirty-scattered"]);
-    let before = w.report();
-    w.assert_intact(&before);
-    let src = plugin_dir(PID);
-    let started = start_time(w.pid);
     let log = tempfile::NamedTempFile::new().unwrap();
-    let mut m = Migration::start(
-        src.path(),
-        "pid",
-        w.pid,
-        &proxy.addr,
+    let Moving {
+        proxy,
+        mut w,
+        before,
+        src,
+        started,
+        mut m,
+    } = Moving::start(
+        &serve,
+        Fault::StallMemoryAfter(32 << 20),
+        "128",
         journal.path(),
         &["--post-copy", "--post-copy-stall", "2"],
         Some(log.path()),
@@ -406,16 +441,18 @@ fn the_destination_criu_killed_before_the_switch_rolls_back() {
     let keepers = NewKeepers::since_now();
     let journal = tempfile::tempdir().unwrap();
     let serve = Serve::start(PID, &["--commit-timeout", "3"]);
-    let proxy = Proxy::start(&serve.addr, Fault::StallAt("Restored"));
-    let mut w = Workload::spawn(&["--mem-mib", "64", "--dirty-pct", "5"]);
-    let before = w.report();
-    let src = plugin_dir(PID);
-    let started = start_time(w.pid);
-    let mut m = Migration::start(
-        src.path(),
-        "pid",
-        w.pid,
-        &proxy.addr,
+    let Moving {
+        proxy,
+        mut w,
+        before,
+        started,
+        mut m,
+        // Held: the migration loads its plugins from it.
+        src: _plugins,
+    } = Moving::start(
+        &serve,
+        Fault::StallAt("Restored"),
+        "64",
         journal.path(),
         &["--post-copy", "--freeze-timeout", "4"],
         None,
@@ -462,16 +499,17 @@ fn after_a_broken_transfer_the_operator_can_resume_the_source_instead() {
     let keepers = NewKeepers::since_now();
     let journal = tempfile::tempdir().unwrap();
     let serve = Serve::start(PID, &["--post-copy-stall", "2"]);
-    let proxy = Proxy::start(&serve.addr, Fault::StallMemoryAfter(16 << 20));
-    let mut w = Workload::spawn(&["--mem-mib", "64", "--dirty-pct", "20", "--dirty-scattered"]);
-    let before = w.report();
-    let src = plugin_dir(PID);
-    let started = start_time(w.pid);
-    let mut m = Migration::start(
-        src.path(),
-        "pid",
-        w.pid,
-        &proxy.addr,
+    let Moving {
+        proxy,
+        mut w,
+        before,
+        src,
+        started,
+        mut m,
+    } = Moving::start(
+        &serve,
+        Fault::StallMemoryAfter(16 << 20),
+        "64",
         journal.path(),
         &["--post-copy", "--post-copy-stall", "2"],
         None,

@@ -1142,20 +1142,31 @@ impl<'a> Live<'a> {
         {
             tracing::error!("{e}");
         }
-        let frozen_at = c.dump.frozen_at();
-        let work_criu = c.dump.work_dir();
-        let mut hooks = Hooks {
-            driver: &mut self.driver,
-            progress: &*self.env.progress,
-        };
-        if let Err(e) = c.dump.release(true, &mut hooks, Duration::from_secs(30)) {
-            tracing::warn!("CRIU reported a failure after the commit ({e}); making sure the source copy is gone");
-        }
+        let (frozen_at, work_criu) = self.let_criu_go(
+            c.dump,
+            "after the commit; making sure the source copy is gone",
+        );
         if !proc::kill_tasks(&c.tasks, Duration::from_secs(10)) {
             tracing::error!("the source copy (pid {}) did not go away", self.pid);
         }
         let times = (frozen_at, resumed_at, dest_pid, restore_us);
         self.finish(times, work_criu, restore, None)
+    }
+
+    /// Answers `post-dump` with success and follows CRIU to its end (it
+    /// kills the tree, or with post-copy leaves it stopped); returns when
+    /// the tree froze and CRIU's log directory.
+    fn let_criu_go(&mut self, dump: Hold, failing: &str) -> (Instant, Option<PathBuf>) {
+        let frozen_at = dump.frozen_at();
+        let work_criu = dump.work_dir();
+        let mut hooks = Hooks {
+            driver: &mut self.driver,
+            progress: &*self.env.progress,
+        };
+        if let Err(e) = dump.release(true, &mut hooks, Duration::from_secs(30)) {
+            tracing::warn!("CRIU reported a failure ({e}) {failing}");
+        }
+        (frozen_at, work_criu)
     }
 
     /// Post-copy: the destination runs the workload and fetches its
@@ -1178,17 +1189,8 @@ impl<'a> Live<'a> {
             tracing::error!("{e}");
         }
         let serving = self.serving.take().expect("post-copy serves");
-        let frozen_at = c.dump.frozen_at();
-        let work_criu = c.dump.work_dir();
-        let mut hooks = Hooks {
-            driver: &mut self.driver,
-            progress: &*self.env.progress,
-        };
-        if let Err(e) = c.dump.release(true, &mut hooks, Duration::from_secs(30)) {
-            tracing::warn!(
-                "CRIU reported a failure ending the lazy dump ({e}); the tree stays stopped"
-            );
-        }
+        let (frozen_at, work_criu) =
+            self.let_criu_go(c.dump, "ending the lazy dump; the tree stays stopped");
         // CRIU left the tree stopped; the SIGSTOP queued at the commit
         // holds it whatever CRIU did.
         proc::signal_tasks(&c.tasks, nix::sys::signal::Signal::SIGSTOP);
