@@ -148,8 +148,8 @@ pub struct MigrateArgs {
     /// Post-copy: run on the destination first, move the memory after. At
     /// risk: from the switch until the last page, the workload needs both
     /// hosts and the link between them.
-    #[arg(long, value_enum, value_name = "WHEN", num_args = 0..=1, default_missing_value = "on",
-          default_value = "off")]
+    #[arg(long, value_enum, value_name = "WHEN", num_args = 0..=1, require_equals = true,
+          default_missing_value = "on", default_value = "off")]
     pub post_copy: PostCopyArg,
     /// Post-copy: declare the page transfer broken after this many seconds
     /// without progress.
