@@ -958,7 +958,7 @@ impl<'a> Live<'a> {
         self.env.progress.phase("restoring on the destination");
         if self.post_copy.is_some() {
             let tasks = proc::tasks(self.pid);
-            self.serving = Some(self.start_serving(&tasks));
+            self.serving = Some(self.start_serving(&tasks)?);
         }
         // While the destination restores, CRIU holds the tree; if CRIU
         // dies, the tree runs on and the dump is stale: roll back at once.
@@ -1023,26 +1023,31 @@ impl<'a> Live<'a> {
         })
     }
 
-    fn start_serving(&mut self, tasks: &[Task]) -> Serving {
+    /// Starts post-copy's page server on the memory channel (reading the
+    /// frozen tree now, its stopped copy after the switch).
+    fn start_serving(&mut self, tasks: &[Task]) -> Result<Serving, HandOverError> {
         let pids = crate::postcopy::serve::vpid_map(tasks);
         let counts = Arc::new(crate::postcopy::serve::ServeCounts::default());
         let c = counts.clone();
-        let conn = self.mem.conn().try_clone();
+        let io = |what: &str| {
+            let what = what.to_string();
+            move |source| HandOverError::Io { what, source }
+        };
+        let conn = self
+            .mem
+            .conn()
+            .try_clone()
+            .map_err(io("the memory channel"))?;
         let stall = self.env.opts.post_copy_stall;
         let thread = std::thread::Builder::new()
             .name("postcopy-serve".into())
-            .spawn(move || match conn {
-                Ok(conn) => crate::postcopy::serve::serve(&conn, &pids, stall, &c),
-                Err(e) => {
-                    crate::postcopy::serve::Served::Broken(format!("the memory channel: {e}"))
-                }
-            })
-            .expect("spawn the post-copy server");
-        Serving {
+            .spawn(move || crate::postcopy::serve::serve(&conn, &pids, stall, &c))
+            .map_err(io("the post-copy page server's thread"))?;
+        Ok(Serving {
             thread,
             counts,
             since: Instant::now(),
-        }
+        })
     }
 
     /// Waits for the destination's `Resumed` (or resolves the outcome by
