@@ -34,10 +34,12 @@
 //! - every wait has a deadline (`stall`): a transfer that stops moving
 //!   is declared broken on both sides, recorded in both journals, and the
 //!   migration ends *undecided* (exit 5): the source's copy stopped and
-//!   whole, the destination's copy blocked on the pages it lacks. Resuming
-//!   the source at its freeze point discards whatever the destination's
-//!   copy did meanwhile, so it is the operator's decision (`phaul recover`
-//!   says what is left and how).
+//!   whole, the destination's copy blocked on the pages it lacks.
+//!   `phaul recover` on the source then resumes the transfer
+//!   ([`resume`]); when the destination cannot, and has not discarded its
+//!   copy, the source copy stays stopped: resuming it at its freeze point
+//!   discards whatever the destination's copy did meanwhile, so that is
+//!   the operator's decision, and recover says how.
 
 pub mod image;
 pub mod keeper;
