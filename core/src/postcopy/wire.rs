@@ -1,5 +1,7 @@
-//! The post-copy page protocol on the memory channel, after the switch:
-//! the destination's pager asks for page ranges of a source task, the
+//! The post-copy page protocol on the memory channel once CRIU's final
+//! dump is done (before the switch only for the few pages CRIU's restorer
+//! touches; after it for all the rest, and on the connection of a resumed
+//! transfer): the destination's pager asks for page ranges of a source task, the
 //! source answers with their contents read from its stopped copy, and the
 //! pager says when every page has arrived. Fixed 32-byte headers, little
 //! endian; data follows a `Pages` header.
