@@ -170,3 +170,31 @@ pub fn task(pid: i32) -> Option<crate::journal::Task> {
 pub fn this_task() -> Option<crate::journal::Task> {
     task(std::process::id() as i32)
 }
+
+/// The `NSpid` line of a process: its id in each PID namespace, outermost
+/// first (empty if it is gone).
+pub fn ns_pids(pid: i32) -> Vec<i32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("NSpid:")).map(|l| {
+                l.split_whitespace()
+                    .skip(1)
+                    .filter_map(|p| p.parse().ok())
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
+/// A pidfd for `pid` (`pidfd_open`).
+pub fn pidfd_open(pid: i32) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain syscall; the result is a new descriptor we own.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: pidfd_open returned a fresh descriptor.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}

@@ -41,32 +41,16 @@ impl std::fmt::Display for BoundSocket {
     }
 }
 
-/// The `NSpid` line of a process: its id in each PID namespace, outermost
-/// first.
-fn ns_pids(pid: i32) -> Vec<i32> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("NSpid:")).map(|l| {
-                l.split_whitespace()
-                    .skip(1)
-                    .filter_map(|p| p.parse().ok())
-                    .collect()
-            })
-        })
-        .unwrap_or_default()
-}
-
 /// The ids CRIU will restore the tree's processes with, when they must be
 /// free on the destination; empty when the tree is the init of its own
 /// PID namespace (it gets a new namespace there).
 pub fn restore_pids(root: i32) -> Vec<i32> {
-    if ns_pids(root).last() == Some(&1) {
+    if proc::ns_pids(root).last() == Some(&1) {
         return Vec::new();
     }
     proc::tree(root)
         .into_iter()
-        .filter_map(|p| ns_pids(p).last().copied())
+        .filter_map(|p| proc::ns_pids(p).last().copied())
         .collect()
 }
 

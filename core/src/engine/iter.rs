@@ -51,11 +51,6 @@ pub struct PassStats {
 }
 
 impl PassStats {
-    /// [`PassStats::rate`] of a reported pass.
-    pub fn rate_of(p: &super::report::PassReport) -> f64 {
-        p.rate_mib_s * (1 << 20) as f64
-    }
-
     /// Bytes per second (0 when nothing was timed).
     pub fn rate(&self) -> f64 {
         let s = self.duration.as_secs_f64();

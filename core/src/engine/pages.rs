@@ -2,7 +2,7 @@
 //! CRIU worker started before anything froze, reading one dump's pages from
 //! the memory socket into that pass's image directory.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -24,16 +24,6 @@ impl std::fmt::Debug for PageServers {
             .field("last", &self.last)
             .finish()
     }
-}
-
-fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
-    // SAFETY: plain syscall; the result is a new descriptor we own.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: pidfd_open returned a fresh descriptor.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 fn wait_pidfd(fd: &OwnedFd, timeout: Duration) -> bool {
@@ -95,7 +85,7 @@ impl PageServers {
             .worker
             .page_server(&dir, self.ps_fd, &format!("page-server-{iter}.log"))
             .map_err(|e| e.to_string())?;
-        let fd = pidfd_open(pid).map_err(|e| format!("pidfd_open({pid}): {e}"))?;
+        let fd = crate::proc::pidfd_open(pid).map_err(|e| format!("pidfd_open({pid}): {e}"))?;
         self.running = Some((pid, fd));
         self.last = iter;
         tracing::debug!(iter, page_server = pid, "page server started");

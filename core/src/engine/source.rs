@@ -666,10 +666,9 @@ impl<'a> Live<'a> {
             PostCopy::Off => return Ok(None),
             PostCopy::On => return Ok(Some("--post-copy".into())),
             PostCopy::Auto => {
-                let rate = match self.stats.passes.last().map(PassStats::rate_of) {
-                    Some(r) if r > 0.0 => r,
-                    _ => self.probe_rate()?,
-                };
+                // Post-copy runs no pre-dumps, so nothing measured the
+                // channel yet.
+                let rate = self.probe_rate()?;
                 let target = self.env.opts.rules.downtime_target;
                 let last = PassStats {
                     pages_written: self.need_bytes / super::iter::PAGE_SIZE,

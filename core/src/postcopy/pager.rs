@@ -178,15 +178,6 @@ impl Pager {
             None => PagerEnd::Stopped("no pager".into()),
         }
     }
-
-    /// Stops a pager before the switch (rollback).
-    pub fn stop(mut self) {
-        let _ = self.cmd.send(Cmd::Stop);
-        poke(self.wake.as_raw_fd());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 impl Drop for Pager {

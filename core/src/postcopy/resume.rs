@@ -171,16 +171,6 @@ fn pidfd_getfd(pidfd: RawFd, fd: RawFd) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
 }
 
-fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
-    // SAFETY: plain syscall.
-    let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor.
-    Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
-}
-
 /// What a resumed pager starts from.
 pub struct Resumable {
     /// The keeper, which still holds the userfaultfds.
@@ -226,19 +216,10 @@ pub fn prepare(log: &Path, root: &Task) -> Result<Resumable, String> {
     }
     let by_vpid: HashMap<i32, i32> = crate::proc::tree(root.pid)
         .into_iter()
-        .filter_map(|p| {
-            let s = std::fs::read_to_string(format!("/proc/{p}/status")).ok()?;
-            let v = s
-                .lines()
-                .find(|l| l.starts_with("NSpid:"))?
-                .split_whitespace()
-                .last()?
-                .parse()
-                .ok()?;
-            Some((v, p))
-        })
+        .filter_map(|p| Some((*crate::proc::ns_pids(p).last()?, p)))
         .collect();
-    let kfd = pidfd_open(keeper.pid).map_err(|e| format!("pidfd_open({}): {e}", keeper.pid))?;
+    let kfd = crate::proc::pidfd_open(keeper.pid)
+        .map_err(|e| format!("pidfd_open({}): {e}", keeper.pid))?;
     let mut tasks = Vec::new();
     for t in l.tasks {
         let Some(&host) = by_vpid.get(&t.vpid) else {

@@ -48,12 +48,7 @@ struct Queue {
 pub fn vpid_map(tasks: &[Task]) -> HashMap<i32, i32> {
     tasks
         .iter()
-        .filter_map(|t| {
-            let s = std::fs::read_to_string(format!("/proc/{}/status", t.pid)).ok()?;
-            let line = s.lines().find(|l| l.starts_with("NSpid:"))?;
-            let inner = line.split_whitespace().last()?.parse().ok()?;
-            Some((inner, t.pid))
-        })
+        .filter_map(|t| Some((*crate::proc::ns_pids(t.pid).last()?, t.pid)))
         .collect()
 }
 
