@@ -37,6 +37,7 @@ pub mod memchan;
 pub mod plugins;
 pub mod policy;
 pub mod postcopy;
+pub mod precopy;
 pub mod proc;
 pub mod proto;
 pub mod server;

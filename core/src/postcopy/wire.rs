@@ -3,8 +3,10 @@
 //! touches; after it for all the rest, and on the connection of a resumed
 //! transfer): the destination's pager asks for page ranges of a source task, the
 //! source answers with their contents read from its stopped copy, and the
-//! pager says when every page has arrived. Fixed 32-byte headers, little
-//! endian; data follows a `Pages` header.
+//! pager says when every page has arrived. Before that, userfaultfd
+//! pre-copy ([`crate::precopy`]) sends each pass's pages the other way
+//! (`Put`, `Zero`, `Drop`, then `End`) while the workload runs. Fixed
+//! 32-byte headers, little endian; data follows a `Pages` or `Put` header.
 
 use std::io::{Read, Write};
 
@@ -49,6 +51,40 @@ pub enum Frame {
     },
     /// Source -> destination: acknowledged; the source's copy is removed.
     Released,
+    /// Pre-copy, source -> destination: the contents of `pages` pages of
+    /// task `vpid` from `addr` follow.
+    Put {
+        /// The task, by its pid in the workload's PID namespace.
+        vpid: i32,
+        /// First page's address.
+        addr: u64,
+        /// How many pages follow (at most [`MAX_PAGES`]).
+        pages: u32,
+    },
+    /// Pre-copy: these pages are all zero (nothing follows).
+    Zero {
+        /// The task.
+        vpid: i32,
+        /// First page's address.
+        addr: u64,
+        /// How many pages.
+        pages: u64,
+    },
+    /// Pre-copy: what was sent for these pages no longer holds (written
+    /// since, unmapped or replaced); they follow after the switch.
+    Drop {
+        /// The task.
+        vpid: i32,
+        /// First page's address.
+        addr: u64,
+        /// How many pages.
+        pages: u64,
+    },
+    /// Pre-copy: the pass is complete (`pages` pages of data were sent).
+    End {
+        /// Pages of data in the pass.
+        pages: u64,
+    },
 }
 
 const GET: u32 = 1;
@@ -56,6 +92,10 @@ const PAGES: u32 = 2;
 const FAIL: u32 = 3;
 const ALL_IN: u32 = 4;
 const RELEASED: u32 = 5;
+const PUT: u32 = 6;
+const ZERO: u32 = 7;
+const DROP: u32 = 8;
+const END: u32 = 9;
 
 impl Frame {
     /// Encodes the header.
@@ -72,6 +112,10 @@ impl Frame {
             Frame::Fail { id, errno } => (FAIL, id, 0, 0, 0, errno as u32 as u64),
             Frame::AllIn { pages } => (ALL_IN, 0, 0, 0, 0, pages),
             Frame::Released => (RELEASED, 0, 0, 0, 0, 0),
+            Frame::Put { vpid, addr, pages } => (PUT, 0, vpid, pages, addr, 0),
+            Frame::Zero { vpid, addr, pages } => (ZERO, 0, vpid, 0, addr, pages),
+            Frame::Drop { vpid, addr, pages } => (DROP, 0, vpid, 0, addr, pages),
+            Frame::End { pages } => (END, 0, 0, 0, 0, pages),
         };
         let mut b = [0u8; 32];
         b[0..4].copy_from_slice(&tag.to_le_bytes());
@@ -110,6 +154,38 @@ impl Frame {
             },
             ALL_IN => Frame::AllIn { pages: u64_at(24) },
             RELEASED => Frame::Released,
+            PUT | ZERO | DROP if u64_at(16) % super::uffd::PAGE != 0 => {
+                return Err("pre-copied pages at an unaligned address".into())
+            }
+            PUT if pages == 0 || pages > MAX_PAGES => {
+                return Err(format!("pre-copied data of {pages} pages"))
+            }
+            PUT => Frame::Put {
+                vpid: u32_at(8) as i32,
+                addr: u64_at(16),
+                pages,
+            },
+            ZERO | DROP if u64_at(24) == 0 || u64_at(24) > (1 << 36) => {
+                return Err(format!("a pre-copy range of {} pages", u64_at(24)))
+            }
+            ZERO | DROP
+                if u64_at(16)
+                    .checked_add(u64_at(24) * super::uffd::PAGE)
+                    .is_none() =>
+            {
+                return Err("a pre-copy range past the end of the address space".into())
+            }
+            ZERO => Frame::Zero {
+                vpid: u32_at(8) as i32,
+                addr: u64_at(16),
+                pages: u64_at(24),
+            },
+            DROP => Frame::Drop {
+                vpid: u32_at(8) as i32,
+                addr: u64_at(16),
+                pages: u64_at(24),
+            },
+            END => Frame::End { pages: u64_at(24) },
             t => return Err(format!("an unknown post-copy frame (tag {t})")),
         })
     }
@@ -149,6 +225,22 @@ mod tests {
             Frame::Fail { id: 9, errno: 3 },
             Frame::AllIn { pages: 65536 },
             Frame::Released,
+            Frame::Put {
+                vpid: 3,
+                addr: 0x7f00_0000_2000,
+                pages: 1024,
+            },
+            Frame::Zero {
+                vpid: 3,
+                addr: 0x1000,
+                pages: 1 << 20,
+            },
+            Frame::Drop {
+                vpid: 4,
+                addr: 0x2000,
+                pages: 7,
+            },
+            Frame::End { pages: 99 },
         ] {
             assert_eq!(Frame::decode(&f.encode()).unwrap(), f);
         }
