@@ -177,6 +177,14 @@ impl<L: Local, R: Remote> Client<L, R> {
                     "pre-dumps requested, but this kernel cannot track dirty memory".into(),
                 ))
             }
+            (PreDump::Uffd, _) => {
+                return Err(ApiError::Failed(
+                    "userfaultfd pre-copy needs the engine's post-copy switch-over: use \
+                     `phaul migrate --pre-copy=uffd` (or the engine's `migrate()`), not the \
+                     page-server client"
+                        .into(),
+                ))
+            }
             (_, false) => (
                 Vec::new(),
                 None,

@@ -299,6 +299,8 @@ pub struct Receiving {
     /// The last pass is a lazy dump (post-copy): the restore is lazy and
     /// the pager serves the memory after the switch.
     lazy: bool,
+    /// Userfaultfd pre-copy's pages ([`crate::precopy`]), for the pager.
+    store: Option<crate::precopy::store::Store>,
 }
 
 /// What holds a restored copy at `post-restore`.
@@ -389,6 +391,7 @@ impl<'a> Session<'a> {
             fs: None,
             restoring: None,
             lazy: false,
+            store: None,
         };
         let mut criu_version = None;
         if live {
@@ -569,6 +572,12 @@ impl<'a> Session<'a> {
                 };
                 ok_or(r, State::Receiving(rx))
             }
+            (State::Receiving(mut rx), Msg::PreCopy { pass }) => {
+                let r = self
+                    .pre_copy(&mut rx, pass)
+                    .and_then(|pages| Ok(control.send(&Msg::PreCopied { pass, pages })?));
+                ok_or(r, State::Receiving(rx))
+            }
             (State::Receiving(mut rx), Msg::Probe { bytes }) => {
                 let r = probe(&mut rx, bytes).and_then(|()| Ok(control.send(&Msg::ProbeDone)?));
                 ok_or(r, State::Receiving(rx))
@@ -632,6 +641,37 @@ impl<'a> Session<'a> {
                 Err((state, e.into()))
             }
         }
+    }
+
+    /// One userfaultfd pre-copy pass into the store (post-copy sessions
+    /// only: the pager places the pages); returns the pages held.
+    fn pre_copy(&mut self, rx: &mut Receiving, pass: u32) -> Result<u64> {
+        if !self.hello.post_copy {
+            return Err(DestError::Protocol(
+                "a userfaultfd pre-copy pass in a session without post-copy".into(),
+            ));
+        }
+        let mem = rx.mem.as_mut().ok_or_else(|| {
+            DestError::Protocol("a pre-copy pass without a memory channel".into())
+        })?;
+        if rx.store.is_none() {
+            // What the source declared, a quarter more for pages it sends
+            // twice as they change, and 64 MiB of slack.
+            let limit = self.hello.need_bytes / crate::postcopy::uffd::PAGE * 5 / 4 + 16384;
+            let s = crate::precopy::store::Store::new(limit)
+                .map_err(|e| DestError::Transfer(format!("the pre-copy store: {e}")))?;
+            rx.store = Some(s);
+        }
+        let store = rx.store.as_mut().expect("just made");
+        let _ = mem.set_read_timeout(Some(Duration::from_secs(60)));
+        let got = store
+            .receive_pass(mem)
+            .map_err(|e| DestError::Transfer(format!("pre-copy pass {pass}: {e}")));
+        let _ = mem.set_read_timeout(None);
+        let got = got?;
+        let pages = store.pages();
+        tracing::debug!(pass, ?got, held = pages, "pre-copy pass stored");
+        Ok(pages)
     }
 
     fn receive_file(
@@ -768,12 +808,21 @@ impl<'a> Session<'a> {
                 o.lazy_pages = Some(true);
                 let events =
                     crate::postcopy::resume::log_path(&self.opts.journal_dir, self.hello.session);
+                let store = match rx.store.take() {
+                    Some(mut st) => {
+                        st.seal()
+                            .map_err(|e| DestError::Transfer(format!("the pre-copy store: {e}")))?;
+                        Some(std::sync::Arc::new(st))
+                    }
+                    None => None,
+                };
                 let p = crate::postcopy::pager::Pager::start(
                     w.work_dir(),
                     &images,
                     mem,
                     self.opts.post_copy_stall,
                     Some(&events),
+                    store,
                 )
                 .map_err(|e| {
                     DestError::Transfer(format!("cannot start the post-copy pager: {e}"))
@@ -1123,6 +1172,7 @@ impl<'a> Session<'a> {
                 tracing::info!(
                     lazy = st.lazy_pages,
                     placed = st.placed,
+                    pre_copied = st.local,
                     on_demand = st.on_demand,
                     zero_faults = st.zero_faults,
                     dropped = st.dropped,
@@ -1130,8 +1180,9 @@ impl<'a> Session<'a> {
                     "post-copy: every page arrived"
                 );
                 let note = format!(
-                    "the workload runs here; all {} lazy pages arrived ({} placed, {} on demand)",
-                    st.lazy_pages, st.placed, st.on_demand
+                    "the workload runs here; all {} lazy pages arrived ({} placed, {} of them \
+                     pre-copied, {} on demand)",
+                    st.lazy_pages, st.placed, st.local, st.on_demand
                 );
                 if let Err(e) = self
                     .journal

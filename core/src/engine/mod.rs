@@ -101,6 +101,7 @@ pub mod session;
 pub mod source;
 #[cfg(test)]
 mod tests;
+mod uffdcopy;
 
 pub use error::MigrationError;
 
@@ -113,14 +114,20 @@ use crate::workdir::WorkDir;
 use crate::conn::Conn;
 use crate::criu::rpc;
 
-/// Whether to pre-copy memory with CRIU pre-dumps.
+/// How to pre-copy memory while the workload runs (`--pre-copy`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PreDump {
-    /// Use them when CRIU and the driver can.
+    /// CRIU pre-dumps when the kernel tracks soft-dirty bits; else
+    /// userfaultfd pre-copy when post-copy was asked for and the kernel
+    /// can; else none.
     Auto,
-    /// Require them; refuse the migration if impossible.
+    /// CRIU pre-dumps (soft-dirty); refuse the migration if impossible.
     Force,
-    /// Never.
+    /// Userfaultfd write-protect tracking ([`crate::precopy`]); the last
+    /// dirty set follows after the switch (post-copy). Refused if
+    /// impossible.
+    Uffd,
+    /// Never: all memory moves in the final dump.
     Never,
 }
 

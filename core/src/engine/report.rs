@@ -25,6 +25,24 @@ pub struct PassReport {
     pub duration_us: u64,
     /// Transfer rate, MiB/s.
     pub rate_mib_s: f64,
+    /// Userfaultfd pre-copy: what the pass measured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uffd: Option<UffdPass>,
+}
+
+/// What a userfaultfd pre-copy pass measured.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct UffdPass {
+    /// Pages sent as zero marks (no data).
+    pub zero_pages: u64,
+    /// Pages the destination was told to forget (unmapped, replaced).
+    pub dropped_pages: u64,
+    /// Time the write-protect scans took, microseconds.
+    pub scan_us: u64,
+    /// Pages written per second since the previous scan.
+    pub dirty_pages_s: f64,
+    /// Predicted frozen time had the migration switched now, ms.
+    pub predicted_ms: f64,
 }
 
 impl PassReport {
@@ -44,6 +62,7 @@ impl PassReport {
             bytes: pass.bytes,
             duration_us: pass.duration.as_micros() as u64,
             rate_mib_s: pass.rate() / (1 << 20) as f64,
+            uffd: None,
         }
     }
 }

@@ -219,6 +219,8 @@ pub(crate) struct Preflight {
     pub(crate) bound: Vec<super::checks::BoundSocket>,
     /// Post-copy is possible here (asked for, and CRIU and the kernel can).
     pub(crate) post_copy: bool,
+    /// Userfaultfd pre-copy runs (and so post-copy switches over).
+    pub(crate) uffd: bool,
 }
 
 /// Pre-flight: a probe worker answers the questions (the dump worker,
@@ -240,36 +242,59 @@ pub(crate) fn preflight(
             opts.htype
         )));
     }
-    let post_copy = opts.post_copy != crate::postcopy::PostCopy::Off;
+    let mem_track = criu.mem_track()?;
+    let post_copy_wanted = opts.post_copy != crate::postcopy::PostCopy::Off;
+    let uffd = match opts.pre_dump {
+        PreDump::Uffd => {
+            uffd_possible(opts, caps).map_err(|why| {
+                PreflightError::Check(format!("--pre-copy=uffd: {why}; run without it"))
+            })?;
+            true
+        }
+        PreDump::Auto if !mem_track && post_copy_wanted => match uffd_possible(opts, caps) {
+            Ok(()) => true,
+            Err(why) => {
+                tracing::info!("userfaultfd pre-copy: off, {why}");
+                false
+            }
+        },
+        _ => false,
+    };
+    // Userfaultfd pre-copy switches over through post-copy.
+    let post_copy = post_copy_wanted || uffd;
     if post_copy {
         post_copy_preflight(opts, caps, &mut *criu)?;
     }
-    let mem_track = criu.mem_track()?;
     let use_pre_dump = match (
         opts.pre_dump,
         mem_track,
         caps.contains(Capabilities::PRE_DUMP),
     ) {
-        (PreDump::Never, ..) => Err("disabled by --no-pre-dump".to_string()),
+        (PreDump::Never, ..) => Err("disabled by --pre-copy=none".to_string()),
+        (PreDump::Uffd, ..) => Err("--pre-copy=uffd".to_string()),
         (PreDump::Force, false, _) => {
             return Err(PreflightError::Check(
-                "--pre-dump: this kernel cannot track dirty memory (CRIU's mem_track feature \
-                 check failed: no soft-dirty bits), so pre-dumps are impossible; run without \
-                 --pre-dump"
+                "--pre-copy=soft-dirty: this kernel cannot track dirty memory (CRIU's mem_track \
+                 feature check failed: no soft-dirty bits), so pre-dumps are impossible; run \
+                 with --pre-copy=uffd (with post-copy) or without --pre-copy"
                     .into(),
             ))
         }
         (_, true, false) => Err(format!("the {} driver cannot pre-dump", opts.htype)),
         (_, true, true) => Ok(()),
+        (PreDump::Auto, false, _) if uffd => Err(
+            "no soft-dirty bits: userfaultfd write-protect tracking pre-copies instead".to_string(),
+        ),
         (PreDump::Auto, false, _) => Err(
-            "this kernel cannot track dirty memory (no soft-dirty); memory moves in one final dump"
+            "this kernel cannot track dirty memory with soft-dirty bits, and userfaultfd \
+             pre-copy runs only with post-copy (--post-copy); memory moves in one final dump"
                 .to_string(),
         ),
     };
     let use_pre_dump = match use_pre_dump {
         Ok(()) if post_copy => Err(
-            "post-copy: the memory follows after the switch (pre-copy with post-copy is not \
-             supported yet)"
+            "post-copy: the memory follows after the switch (CRIU pre-dumps with post-copy are \
+             not supported)"
                 .to_string(),
         ),
         other => other,
@@ -306,7 +331,20 @@ pub(crate) fn preflight(
         pids,
         bound,
         post_copy,
+        uffd,
     })
+}
+
+/// Whether userfaultfd pre-copy can run here (the reason if not).
+fn uffd_possible(opts: &SourceOptions, caps: Capabilities) -> Result<(), String> {
+    if caps.contains(Capabilities::OWN_DUMP) {
+        return Err(format!(
+            "the {} driver dumps through its own tooling, whose final dump phaul cannot make \
+             leave memory lazy",
+            opts.htype
+        ));
+    }
+    crate::precopy::tracker::supported()
 }
 
 /// Post-copy's own pre-flight: a dump phaul's CRIU runs, CRIU's lazy
@@ -397,6 +435,13 @@ struct Live<'a> {
     /// tree since the restore request went out (CRIU's restorer already
     /// touches lazy memory before the copy is held).
     serving: Option<Serving>,
+    /// Userfaultfd pre-copy is to run ([`crate::precopy`]).
+    uffd: bool,
+    /// Its write tracking, from the first pass on (dropping it ends the
+    /// tracking and clears every write-protect bit).
+    tracker: Option<crate::precopy::tracker::Tracker>,
+    /// Its passes so far.
+    uffd_passes: u32,
 }
 
 /// Memory passes done while the workload ran.
@@ -490,6 +535,7 @@ impl<'a> Live<'a> {
             pids,
             bound,
             post_copy,
+            uffd,
         } = pre;
         let opts = env.opts;
         let conns = connect(env.connector, env.session, true, !roots.is_empty())?;
@@ -602,6 +648,9 @@ impl<'a> Live<'a> {
                 post_copy: None,
                 post_copy_decision: None,
                 serving: None,
+                uffd,
+                tracker: None,
+                uffd_passes: 0,
             },
             Connected { dumper },
         ))
@@ -639,6 +688,25 @@ impl<'a> Live<'a> {
                 self.stats.stop_reason = Some(r);
                 Some(n)
             }
+            Err(_) if self.uffd => {
+                let tracker = self.tracker.insert(Default::default());
+                let mut lp = super::uffdcopy::UffdLoop {
+                    tracker,
+                    pid: self.pid,
+                    rules: self.env.opts.rules,
+                    restore_estimate: self.env.opts.restore_estimate,
+                    need_bytes: self.need_bytes,
+                    control: &mut self.control,
+                    mem: &mut self.mem,
+                    progress: self.env.progress.clone(),
+                    abort: self.env.abort,
+                };
+                let (reports, n, r) = lp.run()?;
+                self.stats.passes.extend(reports);
+                self.stats.stop_reason = Some(r);
+                self.uffd_passes = n;
+                None
+            }
             Err(why) => {
                 self.stats.stop_reason = Some(StopReason::NoPreDump { why });
                 None
@@ -651,7 +719,12 @@ impl<'a> Live<'a> {
         if let Some(r) = self.env.abort.reason() {
             return Err(CopyError::Interrupted(r));
         }
-        self.post_copy = self.decide_post_copy()?;
+        self.post_copy = match self.uffd {
+            true => Some(
+                "userfaultfd pre-copy: the pages written after its last pass follow".to_string(),
+            ),
+            false => self.decide_post_copy()?,
+        };
         Ok(Copied { dumper, last_pre })
     }
 
@@ -873,6 +946,9 @@ impl<'a> Live<'a> {
                 e => e,
             })?)
         };
+        if self.tracker.is_some() {
+            self.last_scan(&dump)?;
+        }
         self.stats.criu_dump_us = dump.dump_time().as_micros() as u64;
         let pass = PassStats {
             pages_written: 0,
@@ -884,6 +960,48 @@ impl<'a> Live<'a> {
             .passes
             .push(PassReport::new(iter, "dump", &pass, None));
         Ok(Frozen { dump, iter })
+    }
+
+    /// Userfaultfd pre-copy, the tree frozen by the final dump: the last
+    /// scan, and the destination forgets what it names.
+    fn last_scan(&mut self, dump: &Hold) -> Result<(), HandOverError> {
+        let Some(tracker) = self.tracker.as_mut() else {
+            return Ok(());
+        };
+        let deadline = dump.frozen_at() + self.freeze_timeout;
+        self.control.set_deadline(Some(deadline));
+        let _ = self.mem.conn().set_deadline(Some(deadline));
+        self.uffd_passes += 1;
+        let mut lp = super::uffdcopy::UffdLoop {
+            tracker,
+            pid: self.pid,
+            rules: self.env.opts.rules,
+            restore_estimate: self.env.opts.restore_estimate,
+            need_bytes: self.need_bytes,
+            control: &mut self.control,
+            mem: &mut self.mem,
+            progress: self.env.progress.clone(),
+            abort: self.env.abort,
+        };
+        let r = lp.last(self.uffd_passes);
+        let _ = self.mem.conn().set_deadline(None);
+        let (sent, took) = r.map_err(|e| match e {
+            CopyError::Peer(p) => HandOverError::Peer(p),
+            e => HandOverError::Dump(format!("userfaultfd pre-copy's last scan: {e}")),
+        })?;
+        let mut report = PassReport::new(
+            self.uffd_passes,
+            "uffd-last",
+            &PassStats {
+                pages_written: sent.written,
+                bytes: 0,
+                duration: took,
+            },
+            None,
+        );
+        report.pages_written = sent.written;
+        self.stats.passes.push(report);
+        Ok(())
     }
 
     /// While frozen: the final file pass, the storage snapshot, the images

@@ -31,6 +31,8 @@ use super::keeper::Keeper;
 use super::uffd::{self, Fill, PAGE};
 use super::wire::{read_frame, write_frame, Frame};
 use crate::conn::Conn;
+use crate::precopy::store::{Local, Store};
+use std::sync::Arc;
 
 /// The socket CRIU's restore connects to, in its working directory.
 pub const SOCKET_NAME: &str = "lazy-pages.socket";
@@ -42,6 +44,9 @@ const WINDOW_PAGES: u64 = 4096;
 const CHUNK_PAGES: u64 = 256;
 /// Pages an urgent request asks for, from the faulting page on.
 const URGENT_PAGES: u64 = 16;
+/// Pre-copied pages placed per turn of the event loop (so that faults
+/// and answers are not kept waiting behind the local stream).
+const LOCAL_BUDGET: u64 = 2048;
 
 /// What the pager reports at the end.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -50,6 +55,9 @@ pub struct PagerStats {
     pub lazy_pages: u64,
     /// Pages placed from the source's data.
     pub placed: u64,
+    /// Of those, pages that were here already (userfaultfd pre-copy's
+    /// store), not asked of the source.
+    pub local: u64,
     /// Pages asked for urgently (a thread was waiting).
     pub on_demand: u64,
     /// Faults resolved with a zero page (no page there on the source).
@@ -130,6 +138,7 @@ impl Pager {
         mem: Conn,
         stall: Duration,
         events: Option<&Path>,
+        store: Option<Arc<Store>>,
     ) -> std::io::Result<Pager> {
         let events = events.map(super::resume::EventLog::create).transpose()?;
         let socket = criu_dir.join(SOCKET_NAME);
@@ -148,6 +157,7 @@ impl Pager {
             .spawn(move || {
                 let mut s = State::new(Some(listener), images, mem, wake_fd, stall);
                 s.events = events;
+                s.store = store;
                 s.run(rx)
             })?;
         Ok(Pager {
@@ -217,6 +227,10 @@ struct Pending {
 struct State {
     /// Post-copy's event log (see [`super::resume`]).
     events: Option<super::resume::EventLog>,
+    /// Pages userfaultfd pre-copy brought before the switch: placed from
+    /// here instead of asked for.
+    store: Option<Arc<Store>>,
+    scratch: Vec<u8>,
     listener: Option<UnixListener>,
     client: Option<UnixStream>,
     images: PathBuf,
@@ -385,6 +399,8 @@ impl State {
         let _ = epoll_add(ep, mem.as_raw_fd(), T_MEM);
         State {
             events: None,
+            store: None,
+            scratch: Vec::new(),
             listener,
             client: None,
             images,
@@ -435,6 +451,8 @@ impl State {
 
     fn run(&mut self, cmds: mpsc::Receiver<Cmd>) -> PagerEnd {
         let mut events = [libc::epoll_event { events: 0, u64: 0 }; 64];
+        // Pre-copied pages wait to be placed: do not sleep.
+        let mut busy = false;
         loop {
             // SAFETY: a valid epoll and event buffer.
             let n = unsafe {
@@ -442,7 +460,7 @@ impl State {
                     self.epoll.as_raw_fd(),
                     events.as_mut_ptr(),
                     events.len() as i32,
-                    200,
+                    if busy { 0 } else { 200 },
                 )
             };
             if n < 0 {
@@ -497,8 +515,9 @@ impl State {
             if !self.going {
                 continue;
             }
-            if let Err(e) = self.request_background() {
-                return self.broken(e);
+            match self.request_background() {
+                Ok(more) => busy = more,
+                Err(e) => return self.broken(e),
             }
             if self.finished && self.pending.is_empty() && self.missing() == 0 {
                 return self.all_in();
@@ -678,9 +697,13 @@ impl State {
         Ok(())
     }
 
-    fn request_background(&mut self) -> Result<(), String> {
+    /// Keeps the background window full, and places a share of the
+    /// pre-copied pages; true when pre-copied pages are left for the next
+    /// turn.
+    fn request_background(&mut self) -> Result<bool, String> {
+        let mut budget = LOCAL_BUDGET;
         let mut i = 0;
-        while self.in_flight + CHUNK_PAGES <= WINDOW_PAGES && i < self.lpis.len() {
+        while self.in_flight + CHUNK_PAGES <= WINDOW_PAGES && i < self.lpis.len() && budget > 0 {
             let l = &mut self.lpis[i];
             let first = (!l.exited)
                 .then(|| l.missing.keys().next().copied())
@@ -688,12 +711,76 @@ impl State {
             match first {
                 Some(at) => {
                     let (s, e, img) = take_range(&mut l.missing, at, CHUNK_PAGES).expect("a range");
-                    self.send_get(i, s, img, (e - s) / PAGE, false)?;
+                    budget = budget.saturating_sub(self.fetch(i, s, e, img, false)?);
                 }
                 None => i += 1,
             }
         }
-        Ok(())
+        Ok(budget == 0)
+    }
+
+    /// Fills `[s, e)` of task `lpi` (its data at `img` in the source
+    /// task): from the store what it holds, the rest asked of the source.
+    /// Returns the pages placed from the store.
+    fn fetch(&mut self, lpi: usize, s: u64, e: u64, img: u64, urgent: bool) -> Result<u64, String> {
+        let mut local = 0;
+        for (a, b, here) in self.runs(lpi, s, e, img) {
+            let at = img + (a - s);
+            if here {
+                self.place_local(lpi, a, b, at)?;
+                local += (b - a) / PAGE;
+            } else {
+                self.send_get(lpi, a, at, (b - a) / PAGE, urgent)?;
+            }
+        }
+        Ok(local)
+    }
+
+    /// `[s, e)` split into runs the store holds (true) or not.
+    fn runs(&self, lpi: usize, s: u64, e: u64, img: u64) -> Vec<(u64, u64, bool)> {
+        let Some(st) = &self.store else {
+            return vec![(s, e, false)];
+        };
+        let src = self.lpis[lpi].src;
+        let mut out: Vec<(u64, u64, bool)> = Vec::new();
+        let mut at = s;
+        while at < e {
+            let here = st.get(src, img + (at - s)).is_some();
+            match out.last_mut() {
+                Some(l) if l.2 == here => l.1 = at + PAGE,
+                _ => out.push((at, at + PAGE, here)),
+            }
+            at += PAGE;
+        }
+        out
+    }
+
+    /// Places pre-copied pages `[s, e)` (their source address `img`).
+    fn place_local(&mut self, lpi: usize, s: u64, e: u64, img: u64) -> Result<(), String> {
+        let st = self.store.clone().expect("a store");
+        let src = self.lpis[lpi].src;
+        let pages = (e - s) / PAGE;
+        let mut data = std::mem::take(&mut self.scratch);
+        data.clear();
+        data.resize((pages * PAGE) as usize, 0);
+        for (i, page) in data.chunks_exact_mut(PAGE as usize).enumerate() {
+            if let Some(Local::Data(d)) = st.get(src, img + i as u64 * PAGE) {
+                page.copy_from_slice(d);
+            }
+        }
+        let p = Pending {
+            lpi,
+            dst: s,
+            img,
+            pages,
+            urgent: false,
+            holes: Vec::new(),
+        };
+        let before = self.stats.placed;
+        let r = self.place(&p, &data);
+        self.stats.local += self.stats.placed - before;
+        self.scratch = data;
+        r
     }
 
     fn answer(&mut self) -> Result<(), String> {
@@ -900,7 +987,7 @@ impl State {
             return Ok(());
         }
         if let Some((s, e, img)) = take_range(&mut self.lpis[i].missing, page, URGENT_PAGES) {
-            return self.send_get(i, s, img, (e - s) / PAGE, true);
+            return self.fetch(i, s, e, img, true).map(|_| ());
         }
         // Not a page the source had, or one already placed.
         let fd = self.lpis[i].fd.as_raw_fd();

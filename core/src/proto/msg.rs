@@ -232,6 +232,21 @@ pub enum Msg {
     },
     /// Destination -> source: the probe's bytes all arrived.
     ProbeDone,
+    /// Source -> destination, live mode, while the workload runs (and
+    /// once more frozen): userfaultfd pre-copy pass `pass` follows on the
+    /// memory channel ([`crate::precopy`]), ending with its `End` frame.
+    PreCopy {
+        /// The pass number, from 1.
+        pass: u32,
+    },
+    /// Destination -> source: pass `pass` is stored (`pages` data pages
+    /// held in all).
+    PreCopied {
+        /// The pass number.
+        pass: u32,
+        /// Pages the destination holds now.
+        pages: u64,
+    },
     /// Source -> destination, on a fresh connection (`phaul recover`):
     /// resume the broken post-copy transfer of `session`; after
     /// [`Msg::ResumeReady`] the connection carries the page protocol.
@@ -278,6 +293,8 @@ impl Msg {
             Msg::Status { .. } => "Status",
             Msg::Probe { .. } => "Probe",
             Msg::ProbeDone => "ProbeDone",
+            Msg::PreCopy { .. } => "PreCopy",
+            Msg::PreCopied { .. } => "PreCopied",
             Msg::ResumePages { .. } => "ResumePages",
             Msg::ResumeReady { .. } => "ResumeReady",
         }

@@ -29,6 +29,20 @@ pub enum ModeArg {
     Restart,
 }
 
+/// `--pre-copy` choices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PreCopyArg {
+    /// Soft-dirty if the kernel has it, else uffd with --post-copy, else
+    /// none.
+    Auto,
+    /// CRIU pre-dumps (the kernel must have soft-dirty bits).
+    SoftDirty,
+    /// Userfaultfd write-protect tracking (Linux 6.7+, x86_64).
+    Uffd,
+    /// No pre-copy: all memory moves in the final dump.
+    None,
+}
+
 /// `--post-copy` choices.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum PostCopyArg {
@@ -139,10 +153,19 @@ pub struct MigrateArgs {
     /// not a reset).
     #[arg(long)]
     pub tcp_established: bool,
-    /// Require pre-dump passes (refused if the kernel cannot track memory).
+    /// How to copy memory while the workload runs: `soft-dirty` (CRIU
+    /// pre-dumps), `uffd` (userfaultfd write-protect tracking, for kernels
+    /// without soft-dirty; the pages written after its last pass follow
+    /// after the switch, as with --post-copy), `none`, or `auto` (soft-dirty
+    /// if the kernel has it, else uffd when --post-copy is given, else
+    /// none).
+    #[arg(long, value_enum, value_name = "HOW", default_value = "auto",
+          conflicts_with_all = ["pre_dump", "no_pre_dump"])]
+    pub pre_copy: PreCopyArg,
+    /// Same as --pre-copy=soft-dirty.
     #[arg(long, conflicts_with = "no_pre_dump")]
     pub pre_dump: bool,
-    /// Never pre-dump: move all memory in the final dump.
+    /// Same as --pre-copy=none.
     #[arg(long)]
     pub no_pre_dump: bool,
     /// Post-copy: run on the destination first, move the memory after. At
@@ -265,12 +288,13 @@ pub fn run(dirs: &[PathBuf], quiet: bool, args: MigrateArgs) -> anyhow::Result<E
         htype: args.htype.clone(),
         id: args.id.clone(),
         options: driver_options(&args),
-        pre_dump: if args.pre_dump {
-            PreDump::Force
-        } else if args.no_pre_dump {
-            PreDump::Never
-        } else {
-            PreDump::Auto
+        pre_dump: match args.pre_copy {
+            _ if args.pre_dump => PreDump::Force,
+            _ if args.no_pre_dump => PreDump::Never,
+            PreCopyArg::Auto => PreDump::Auto,
+            PreCopyArg::SoftDirty => PreDump::Force,
+            PreCopyArg::Uffd => PreDump::Uffd,
+            PreCopyArg::None => PreDump::Never,
         },
         rules: StopRules {
             max_iterations: args.max_iterations,
@@ -482,16 +506,32 @@ fn print_summary(r: &Report) {
         );
     }
     for p in &r.iterations {
-        println!(
-            "  pass {} ({}): {} pages written, {} skipped, {} in {} ({:.0} MiB/s)",
-            p.iteration,
-            p.kind,
-            p.pages_written,
-            p.pages_skipped_parent,
-            mib(p.bytes),
-            ms(p.duration_us),
-            p.rate_mib_s
-        );
+        match &p.uffd {
+            Some(u) => println!(
+                "  pass {} ({}): {} pages sent, {} zero, {} dropped, {} in {} ({:.0} MiB/s), \
+                 scan {}, {:.0} pages/s dirtied",
+                p.iteration,
+                p.kind,
+                p.pages_written,
+                u.zero_pages,
+                u.dropped_pages,
+                mib(p.bytes),
+                ms(p.duration_us),
+                p.rate_mib_s,
+                ms(u.scan_us),
+                u.dirty_pages_s
+            ),
+            None => println!(
+                "  pass {} ({}): {} pages written, {} skipped, {} in {} ({:.0} MiB/s)",
+                p.iteration,
+                p.kind,
+                p.pages_written,
+                p.pages_skipped_parent,
+                mib(p.bytes),
+                ms(p.duration_us),
+                p.rate_mib_s
+            ),
+        }
     }
     println!("  iterations stopped: {}", r.stop_reason);
     if let (None, Some(d)) = (&r.post_copy, &r.post_copy_decision) {
