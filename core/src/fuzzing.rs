@@ -67,6 +67,13 @@ pub fn frame(data: &[u8]) {
             );
         }
     }
+    // A destination storing a userfaultfd pre-copy pass from a hostile
+    // source: it errs or stores, within its limit, without panicking.
+    if let Ok(mut st) = crate::precopy::store::Store::new(64) {
+        if st.receive_pass(data).is_ok() {
+            assert!(st.pages() <= 3 * 64, "the store outgrew its limit");
+        }
+    }
     if let Ok(ranges) = crate::postcopy::image::parse(data) {
         assert!(
             ranges.windows(2).all(|w| w[0].0 <= w[1].0),
@@ -560,6 +567,43 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         conversation.iter().flat_map(encode).collect(),
     ));
     out.push(("frame", "fs-pass".into(), fs_pass(false)));
+    // A userfaultfd pre-copy pass as the memory channel carries it.
+    let mut pass = Vec::new();
+    {
+        use crate::postcopy::wire::{write_frame, Frame};
+        let page = [7u8; 4096];
+        let frames = [
+            (
+                Frame::Put {
+                    vpid: 1,
+                    addr: 0x1000,
+                    pages: 1,
+                },
+                &page[..],
+            ),
+            (
+                Frame::Zero {
+                    vpid: 1,
+                    addr: 0x2000,
+                    pages: 2,
+                },
+                &[][..],
+            ),
+            (
+                Frame::Drop {
+                    vpid: 1,
+                    addr: 0x1000,
+                    pages: 1,
+                },
+                &[][..],
+            ),
+            (Frame::End { pages: 1 }, &[][..]),
+        ];
+        for (f, data) in frames {
+            write_frame(&mut pass, &f, data).expect("a Vec");
+        }
+    }
+    out.push(("frame", "uffd-pass".into(), pass));
 
     // CRIU answers: (request sent, packet).
     let resp = |t: ReqType| Resp {

@@ -177,7 +177,13 @@ fn post_copy_runs_the_workload_there_before_its_memory_arrives() {
     w.assert_intact(&before);
     let src = plugin_dir(PID);
     let old = w.pid;
-    let (out, json) = migrate(src.path(), "pid", old, &serve.addr, &["--post-copy"]);
+    let (out, json) = migrate(
+        src.path(),
+        "pid",
+        old,
+        &serve.addr,
+        &["--post-copy", "--pre-copy=none"],
+    );
     assert_eq!(out.status.code(), Some(0), "migration failed");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -228,7 +234,12 @@ fn post_copy_auto_picks_single_shot_for_a_small_workload_and_post_copy_for_a_lar
         "pid",
         small.pid,
         &serve.addr,
-        &["--post-copy=auto", "--downtime-target", "5000"],
+        &[
+            "--post-copy=auto",
+            "--pre-copy=none",
+            "--downtime-target",
+            "5000",
+        ],
     );
     assert_eq!(out.status.code(), Some(0));
     let r = json.unwrap();
@@ -247,7 +258,12 @@ fn post_copy_auto_picks_single_shot_for_a_small_workload_and_post_copy_for_a_lar
         "pid",
         large.pid,
         &serve.addr,
-        &["--post-copy=auto", "--downtime-target", "10"],
+        &[
+            "--post-copy=auto",
+            "--pre-copy=none",
+            "--downtime-target",
+            "10",
+        ],
     );
     assert_eq!(out.status.code(), Some(0));
     let r = json.unwrap();
@@ -295,7 +311,7 @@ fn broken_transfer(how: Break) {
         Fault::StallMemoryAfter(32 << 20),
         "128",
         journal.path(),
-        &["--post-copy", "--post-copy-stall", "2"],
+        &["--post-copy", "--pre-copy=none", "--post-copy-stall", "2"],
         Some(log.path()),
     );
     assert!(
@@ -454,7 +470,7 @@ fn the_destination_criu_killed_before_the_switch_rolls_back() {
         Fault::StallAt("Restored"),
         "64",
         journal.path(),
-        &["--post-copy", "--freeze-timeout", "4"],
+        &["--post-copy", "--pre-copy=none", "--freeze-timeout", "4"],
         None,
     );
     assert!(wait_for(Duration::from_secs(30), || proxy.triggered()));
@@ -511,7 +527,7 @@ fn after_a_broken_transfer_the_operator_can_resume_the_source_instead() {
         Fault::StallMemoryAfter(16 << 20),
         "64",
         journal.path(),
-        &["--post-copy", "--post-copy-stall", "2"],
+        &["--post-copy", "--pre-copy=none", "--post-copy-stall", "2"],
         None,
     );
     assert_eq!(

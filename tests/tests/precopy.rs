@@ -71,14 +71,14 @@ fn assert_untracked(pid: i32) {
 /// A live migration with uffd pre-copy of a workload dirtying `pct` % of
 /// its pages per second, scattered: every page verifies, the pre-copy
 /// passes carried the memory, only the last dirty set followed.
-fn moves_with(pct: &str) {
+fn moves_with(pct: &str, how: &[&str]) -> serde_json::Value {
     let serve = Serve::start(PID, &[]);
     let mut w = Workload::spawn(&["--mem-mib", "256", "--dirty-pct", pct, "--dirty-scattered"]);
     let before = w.report();
     w.assert_intact(&before);
     let src = plugin_dir(PID);
     let old = w.pid;
-    let (out, json) = migrate(src.path(), "pid", old, &serve.addr, &["--pre-copy=uffd"]);
+    let (out, json) = migrate(src.path(), "pid", old, &serve.addr, how);
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -119,6 +119,7 @@ fn moves_with(pct: &str) {
     assert!(after["counter"].as_u64() > before["counter"].as_u64());
     assert!(after["dirtied_total"].as_u64() > before["dirtied_total"].as_u64());
     assert_destination_clean(&serve);
+    r
 }
 
 #[test]
@@ -126,7 +127,7 @@ fn uffd_pre_copy_moves_a_workload_dirtying_1_percent_per_second() {
     if !setup() {
         return;
     }
-    moves_with("1");
+    moves_with("1", &["--pre-copy=uffd"]);
 }
 
 #[test]
@@ -134,7 +135,40 @@ fn uffd_pre_copy_moves_a_workload_dirtying_10_percent_per_second() {
     if !setup() {
         return;
     }
-    moves_with("10");
+    // Chosen by auto: no soft-dirty here, and a single-shot dump would
+    // not fit a 10 ms target.
+    let r = moves_with("10", &["--post-copy=auto", "--downtime-target", "10"]);
+    let why = r["post_copy"]["why"].as_str().unwrap();
+    assert!(why.contains("above the 10 ms target"), "{why}");
+    assert!(why.contains("userfaultfd pre-copy ran first"), "{why}");
+}
+
+#[test]
+fn post_copy_auto_leaves_a_small_workload_to_a_single_shot_dump() {
+    if !setup() {
+        return;
+    }
+    let serve = Serve::start(PID, &["--once"]);
+    let mut w = Workload::spawn(&["--mem-mib", "8"]);
+    let src = plugin_dir(PID);
+    let args = ["--post-copy=auto", "--downtime-target", "5000"];
+    let (out, json) = migrate(src.path(), "pid", w.pid, &serve.addr, &args);
+    assert_eq!(out.status.code(), Some(0));
+    let r = json.unwrap();
+    assert!(r["post_copy"].is_null(), "{r}");
+    assert!(
+        r["iterations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["kind"] == "dump"),
+        "{r}"
+    );
+    let why = r["stop_reason"]["why"].as_str().unwrap();
+    assert!(why.contains("single-shot dump fits"), "{why}");
+    assert!(r["criu_dump"]["pages_written"].as_u64().unwrap() >= 8 * 256);
+    w.moved_to(r["destination_pid"].as_i64().unwrap() as i32);
+    w.assert_intact(&w.report());
 }
 
 /// How a pre-copy is broken before the switch.

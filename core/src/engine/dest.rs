@@ -665,7 +665,7 @@ impl<'a> Session<'a> {
         let store = rx.store.as_mut().expect("just made");
         let _ = mem.set_read_timeout(Some(Duration::from_secs(60)));
         let got = store
-            .receive_pass(mem)
+            .receive_pass(&*mem)
             .map_err(|e| DestError::Transfer(format!("pre-copy pass {pass}: {e}")));
         let _ = mem.set_read_timeout(None);
         let got = got?;

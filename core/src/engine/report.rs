@@ -97,7 +97,8 @@ pub struct Report {
     /// `restore_time_us`, what phaul itself adds is `total_time_us` minus
     /// both.
     pub criu_dump_time_us: u64,
-    /// Whether pre-dump passes were used.
+    /// Whether memory was pre-copied while the workload ran (CRIU
+    /// pre-dumps or userfaultfd passes).
     pub pre_dump: bool,
     /// Why the iteration loop stopped.
     pub stop_reason: StopReason,

@@ -688,6 +688,16 @@ impl<'a> Live<'a> {
                 self.stats.stop_reason = Some(r);
                 Some(n)
             }
+            Err(_) if self.uffd && self.single_shot_fits()? => {
+                self.uffd = false;
+                self.lazy_conf = None;
+                self.stats.stop_reason = Some(StopReason::NoPreDump {
+                    why: "--post-copy=auto: a single-shot dump fits the downtime target, so \
+                          neither pre-copy nor post-copy is needed"
+                        .into(),
+                });
+                None
+            }
             Err(_) if self.uffd => {
                 let tracker = self.tracker.insert(Default::default());
                 let mut lp = super::uffdcopy::UffdLoop {
@@ -719,11 +729,16 @@ impl<'a> Live<'a> {
         if let Some(r) = self.env.abort.reason() {
             return Err(CopyError::Interrupted(r));
         }
-        self.post_copy = match self.uffd {
-            true => Some(
+        self.post_copy = match (self.uffd, self.post_copy_decision.clone()) {
+            (true, Some(auto)) => Some(format!(
+                "{auto}; userfaultfd pre-copy ran first, the pages written after its last pass \
+                 follow"
+            )),
+            (true, None) => Some(
                 "userfaultfd pre-copy: the pages written after its last pass follow".to_string(),
             ),
-            false => self.decide_post_copy()?,
+            (false, Some(_)) => None,
+            (false, None) => self.decide_post_copy()?,
         };
         Ok(Copied { dumper, last_pre })
     }
@@ -769,6 +784,18 @@ impl<'a> Live<'a> {
             }
         };
         Ok(Some(why))
+    }
+
+    /// `--post-copy=auto` with userfaultfd pre-copy chosen by `auto`:
+    /// does a single-shot dump fit the downtime target anyway (then
+    /// neither runs)? Decided on a measured burst, before any pass.
+    fn single_shot_fits(&mut self) -> Result<bool, CopyError> {
+        use crate::postcopy::PostCopy;
+        if self.env.opts.post_copy != PostCopy::Auto || self.env.opts.pre_dump != PreDump::Auto {
+            return Ok(false);
+        }
+        let lazy = self.decide_post_copy()?;
+        Ok(lazy.is_none())
     }
 
     /// Measures the memory channel's rate with a burst of filler bytes
@@ -1459,7 +1486,11 @@ impl<'a> Live<'a> {
             frozen_time_us: resumed_at.saturating_duration_since(frozen_at).as_micros() as u64,
             restore_time_us: restore_us,
             criu_dump_time_us: self.stats.criu_dump_us,
-            pre_dump: self.stats.passes.iter().any(|p| p.kind == "pre-dump"),
+            pre_dump: self
+                .stats
+                .passes
+                .iter()
+                .any(|p| p.kind == "pre-dump" || p.kind == "uffd"),
             stop_reason: self
                 .stats
                 .stop_reason

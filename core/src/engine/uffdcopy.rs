@@ -37,14 +37,16 @@ fn exchange(
     control: &mut Control,
     mem: &MemChannel,
     pass: u32,
-    send: &mut dyn FnMut(&mut crate::conn::Conn) -> std::io::Result<Sent>,
+    send: &mut dyn FnMut(&mut std::io::BufWriter<crate::conn::Conn>) -> std::io::Result<Sent>,
 ) -> Result<Sent, CopyError> {
     control.send(&Msg::PreCopy { pass })?;
-    let mut conn = mem
+    let conn = mem
         .conn()
         .try_clone()
         .map_err(|e| CopyError::Pass(format!("the memory channel: {e}")))?;
-    let sent = send(&mut conn).map_err(|e| {
+    // Frame headers and single pages coalesce into large writes.
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, conn);
+    let sent = send(&mut w).map_err(|e| {
         CopyError::Pass(format!(
             "the memory channel broke in userfaultfd pre-copy pass {pass} ({e}): the destination \
              service died or the network failed (its log says which); nothing was frozen"

@@ -233,7 +233,7 @@ mod tests {
         assert_eq!((s.pages, s.zero), (2, 2));
         let mut st = store::Store::new(8).unwrap();
         write_frame(&mut w, &Frame::End { pages: 2 }, &[]).unwrap();
-        st.receive_pass(&mut &w[..]).unwrap();
+        st.receive_pass(&w[..]).unwrap();
         st.seal().unwrap();
         assert_eq!(st.get(1, 0x10000), Some(store::Local::Zero));
         assert_eq!(st.get(1, 0x13000), Some(store::Local::Zero));

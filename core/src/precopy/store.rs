@@ -129,8 +129,11 @@ impl Store {
     }
 
     /// Reads one pass from the memory channel (frames up to `End`) into
-    /// the store.
-    pub fn receive_pass(&mut self, r: &mut impl Read) -> Result<Received, String> {
+    /// the store. Nothing follows `End` until the source hears back, so
+    /// the reads may be buffered.
+    pub fn receive_pass(&mut self, r: impl Read) -> Result<Received, String> {
+        let mut r = std::io::BufReader::with_capacity(1 << 20, r);
+        let r = &mut r;
         let mut got = Received::default();
         let mut buf = vec![0u8; (MAX_PAGES as u64 * PAGE) as usize];
         loop {
@@ -225,6 +228,31 @@ impl Store {
     }
 }
 
+impl Store {
+    /// `pages` data pages of task `vpid` from `addr`, if the store holds
+    /// them all, contiguous in its memory (as one pass sends them).
+    pub fn get_run(&self, vpid: i32, addr: u64, pages: u64) -> Option<&[u8]> {
+        let m = self.index.get(&vpid)?;
+        let first = *m.get(&addr)?;
+        if first == ZERO {
+            return None;
+        }
+        for i in 1..pages {
+            if m.get(&(addr + i * PAGE)) != Some(&(first + i as u32)) {
+                return None;
+            }
+        }
+        let (p, len) = self.map?;
+        let off = first as usize * PAGE as usize;
+        let n = (pages * PAGE) as usize;
+        if off + n > len {
+            return None;
+        }
+        // SAFETY: inside the read-only mapping, which lives as long as self.
+        Some(unsafe { std::slice::from_raw_parts(p.add(off), n) })
+    }
+}
+
 impl Drop for Store {
     fn drop(&mut self) {
         if let Some((p, len)) = self.map.take() {
@@ -263,7 +291,7 @@ mod tests {
         };
         write_frame(&mut w, &z, &[]).unwrap();
         write_frame(&mut w, &Frame::End { pages: 2 }, &[]).unwrap();
-        let got = s.receive_pass(&mut &w[..]).unwrap();
+        let got = s.receive_pass(&w[..]).unwrap();
         assert_eq!((got.pages, got.zero), (2, 1));
         // Pass 2: page 0x2000 written again, 0x1000 dropped.
         let mut w = Vec::new();
@@ -280,21 +308,20 @@ mod tests {
         };
         write_frame(&mut w, &d, &[]).unwrap();
         write_frame(&mut w, &Frame::End { pages: 1 }, &[]).unwrap();
-        let got = s.receive_pass(&mut &w[..]).unwrap();
+        let got = s.receive_pass(&w[..]).unwrap();
         assert_eq!((got.pages, got.dropped), (1, 1));
         s.seal().unwrap();
         assert_eq!(s.get(7, 0x1000), None);
         assert_eq!(s.get(7, 0x2000), Some(Local::Data(&page(9)[..])));
         assert_eq!(s.get(7, 0x8000), Some(Local::Zero));
         assert_eq!(s.get(8, 0x2000), None);
+        assert_eq!(s.get_run(7, 0x2000, 1), Some(&page(9)[..]));
+        assert_eq!(s.get_run(7, 0x1000, 2), None);
         // A pass claiming more than arrived is refused; so is more than
         // the limit.
         let mut w = Vec::new();
         write_frame(&mut w, &Frame::End { pages: 5 }, &[]).unwrap();
-        assert!(s
-            .receive_pass(&mut &w[..])
-            .unwrap_err()
-            .contains("claiming"));
+        assert!(s.receive_pass(&w[..]).unwrap_err().contains("claiming"));
         let mut small = Store::new(1).unwrap();
         let mut w = Vec::new();
         write_frame(
@@ -307,9 +334,6 @@ mod tests {
             &two,
         )
         .unwrap();
-        assert!(small
-            .receive_pass(&mut &w[..])
-            .unwrap_err()
-            .contains("declared"));
+        assert!(small.receive_pass(&w[..]).unwrap_err().contains("declared"));
     }
 }

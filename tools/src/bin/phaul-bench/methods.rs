@@ -24,9 +24,14 @@ pub enum Method {
     PhaulInsecure,
     /// `phaul` (TLS) from another build (`--baseline DIR`).
     PhaulBaseline,
-    /// `phaul` (TLS) with `--post-copy`: the workload runs on the
-    /// destination after a short pause, its memory following.
+    /// `phaul` (TLS) with `--post-copy --pre-copy=none`: the workload
+    /// runs on the destination after a short pause, all its memory
+    /// following.
     PhaulPostCopy,
+    /// `phaul` (TLS) with `--pre-copy=uffd`: userfaultfd write-protect
+    /// pre-copy passes while the workload runs, then post-copy of the
+    /// last dirty set.
+    PhaulUffd,
     /// criu dump to disk, cp -a, criu restore.
     Naive,
     /// criu dump to tmpfs, criu restore from it.
@@ -41,6 +46,7 @@ impl Method {
             Method::PhaulInsecure => "phaul-insecure",
             Method::PhaulBaseline => "phaul-baseline",
             Method::PhaulPostCopy => "phaul-post-copy",
+            Method::PhaulUffd => "phaul-uffd",
             Method::Naive => "naive",
             Method::Floor => "floor",
         }
@@ -90,6 +96,11 @@ pub struct RunResult {
     pub verified: bool,
     /// Post-copy only: from the switch until the last page arrived.
     pub last_page_ms: Option<f64>,
+    /// Post-copy only: bytes of memory the source sent after the switch.
+    pub after_switch_bytes: Option<u64>,
+    /// Userfaultfd pre-copy only: pages the last scan found written since
+    /// the last pass (the dirty set left to follow).
+    pub last_dirty_pages: Option<u64>,
     /// Heartbeat gaps over 10 ms the workload saw during the migration
     /// (the pause itself is one; with post-copy, the rest are faults on
     /// pages that had not arrived yet).
@@ -434,7 +445,11 @@ impl Env {
             let new = match method {
                 Method::Phaul => self.phaul(pid, &phaul, true, &[], &mut r)?,
                 Method::PhaulInsecure => self.phaul(pid, &phaul, false, &[], &mut r)?,
-                Method::PhaulPostCopy => self.phaul(pid, &phaul, true, &["--post-copy"], &mut r)?,
+                Method::PhaulPostCopy => {
+                    let plain = ["--post-copy", "--pre-copy=none"];
+                    self.phaul(pid, &phaul, true, &plain, &mut r)?
+                }
+                Method::PhaulUffd => self.phaul(pid, &phaul, true, &["--pre-copy=uffd"], &mut r)?,
                 Method::PhaulBaseline => {
                     let phaul = self
                         .baseline
@@ -540,6 +555,11 @@ impl Env {
         r.last_page_ms = j["post_copy"]["time_to_last_page_us"]
             .as_u64()
             .map(|us| us as f64 / 1e3);
+        r.after_switch_bytes = j["post_copy"]["pages_served"].as_u64().map(|p| p * 4096);
+        r.last_dirty_pages = j["iterations"]
+            .as_array()
+            .and_then(|a| a.iter().find(|p| p["kind"] == "uffd-last"))
+            .and_then(|p| p["pages_written"].as_u64());
         let new = j["destination_pid"].as_i64().unwrap_or(0) as i32;
         r.phaul_report = Some(j);
         Ok(new)

@@ -358,6 +358,57 @@ pub fn markdown(
             );
         }
     }
+    if by.keys().any(|(_, m)| *m == "phaul-uffd") {
+        let _ = writeln!(
+            s,
+            "\n## Userfaultfd pre-copy against post-copy and single-shot (medians)\n\nPause: the \
+             largest heartbeat gap. Frozen MiB: what crossed while the workload was frozen (the \
+             images of the final, lazy dump, and the last scan's word). After switch: memory the \
+             source sent after the switch; last dirty set: what the last scan found written since \
+             the last pass.\n"
+        );
+        let _ = writeln!(
+            s,
+            "| MiB | dirty %/s | pause uffd ms | pause post-copy ms | pause single-shot ms | pause floor ms | uffd / floor | total uffd / post-copy / single-shot ms | frozen MiB uffd | after switch MiB uffd / post-copy | last dirty set MiB |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
+        for key in &keys {
+            let m = |name: &str, f: &dyn Fn(&RunResult) -> f64| med(*key, name, f);
+            let num = |x: Option<f64>| x.map_or("-".into(), |v| format!("{v:.1}"));
+            let mib = |b: u64| b as f64 / (1 << 20) as f64;
+            let frozen = |r: &RunResult| {
+                mib(r
+                    .phaul_report
+                    .as_ref()
+                    .map_or(0, |j| j["image_bytes"].as_u64().unwrap_or(0)))
+            };
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} | {} | {} / {} / {} | {} | {} / {} | {} |",
+                key.0,
+                key.1 as f64 / 100.0,
+                num(m("phaul-uffd", &|r| r.downtime_ms)),
+                num(m("phaul-post-copy", &|r| r.downtime_ms)),
+                num(m("phaul", &|r| r.downtime_ms)),
+                num(m("floor", &|r| r.downtime_ms)),
+                ratio(
+                    m("phaul-uffd", &|r| r.downtime_ms),
+                    m("floor", &|r| r.downtime_ms)
+                ),
+                num(m("phaul-uffd", &|r| r.total_ms)),
+                num(m("phaul-post-copy", &|r| r.total_ms)),
+                num(m("phaul", &|r| r.total_ms)),
+                num(m("phaul-uffd", &frozen)),
+                num(m("phaul-uffd", &|r| mib(r.after_switch_bytes.unwrap_or(0)))),
+                num(m("phaul-post-copy", &|r| mib(r
+                    .after_switch_bytes
+                    .unwrap_or(0)))),
+                num(m("phaul-uffd", &|r| mib(
+                    r.last_dirty_pages.unwrap_or(0) * 4096
+                ))),
+            );
+        }
+    }
     let _ = writeln!(s, "\n## Targets\n");
     let mut targets = Vec::new();
     let worst_ratio = keys
