@@ -46,7 +46,7 @@ const CHUNK_PAGES: u64 = 256;
 const URGENT_PAGES: u64 = 16;
 /// Pre-copied pages placed per turn of the event loop (so that faults
 /// and answers are not kept waiting behind the local stream).
-const LOCAL_BUDGET: u64 = 2048;
+const LOCAL_BUDGET: u64 = 512;
 
 /// What the pager reports at the end.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -982,15 +982,24 @@ impl State {
 
     fn fault(&mut self, i: usize, page: u64) -> Result<(), String> {
         self.stats.faults += 1;
-        let in_flight = self.pending.values().any(|p| {
+        let in_flight = self.pending.iter_mut().find(|(_, p)| {
             p.lpi == i
                 && page >= p.dst
                 && page < p.dst + p.pages * PAGE
                 && !p.holes.iter().any(|&(a, b)| page >= a && page < b)
         });
-        if in_flight {
+        match in_flight {
             // Its answer wakes the thread.
-            return Ok(());
+            Some((_, p)) if p.urgent => return Ok(()),
+            // Asked for in the background, maybe far back in the source's
+            // queue: ask for this page again, urgently; the background
+            // answer leaves it alone.
+            Some((_, p)) => {
+                let img = p.img + (page - p.dst);
+                p.holes.push((page, page + PAGE));
+                return self.send_get(i, page, img, 1, true);
+            }
+            None => {}
         }
         if let Some((s, e, img)) = take_range(&mut self.lpis[i].missing, page, URGENT_PAGES) {
             return self.fetch(i, s, e, img, true).map(|_| ());

@@ -69,6 +69,7 @@ Examples:
   phaul migrate pid 4242 --to dst.example:7070 --mode restart --sync /srv/app
   phaul migrate pid 4242 --to dst.example:7070 --post-copy      # run there at once, memory follows
   phaul migrate pid 4242 --to dst.example:7070 --post-copy=auto --downtime-target 300
+  phaul migrate pid 4242 --to dst.example:7070 --pre-copy=uffd  # pre-copy without soft-dirty
   phaul migrate pid 4242 --to dst.example:7070 --dry-run        # check only, move nothing
   phaul migrate pid 4242 --to 127.0.0.1:7070 --insecure         # plain TCP, one machine only
   phaul migrate lxc web1 --to dst.example:7070 --tcp-established # an LXC container
