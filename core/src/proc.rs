@@ -198,3 +198,24 @@ pub fn pidfd_open(pid: i32) -> std::io::Result<std::os::fd::OwnedFd> {
     // SAFETY: pidfd_open returned a fresh descriptor.
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
 }
+
+/// Reads `buf.len()` bytes of process `pid`'s memory at `addr`
+/// (`process_vm_readv`): the bytes read (fewer where the range ends in
+/// unmapped memory).
+pub fn read_memory(pid: i32, addr: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+    let local = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: one local iovec over `buf`; the remote one is only read by
+    // the kernel.
+    let n = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}

@@ -1188,3 +1188,17 @@ pub fn tcp_client(server: &str, ms: u64, out: &Path) -> Child {
         .spawn()
         .expect("start phaul-workload tcp-client")
 }
+
+/// How many userfaultfds `pid` holds.
+pub fn userfaultfds(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| {
+                    std::fs::read_link(e.path())
+                        .is_ok_and(|l| l.to_string_lossy().contains("userfaultfd"))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use phaul_tests::harness::{
     alive, assert_destination_clean, migrate, reap, recover, recover_with, setup, task_state,
-    wait_for, workload_copies, Migration, Serve, Workload,
+    userfaultfds, wait_for, workload_copies, Migration, Serve, Workload,
 };
 use phaul_tests::plugin_dir;
 use phaul_tests::proxy::{Fault, Proxy};
@@ -145,20 +145,6 @@ fn copies_since(w: &Workload, since: u64) -> Vec<i32> {
         }
     }
     out
-}
-
-/// How many userfaultfds `pid` holds.
-fn userfaultfds(pid: i32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| {
-            d.flatten()
-                .filter(|e| {
-                    std::fs::read_link(e.path())
-                        .is_ok_and(|l| l.to_string_lossy().contains("userfaultfd"))
-                })
-                .count()
-        })
-        .unwrap_or(0)
 }
 
 #[test]

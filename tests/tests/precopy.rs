@@ -9,26 +9,13 @@
 use std::time::Duration;
 
 use phaul_tests::harness::{
-    alive, assert_destination_clean, migrate, reap, setup, wait_for, Migration, Serve, Workload,
+    alive, assert_destination_clean, migrate, reap, setup, userfaultfds, wait_for, Migration,
+    Serve, Workload,
 };
 use phaul_tests::plugin_dir;
 use phaul_tests::proxy::{Fault, Proxy};
 
 const PID: &[(&str, &str)] = &[("phaul_pid", "libphaul_pid.so")];
-
-/// How many userfaultfds `pid` holds.
-fn userfaultfds(pid: i32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| {
-            d.flatten()
-                .filter(|e| {
-                    std::fs::read_link(e.path())
-                        .is_ok_and(|l| l.to_string_lossy().contains("userfaultfd"))
-                })
-                .count()
-        })
-        .unwrap_or(0)
-}
 
 /// Pages of `pid`'s private anonymous memory whose pagemap entry has the
 /// userfaultfd write-protect bit (57), and pages examined.

@@ -699,19 +699,8 @@ impl<'a> Live<'a> {
                 None
             }
             Err(_) if self.uffd => {
-                let tracker = self.tracker.insert(Default::default());
-                let mut lp = super::uffdcopy::UffdLoop {
-                    tracker,
-                    pid: self.pid,
-                    rules: self.env.opts.rules,
-                    restore_estimate: self.env.opts.restore_estimate,
-                    need_bytes: self.need_bytes,
-                    control: &mut self.control,
-                    mem: &mut self.mem,
-                    progress: self.env.progress.clone(),
-                    abort: self.env.abort,
-                };
-                let (reports, n, r) = lp.run()?;
+                self.tracker = Some(Default::default());
+                let (reports, n, r) = self.uffd_loop().expect("a tracker").run()?;
                 self.stats.passes.extend(reports);
                 self.stats.stop_reason = Some(r);
                 self.uffd_passes = n;
@@ -973,9 +962,6 @@ impl<'a> Live<'a> {
                 e => e,
             })?)
         };
-        if self.tracker.is_some() {
-            self.last_scan(&dump)?;
-        }
         self.stats.criu_dump_us = dump.dump_time().as_micros() as u64;
         let pass = PassStats {
             pages_written: 0,
@@ -989,18 +975,10 @@ impl<'a> Live<'a> {
         Ok(Frozen { dump, iter })
     }
 
-    /// Userfaultfd pre-copy, the tree frozen by the final dump: the last
-    /// scan, and the destination forgets what it names.
-    fn last_scan(&mut self, dump: &Hold) -> Result<(), HandOverError> {
-        let Some(tracker) = self.tracker.as_mut() else {
-            return Ok(());
-        };
-        let deadline = dump.frozen_at() + self.freeze_timeout;
-        self.control.set_deadline(Some(deadline));
-        let _ = self.mem.conn().set_deadline(Some(deadline));
-        self.uffd_passes += 1;
-        let mut lp = super::uffdcopy::UffdLoop {
-            tracker,
+    /// The userfaultfd pre-copy loop over this migration's tracker.
+    fn uffd_loop(&mut self) -> Option<super::uffdcopy::UffdLoop<'_>> {
+        Some(super::uffdcopy::UffdLoop {
+            tracker: self.tracker.as_mut()?,
             pid: self.pid,
             rules: self.env.opts.rules,
             restore_estimate: self.env.opts.restore_estimate,
@@ -1009,8 +987,20 @@ impl<'a> Live<'a> {
             mem: &mut self.mem,
             progress: self.env.progress.clone(),
             abort: self.env.abort,
+        })
+    }
+
+    /// Userfaultfd pre-copy, the tree frozen by the final dump: the last
+    /// scan, and the destination forgets what it names.
+    fn last_scan(&mut self, dump: &Hold) -> Result<(), HandOverError> {
+        let deadline = dump.frozen_at() + self.freeze_timeout;
+        let _ = self.mem.conn().set_deadline(Some(deadline));
+        self.uffd_passes += 1;
+        let pass = self.uffd_passes;
+        let Some(mut lp) = self.uffd_loop() else {
+            return Ok(());
         };
-        let r = lp.last(self.uffd_passes);
+        let r = lp.last(pass);
         let _ = self.mem.conn().set_deadline(None);
         let (sent, took) = r.map_err(|e| match e {
             CopyError::Peer(p) => HandOverError::Peer(p),
@@ -1048,6 +1038,10 @@ impl<'a> Live<'a> {
         };
         if let Some(r) = self.env.abort.reason() {
             return Err(HandOverError::Interrupted(r));
+        }
+        if self.tracker.is_some() {
+            self.last_scan(&frozen.dump)?;
+            self.control.set_deadline(Some(deadline));
         }
         if let Some(fs) = self.fs.take() {
             self.env.progress.phase("final file sync");

@@ -53,23 +53,10 @@ pub fn vpid_map(tasks: &[Task]) -> HashMap<i32, i32> {
 }
 
 fn read_pages(pid: i32, addr: u64, buf: &mut [u8]) -> Result<(), i32> {
-    let local = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    let remote = libc::iovec {
-        iov_base: addr as *mut libc::c_void,
-        iov_len: buf.len(),
-    };
-    // SAFETY: one local iovec over `buf`; the remote one is only read by
-    // the kernel.
-    let n = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
-    match n {
-        n if n as usize == buf.len() => Ok(()),
-        n if n >= 0 => Err(libc::EFAULT),
-        _ => Err(std::io::Error::last_os_error()
-            .raw_os_error()
-            .unwrap_or(libc::EIO)),
+    match crate::proc::read_memory(pid, addr, buf) {
+        Ok(n) if n == buf.len() => Ok(()),
+        Ok(_) => Err(libc::EFAULT),
+        Err(e) => Err(e.raw_os_error().unwrap_or(libc::EIO)),
     }
 }
 

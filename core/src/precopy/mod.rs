@@ -48,20 +48,6 @@ pub struct Sent {
     pub dropped: u64,
 }
 
-fn read_pages(pid: i32, addr: u64, buf: &mut [u8]) -> usize {
-    let local = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    let remote = libc::iovec {
-        iov_base: addr as *mut libc::c_void,
-        iov_len: buf.len(),
-    };
-    // SAFETY: one local iovec over `buf`.
-    let n = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
-    n.max(0) as usize
-}
-
 fn is_zero(page: &[u8]) -> bool {
     let (pre, words, post) = {
         // SAFETY: any bytes are valid u64s.
@@ -110,7 +96,8 @@ pub fn send_pass(tracker: &Tracker, pass: &Pass, w: &mut impl Write) -> std::io:
             let mut at = a;
             while at < b {
                 let len = ((b - at).min(MAX_PAGES as u64 * PAGE)) as usize;
-                let got = read_pages(p.pid, at, &mut buf[..len]) & !(PAGE as usize - 1);
+                let got = crate::proc::read_memory(p.pid, at, &mut buf[..len]).unwrap_or(0)
+                    & !(PAGE as usize - 1);
                 sent += send_chunk(w, p.vpid, at, &buf[..got])?;
                 if got < len {
                     // Unmapped since the scan: the next pass (or the last

@@ -481,17 +481,7 @@ mod inject {
     }
 
     fn read_mem(pid: i32, addr: u64, buf: &mut [u8]) -> bool {
-        let local = libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
-        };
-        let remote = libc::iovec {
-            iov_base: addr as *mut libc::c_void,
-            iov_len: buf.len(),
-        };
-        // SAFETY: one local iovec over `buf`.
-        let n = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
-        n as usize == buf.len()
+        crate::proc::read_memory(pid, addr, buf).is_ok_and(|n| n == buf.len())
     }
 
     /// A `syscall` instruction (0f 05) in the process: the one it is

@@ -88,6 +88,11 @@ struct Args {
     /// same run.
     #[arg(long, value_name = "DIR")]
     baseline: Option<PathBuf>,
+    /// Run the destination service in a network namespace of its own,
+    /// reached over a veth pair limited to this many Mbit/s each way (tc
+    /// tbf), instead of over loopback.
+    #[arg(long, value_name = "MBIT")]
+    link_mbit: Option<u64>,
 }
 
 fn main() -> ExitCode {
@@ -111,6 +116,14 @@ fn run(args: Args) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let mut env = methods::Env::new(&args.disk_dir)?;
+    if let Some(mbit) = args.link_mbit {
+        env.set_link(mbit)?;
+        eprintln!(
+            "phaul-bench: the destination service runs in network namespace {} behind a {mbit} \
+             Mbit/s veth link",
+            methods::LINK_NS
+        );
+    }
     let free_mib = methods::free_memory_mib();
     let mut sizes = Vec::new();
     for &m in &args.sizes {
@@ -229,6 +242,16 @@ fn run(args: Args) -> anyhow::Result<()> {
     let json_path = args.out.join("results.json");
     std::fs::write(&json_path, serde_json::to_string_pretty(&doc)?)?;
     let mut table = summary::markdown(&machine, &channel, baseline_channel.as_ref(), &results);
+    if let Some(mbit) = args.link_mbit {
+        table.insert_str(
+            0,
+            &format!(
+                "Link: the destination service ran in its own network namespace, reached over a \
+                 veth pair limited to {mbit} Mbit/s each way (tc tbf); the raw channel figures \
+                 below are loopback.\n\n"
+            ),
+        );
+    }
     table.push_str(&summary::lxc_markdown(&containers));
     std::fs::write(args.out.join("results.md"), &table)?;
     println!("{table}");

@@ -140,11 +140,17 @@ pub struct Env {
     pub(crate) tls: PathBuf,
     /// Another build's `phaul` (`--baseline`).
     baseline: Option<PathBuf>,
+    /// `--link-mbit`: the service runs in [`LINK_NS`].
+    link: bool,
 }
 
 impl Drop for Env {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.tls);
+        if self.link {
+            // Its end of the veth pair goes with it.
+            let _ = ip(&["netns", "del", LINK_NS]);
+        }
     }
 }
 
@@ -337,6 +343,8 @@ fn make_certs(phaul: &Path, dir: &Path) -> anyhow::Result<()> {
             name.as_ref(),
             "--also".as_ref(),
             also.as_ref(),
+            "--also".as_ref(),
+            LINK_DST.as_ref(),
             "--out".as_ref(),
             out.as_os_str(),
         ])?;
@@ -344,7 +352,72 @@ fn make_certs(phaul: &Path, dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--link-mbit`: the destination's network namespace.
+pub const LINK_NS: &str = "phaul-bench-dst";
+const LINK_SRC: &str = "10.203.0.1";
+const LINK_DST: &str = "10.203.0.2";
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("ip").args(args).output()?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+fn tbf(netns: Option<&str>, dev: &str, mbit: u64) -> anyhow::Result<()> {
+    let rate = format!("{mbit}mbit");
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, "tc"]);
+            c
+        }
+        None => Command::new("tc"),
+    };
+    let out = cmd
+        .args(["qdisc", "replace", "dev", dev, "root", "tbf", "rate", &rate])
+        .args(["burst", "256kb", "latency", "50ms"])
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "tc on {dev}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
 impl Env {
+    /// `--link-mbit`: a network namespace for the destination service,
+    /// joined by a veth pair whose ends are each limited to `mbit`.
+    pub fn set_link(&mut self, mbit: u64) -> anyhow::Result<()> {
+        let _ = ip(&["netns", "del", LINK_NS]);
+        ip(&["netns", "add", LINK_NS])?;
+        self.link = true;
+        ip(&[
+            "link", "add", "pb-src", "type", "veth", "peer", "name", "pb-dst",
+        ])?;
+        ip(&["link", "set", "pb-dst", "netns", LINK_NS])?;
+        ip(&["addr", "add", &format!("{LINK_SRC}/30"), "dev", "pb-src"])?;
+        ip(&["link", "set", "pb-src", "up"])?;
+        let ns = |a: &[&str]| {
+            let mut v = vec!["netns", "exec", LINK_NS, "ip"];
+            v.extend_from_slice(a);
+            ip(&v)
+        };
+        ns(&["addr", "add", &format!("{LINK_DST}/30"), "dev", "pb-dst"])?;
+        ns(&["link", "set", "pb-dst", "up"])?;
+        ns(&["link", "set", "lo", "up"])?;
+        tbf(None, "pb-src", mbit)?;
+        tbf(Some(LINK_NS), "pb-dst", mbit)?;
+        Ok(())
+    }
+
     /// Finds the sibling binaries and prepares scratch directories.
     pub fn new(disk: &Path) -> anyhow::Result<Env> {
         let bin = std::env::current_exe()?
@@ -375,6 +448,7 @@ impl Env {
             shm,
             tls,
             baseline: None,
+            link: false,
         })
     }
 
@@ -575,6 +649,15 @@ impl Env {
         plugins: &Path,
         extra: &[std::ffi::OsString],
     ) -> anyhow::Result<(std::process::Child, String)> {
+        let in_ns = ["ip", "netns", "exec", LINK_NS];
+        let wrapper = match (self.link, wrapper.is_empty()) {
+            (true, true) => &in_ns[..],
+            _ => wrapper,
+        };
+        let listen = match self.link && wrapper == &in_ns[..] {
+            true => format!("{LINK_DST}:0"),
+            false => "127.0.0.1:0".to_string(),
+        };
         let mut cmd = match wrapper.split_first() {
             Some((w, rest)) => {
                 let mut c = Command::new(w);
@@ -586,14 +669,7 @@ impl Env {
         let mut serve = cmd
             .arg("--plugin-dir")
             .arg(plugins)
-            .args([
-                "-q",
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--once",
-                "--work-dir",
-            ])
+            .args(["-q", "serve", "--listen", &listen, "--once", "--work-dir"])
             .arg(self.shm.join("phaul-work"))
             .args(extra)
             .stdout(Stdio::piped())
