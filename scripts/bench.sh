@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up a fresh machine (as root), build phaul in release mode, and run the
 # benchmark: phaul (mutual TLS, certificates made for the run with
-# `phaul certs`) and phaul --insecure against dump-copy-restore and the
+# `phaul certs`), phaul with --post-copy and with --pre-copy=uffd, and
+# phaul --insecure against dump-copy-restore and the
 # no-copy floor, side by side, and an LXC container moved by phaul and by
 # hand with lxc-checkpoint (skipped without LXC), then draw the plots.
 # Results go to bench/results/ (results.json, results.md, downtime.png,

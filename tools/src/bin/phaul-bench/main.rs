@@ -66,7 +66,7 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "phaul,phaul-post-copy,phaul-insecure,naive,floor"
+        default_value = "phaul,phaul-post-copy,phaul-uffd,phaul-insecure,naive,floor"
     )]
     methods: Vec<Method>,
     /// Where the naive method dumps and copies (a disk directory).

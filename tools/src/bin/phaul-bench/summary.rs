@@ -365,13 +365,13 @@ pub fn markdown(
              largest heartbeat gap. Frozen MiB: what crossed while the workload was frozen (the \
              images of the final, lazy dump, and the last scan's word). After switch: memory the \
              source sent after the switch; last dirty set: what the last scan found written since \
-             the last pass.\n"
+             the last pass; last page: from the switch until every page was in place.\n"
         );
         let _ = writeln!(
             s,
-            "| MiB | dirty %/s | pause uffd ms | pause post-copy ms | pause single-shot ms | pause floor ms | uffd / floor | total uffd / post-copy / single-shot ms | frozen MiB uffd | after switch MiB uffd / post-copy | last dirty set MiB |"
+            "| MiB | dirty %/s | pause uffd ms | pause post-copy ms | pause single-shot ms | pause floor ms | uffd / floor | total uffd / post-copy / single-shot ms | frozen MiB uffd | after switch MiB uffd / post-copy | last dirty set MiB | last page after switch uffd / post-copy ms |"
         );
-        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|");
         for key in &keys {
             let m = |name: &str, f: &dyn Fn(&RunResult) -> f64| med(*key, name, f);
             let num = |x: Option<f64>| x.map_or("-".into(), |v| format!("{v:.1}"));
@@ -384,7 +384,7 @@ pub fn markdown(
             };
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | {} | {} | {} / {} / {} | {} | {} / {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} / {} / {} | {} | {} / {} | {} | {} / {} |",
                 key.0,
                 key.1 as f64 / 100.0,
                 num(m("phaul-uffd", &|r| r.downtime_ms)),
@@ -406,6 +406,8 @@ pub fn markdown(
                 num(m("phaul-uffd", &|r| mib(
                     r.last_dirty_pages.unwrap_or(0) * 4096
                 ))),
+                num(m("phaul-uffd", &|r| r.last_page_ms.unwrap_or(0.0))),
+                num(m("phaul-post-copy", &|r| r.last_page_ms.unwrap_or(0.0))),
             );
         }
     }
