@@ -226,3 +226,34 @@ fn threads_a_zombie_a_session_and_protected_memory_survive() {
         |_, _| {},
     );
 }
+
+#[test]
+fn a_tree_of_threads_children_shared_and_protected_memory_moves_with_uffd_pre_copy() {
+    if !setup() {
+        return;
+    }
+    // Userfaultfd pre-copy tracks each process of the tree (the threads'
+    // helper is a child), leaves MAP_SHARED memory to CRIU's images and
+    // read-only mappings to the switch, and cannot attach to a zombie: its
+    // memory (none) follows after the switch. Everything verifies there.
+    migrates_intact(
+        &["threads", "zombie", "session", "shared-memory", "mprotect"],
+        &["--pre-copy=uffd"],
+        |_, after| assert_eq!(after["pages_bad"], 0),
+    );
+}
+
+#[test]
+fn a_tree_of_threads_children_shared_and_protected_memory_moves_with_post_copy() {
+    if !setup() {
+        return;
+    }
+    // All private memory follows after the switch; CRIU's lazy ranges run
+    // across adjacent mappings (the writable page next to the read-only
+    // region), which the pager must place mapping by mapping.
+    migrates_intact(
+        &["threads", "zombie", "session", "shared-memory", "mprotect"],
+        &["--post-copy", "--pre-copy=none"],
+        |_, after| assert_eq!(after["pages_bad"], 0),
+    );
+}

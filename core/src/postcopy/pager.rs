@@ -828,9 +828,15 @@ impl State {
     }
 
     /// Places an answer, page range by page range around the holes.
+    /// `UFFDIO_COPY` fills within one mapping only: a range that spans two
+    /// (CRIU's lazy ranges run across adjacent mappings, say a writable
+    /// page and a read-only one) fails as a whole, so a range that finds
+    /// no mapping is placed again page by page, and only the pages that
+    /// really have none are dropped.
     fn place(&mut self, p: &Pending, data: &[u8]) -> Result<(), String> {
         let end = p.dst + p.pages * PAGE;
         let mut at = p.dst;
+        let mut by_page = false;
         while at < end {
             if let Some(&(_, he)) = p.holes.iter().find(|(hs, he)| *hs <= at && at < *he) {
                 at = he.min(end);
@@ -844,6 +850,10 @@ impl State {
                 .min()
                 .unwrap_or(end)
                 .min(end);
+            let stop = match by_page {
+                true => stop.min(at + PAGE),
+                false => stop,
+            };
             let lpi = &self.lpis[p.lpi];
             if lpi.exited {
                 return Ok(());
@@ -865,6 +875,7 @@ impl State {
                     self.stats.dropped += 1;
                     at += n + PAGE;
                 }
+                Fill::Gone if len > PAGE => by_page = true,
                 Fill::Gone => {
                     self.stats.dropped += len / PAGE;
                     at = stop;
