@@ -219,3 +219,18 @@ pub fn read_memory(pid: i32, addr: u64, buf: &mut [u8]) -> std::io::Result<usize
     }
     Ok(n as usize)
 }
+
+/// `MemAvailable` from `/proc/meminfo`, bytes (0 if unreadable).
+pub fn mem_available() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemAvailable:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse::<u64>()
+                .ok()
+        })
+        .map_or(0, |kib| kib * 1024)
+}

@@ -656,9 +656,21 @@ impl<'a> Session<'a> {
         })?;
         if rx.store.is_none() {
             // What the source declared, a quarter more for pages it sends
-            // twice as they change, and 64 MiB of slack.
-            let limit = self.hello.need_bytes / crate::postcopy::uffd::PAGE * 5 / 4 + 16384;
-            let s = crate::precopy::store::Store::new(limit)
+            // twice as they change, and 64 MiB of slack; never more than
+            // half the memory this host has free (the store is RAM, and
+            // the restored copy needs its own).
+            let page = crate::postcopy::uffd::PAGE;
+            let declared = self.hello.need_bytes / page * 5 / 4 + 16384;
+            let room = proc::mem_available() / 2 / page;
+            if declared > room {
+                return Err(DestError::Transfer(format!(
+                    "userfaultfd pre-copy: the workload's {} MiB do not fit in half of this \
+                     host's {} MiB of available memory; migrate with --pre-copy=none",
+                    self.hello.need_bytes >> 20,
+                    proc::mem_available() >> 20
+                )));
+            }
+            let s = crate::precopy::store::Store::new(declared)
                 .map_err(|e| DestError::Transfer(format!("the pre-copy store: {e}")))?;
             rx.store = Some(s);
         }
