@@ -235,3 +235,40 @@ fn a_source_phaul_killed_in_a_pre_copy_pass_leaves_the_workload_running_untracke
     }
     broken_pre_copy(Break::KillSource);
 }
+
+#[test]
+fn a_failure_after_the_last_scan_rolls_back_and_leaves_the_workload_untracked() {
+    if !setup() {
+        return;
+    }
+    // The destination restores but its answer never arrives: the freeze
+    // deadline rolls the migration back after the last scan.
+    let serve = Serve::start(PID, &["--commit-timeout", "3"]);
+    let proxy = Proxy::start(&serve.addr, Fault::StallAt("Restored"));
+    let w = Workload::spawn(&["--mem-mib", "64", "--dirty-pct", "10"]);
+    let before = w.report();
+    let src = plugin_dir(PID);
+    let journal = tempfile::tempdir().unwrap();
+    let mut m = Migration::start(
+        src.path(),
+        "pid",
+        w.pid,
+        &proxy.addr,
+        journal.path(),
+        &["--pre-copy=uffd", "--freeze-timeout", "4"],
+        None,
+    );
+    assert_eq!(
+        m.wait_timeout(Duration::from_secs(60))
+            .and_then(|s| s.code()),
+        Some(4),
+        "rolled back: {:?}",
+        m.json()
+    );
+    assert!(proxy.triggered(), "the restore was reached");
+    assert!(alive(w.pid));
+    let after = w.report();
+    w.assert_intact(&after);
+    assert!(after["counter"].as_u64() > before["counter"].as_u64());
+    assert_untracked(w.pid);
+}

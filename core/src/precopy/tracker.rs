@@ -692,6 +692,35 @@ mod tests {
     const MAP_B: u64 = 2;
     const WRITE_B: u64 = 3;
     const REPLACE_A: u64 = 4;
+    const THREAD_START: u64 = 5;
+    const THREAD_WRITE_A: u64 = 6;
+    const FORK: u64 = 7;
+
+    /// What the child's second thread needs.
+    #[repr(C)]
+    struct ThreadArgs {
+        cmd: i32,
+        ack: i32,
+        a: u64,
+    }
+
+    /// The child's second thread: writes the page of A it is told to.
+    extern "C" fn thread_main(arg: *mut libc::c_void) -> libc::c_int {
+        // SAFETY: `arg` points at the child's ThreadArgs, which lives as
+        // long as the child; plain system calls and writes.
+        unsafe {
+            let t = &*(arg as *const ThreadArgs);
+            let mut k = 0u64;
+            loop {
+                if libc::read(t.cmd, (&mut k as *mut u64).cast(), 8) != 8 {
+                    libc::syscall(libc::SYS_exit, 0);
+                }
+                std::ptr::write_volatile((t.a + k * PAGE) as *mut u64, k + 1000);
+                let v = 0u64;
+                libc::write(t.ack, (&v as *const u64).cast(), 8);
+            }
+        }
+    }
 
     impl Child {
         fn start() -> Child {
@@ -721,6 +750,10 @@ mod tests {
                 let pid = libc::fork();
                 assert!(pid >= 0);
                 if pid == 0 {
+                    // Nothing but its pipes: a descriptor inherited from
+                    // this (multi-threaded) test process, such as another
+                    // test's userfaultfd, would keep that alive.
+                    close_all_but(&[cmd[0], ack[1]]);
                     child_loop(cmd[0], ack[1], a, huge);
                 }
                 libc::close(cmd[0]);
@@ -768,6 +801,24 @@ mod tests {
         }
     }
 
+    /// Closes every descriptor from 3 up except `keep` (`close_range`;
+    /// no allocation: it runs in a forked child of a multi-threaded
+    /// process).
+    unsafe fn close_all_but(keep: &[i32; 2]) {
+        let mut keep = *keep;
+        keep.sort_unstable();
+        let mut from = 3u32;
+        for k in keep {
+            if (k as u32) > from {
+                // SAFETY: plain syscall on our own descriptor table.
+                unsafe { libc::syscall(libc::SYS_close_range, from, k as u32 - 1, 0) };
+            }
+            from = from.max(k as u32 + 1);
+        }
+        // SAFETY: as above.
+        unsafe { libc::syscall(libc::SYS_close_range, from, u32::MAX, 0) };
+    }
+
     /// The child's side: system calls and writes only.
     unsafe fn child_loop(cmd: i32, ack: i32, a: u64, huge: u64) -> ! {
         // SAFETY: the mappings were made for this; plain system calls.
@@ -781,6 +832,13 @@ mod tests {
             }
             let mut b = 0u64;
             let reply = |v: u64| libc::write(ack, (&v as *const u64).cast(), 8);
+            let mut to_thread = [0i32; 2];
+            libc::pipe(to_thread.as_mut_ptr());
+            let targs = ThreadArgs {
+                cmd: to_thread[0],
+                ack,
+                a,
+            };
             reply(0);
             let mut n = 1u64;
             loop {
@@ -820,6 +878,43 @@ mod tests {
                         );
                         touch(a, n);
                     }
+                    THREAD_START => {
+                        let stack = libc::mmap(
+                            std::ptr::null_mut(),
+                            1 << 16,
+                            libc::PROT_READ | libc::PROT_WRITE,
+                            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                            -1,
+                            0,
+                        ) as *mut u8;
+                        let flags = libc::CLONE_VM
+                            | libc::CLONE_FS
+                            | libc::CLONE_FILES
+                            | libc::CLONE_SIGHAND
+                            | libc::CLONE_THREAD
+                            | libc::CLONE_SYSVSEM;
+                        let arg = &targs as *const ThreadArgs as *mut libc::c_void;
+                        libc::clone(thread_main, stack.add(1 << 16).cast(), flags, arg);
+                    }
+                    THREAD_WRITE_A => {
+                        // The thread writes and answers.
+                        libc::write(to_thread[1], (&arg as *const u64).cast(), 8);
+                        continue;
+                    }
+                    FORK => {
+                        if libc::fork() == 0 {
+                            // The grandchild rewrites its copy of A, says
+                            // who it is, and idles.
+                            for i in 0..A_PAGES {
+                                touch(a + i * PAGE, n + i);
+                            }
+                            reply(libc::getpid() as u64);
+                            loop {
+                                libc::pause();
+                            }
+                        }
+                        continue;
+                    }
                     _ => libc::_exit(0),
                 }
                 reply(0);
@@ -856,6 +951,48 @@ mod tests {
         buf.chunks_exact(8)
             .filter(|c| u64::from_ne_bytes((*c).try_into().unwrap()) & (1 << 57) != 0)
             .count()
+    }
+
+    #[test]
+    fn the_tracker_follows_a_second_thread_and_a_forked_child() {
+        supported().expect("this kernel tracks writes with userfaultfd write-protect");
+        let c = Child::start();
+        let (a, a_end) = (c.a, c.a + A_PAGES * PAGE);
+        let mut t = Tracker::default();
+        let pass = t.pass(c.pid, false).unwrap();
+        assert_eq!(t.procs.len(), 1);
+        assert_eq!(pages_in(&pass.changes[0].1, a, a_end).len() as u64, A_PAGES);
+        // Writes by a thread other than the one the userfaultfd was made
+        // in: the same address space, tracked alike.
+        c.tell(THREAD_START, 0);
+        for k in [4, 20] {
+            c.tell(THREAD_WRITE_A, k);
+        }
+        let pass = t.pass(c.pid, false).unwrap();
+        assert_eq!(pages_in(&pass.changes[0].1, a, a_end), vec![4, 20]);
+        // A child forked while tracked is picked up on the next pass and
+        // reported whole (its mappings are not registered after a fork);
+        // the parent's own pages stay exact across the copy-on-write.
+        let g = c.tell(FORK, 0) as i32;
+        let pass = t.pass(c.pid, false).unwrap();
+        assert_eq!(t.procs.len(), 2, "{:?}", t.procs);
+        let of = |t: &Tracker, pass: &Pass, pid: i32| {
+            let i = t.procs.iter().position(|p| p.pid == pid).unwrap();
+            let ch = &pass.changes.iter().find(|(j, _)| *j == i).unwrap().1;
+            pages_in(ch, a, a_end)
+        };
+        assert_eq!(of(&t, &pass, g).len() as u64, A_PAGES);
+        assert!(of(&t, &pass, c.pid).is_empty());
+        c.tell(WRITE_A, 7);
+        let pass = t.pass(c.pid, false).unwrap();
+        assert_eq!(of(&t, &pass, c.pid), vec![7]);
+        assert!(of(&t, &pass, g).is_empty());
+        assert!(!holds_uffd(g));
+        drop(t);
+        assert_eq!(wp_marked(c.pid, a, a_end), 0);
+        assert_eq!(wp_marked(g, a, a_end), 0);
+        // SAFETY: the grandchild we made.
+        unsafe { libc::kill(g, libc::SIGKILL) };
     }
 
     #[test]
