@@ -143,6 +143,7 @@ impl Store {
                     let len = (pages as u64 * PAGE) as usize;
                     r.read_exact(&mut buf[..len])
                         .map_err(|e| format!("the pre-copy stream: {e}"))?;
+                    let mut slots = Vec::with_capacity(pages as usize);
                     for i in 0..pages as u64 {
                         let a = addr + i * PAGE;
                         let old = self.index.get(&vpid).and_then(|m| m.get(&a)).copied();
@@ -150,11 +151,22 @@ impl Store {
                             Some(s) if s != ZERO => s,
                             _ => self.slot()?,
                         };
-                        let off = (i * PAGE) as usize;
-                        self.file
-                            .write_all_at(&buf[off..off + PAGE as usize], s as u64 * PAGE)
-                            .map_err(|e| format!("storing pre-copied pages: {e}"))?;
                         self.index.entry(vpid).or_default().insert(a, s);
+                        slots.push(s);
+                    }
+                    // One write per run of consecutive slots (a first pass
+                    // is one run per frame).
+                    let mut i = 0;
+                    while i < slots.len() {
+                        let mut j = i + 1;
+                        while j < slots.len() && slots[j] == slots[j - 1] + 1 {
+                            j += 1;
+                        }
+                        let (from, to) = (i * PAGE as usize, j * PAGE as usize);
+                        self.file
+                            .write_all_at(&buf[from..to], slots[i] as u64 * PAGE)
+                            .map_err(|e| format!("storing pre-copied pages: {e}"))?;
+                        i = j;
                     }
                     got.pages += pages as u64;
                 }
