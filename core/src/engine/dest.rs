@@ -661,13 +661,13 @@ impl<'a> Session<'a> {
             // the restored copy needs its own).
             let page = crate::postcopy::uffd::PAGE;
             let declared = self.hello.need_bytes / page * 5 / 4 + 16384;
-            let room = proc::mem_available() / 2 / page;
-            if declared > room {
+            let available = proc::mem_available();
+            if declared > available / 2 / page {
                 return Err(DestError::Transfer(format!(
                     "userfaultfd pre-copy: the workload's {} MiB do not fit in half of this \
                      host's {} MiB of available memory; migrate with --pre-copy=none",
                     self.hello.need_bytes >> 20,
-                    proc::mem_available() >> 20
+                    available >> 20
                 )));
             }
             let s = crate::precopy::store::Store::new(declared)

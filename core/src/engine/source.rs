@@ -726,8 +726,9 @@ impl<'a> Live<'a> {
             (true, None) => Some(
                 "userfaultfd pre-copy: the pages written after its last pass follow".to_string(),
             ),
-            (false, Some(_)) => None,
-            (false, None) => self.decide_post_copy()?,
+            // After `single_shot_fits` chose a single-shot dump there is
+            // no lazy configuration left, and this says so.
+            (false, _) => self.decide_post_copy()?,
         };
         Ok(Copied { dumper, last_pre })
     }

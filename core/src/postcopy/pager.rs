@@ -769,23 +769,24 @@ impl State {
             holes: Vec::new(),
         };
         let before = self.stats.placed;
-        if let Some(run) = st.get_run(src, img, pages) {
+        let r = match st.get_run(src, img, pages) {
             // Straight from the store's memory.
-            let r = self.place(&p, run);
-            self.stats.local += self.stats.placed - before;
-            return r;
-        }
-        let mut data = std::mem::take(&mut self.scratch);
-        data.clear();
-        data.resize((pages * PAGE) as usize, 0);
-        for (i, page) in data.chunks_exact_mut(PAGE as usize).enumerate() {
-            if let Some(Local::Data(d)) = st.get(src, img + i as u64 * PAGE) {
-                page.copy_from_slice(d);
+            Some(run) => self.place(&p, run),
+            None => {
+                let mut data = std::mem::take(&mut self.scratch);
+                data.clear();
+                data.resize((pages * PAGE) as usize, 0);
+                for (i, page) in data.chunks_exact_mut(PAGE as usize).enumerate() {
+                    if let Some(Local::Data(d)) = st.get(src, img + i as u64 * PAGE) {
+                        page.copy_from_slice(d);
+                    }
+                }
+                let r = self.place(&p, &data);
+                self.scratch = data;
+                r
             }
-        }
-        let r = self.place(&p, &data);
+        };
         self.stats.local += self.stats.placed - before;
-        self.scratch = data;
         r
     }
 

@@ -48,6 +48,18 @@ pub struct Sent {
     pub dropped: u64,
 }
 
+/// Writes a `Drop` (`zero`: a `Zero`) frame for `[a, b)` of task `vpid`;
+/// returns its pages.
+fn range_frame(w: &mut impl Write, zero: bool, vpid: i32, a: u64, b: u64) -> std::io::Result<u64> {
+    let (addr, pages) = (a, (b - a) / PAGE);
+    let f = match zero {
+        true => Frame::Zero { vpid, addr, pages },
+        false => Frame::Drop { vpid, addr, pages },
+    };
+    write_frame(w, &f, &[])?;
+    Ok(pages)
+}
+
 fn is_zero(page: &[u8]) -> bool {
     let (pre, words, post) = {
         // SAFETY: any bytes are valid u64s.
@@ -66,31 +78,12 @@ pub fn send_pass(tracker: &Tracker, pass: &Pass, w: &mut impl Write) -> std::io:
     for (i, ch) in &pass.changes {
         let p = &tracker.procs[*i];
         for &(a, b) in &ch.dropped {
-            let pages = (b - a) / PAGE;
-            write_frame(
-                w,
-                &Frame::Drop {
-                    vpid: p.vpid,
-                    addr: a,
-                    pages,
-                },
-                &[],
-            )?;
-            sent.dropped += pages;
+            sent.dropped += range_frame(w, false, p.vpid, a, b)?;
         }
         for &(a, b, zero_pfn) in &ch.written {
             sent.written += (b - a) / PAGE;
             if zero_pfn {
-                write_frame(
-                    w,
-                    &Frame::Zero {
-                        vpid: p.vpid,
-                        addr: a,
-                        pages: (b - a) / PAGE,
-                    },
-                    &[],
-                )?;
-                sent.zero += (b - a) / PAGE;
+                sent.zero += range_frame(w, true, p.vpid, a, b)?;
                 continue;
             }
             let mut at = a;
@@ -102,18 +95,7 @@ pub fn send_pass(tracker: &Tracker, pass: &Pass, w: &mut impl Write) -> std::io:
                 if got < len {
                     // Unmapped since the scan: the next pass (or the last
                     // one) reports it; nothing of it stands meanwhile.
-                    let gone = at + got as u64;
-                    let pages = (b - gone) / PAGE;
-                    write_frame(
-                        w,
-                        &Frame::Drop {
-                            vpid: p.vpid,
-                            addr: gone,
-                            pages,
-                        },
-                        &[],
-                    )?;
-                    sent.dropped += pages;
+                    sent.dropped += range_frame(w, false, p.vpid, at + got as u64, b)?;
                     break;
                 }
                 at += len as u64;
@@ -135,17 +117,7 @@ pub fn send_final(tracker: &Tracker, pass: &Pass, w: &mut impl Write) -> std::io
         let ranges = ch.dropped.iter().copied();
         let written = ch.written.iter().map(|&(a, b, _)| (a, b));
         for (a, b) in ranges.chain(written) {
-            let pages = (b - a) / PAGE;
-            write_frame(
-                w,
-                &Frame::Drop {
-                    vpid,
-                    addr: a,
-                    pages,
-                },
-                &[],
-            )?;
-            sent.dropped += pages;
+            sent.dropped += range_frame(w, false, vpid, a, b)?;
         }
         sent.written += ch.pages();
     }
@@ -178,16 +150,7 @@ fn send_chunk(w: &mut impl Write, vpid: i32, addr: u64, data: &[u8]) -> std::io:
         let at = addr + i as u64 * PAGE;
         let n = (j - i) as u64;
         if zero {
-            write_frame(
-                w,
-                &Frame::Zero {
-                    vpid,
-                    addr: at,
-                    pages: n,
-                },
-                &[],
-            )?;
-            sent.zero += n;
+            sent.zero += range_frame(w, true, vpid, at, at + n * PAGE)?;
         } else {
             let (s, e) = (i * PAGE as usize, j * PAGE as usize);
             write_frame(

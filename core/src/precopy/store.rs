@@ -228,15 +228,19 @@ impl Store {
         if s == ZERO {
             return Some(Local::Zero);
         }
+        self.mapped(s, 1).map(Local::Data)
+    }
+
+    /// `pages` pages of the mapping from slot `first` (sealed stores only).
+    fn mapped(&self, first: u32, pages: u64) -> Option<&[u8]> {
         let (p, len) = self.map?;
-        let off = s as usize * PAGE as usize;
-        if off + PAGE as usize > len {
+        let off = first as usize * PAGE as usize;
+        let n = (pages * PAGE) as usize;
+        if off + n > len {
             return None;
         }
         // SAFETY: inside the read-only mapping, which lives as long as self.
-        Some(Local::Data(unsafe {
-            std::slice::from_raw_parts(p.add(off), PAGE as usize)
-        }))
+        Some(unsafe { std::slice::from_raw_parts(p.add(off), n) })
     }
 }
 
@@ -254,14 +258,7 @@ impl Store {
                 return None;
             }
         }
-        let (p, len) = self.map?;
-        let off = first as usize * PAGE as usize;
-        let n = (pages * PAGE) as usize;
-        if off + n > len {
-            return None;
-        }
-        // SAFETY: inside the read-only mapping, which lives as long as self.
-        Some(unsafe { std::slice::from_raw_parts(p.add(off), n) })
+        self.mapped(first, pages)
     }
 }
 

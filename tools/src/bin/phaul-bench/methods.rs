@@ -156,15 +156,7 @@ impl Drop for Env {
 
 /// Free memory (MemAvailable), MiB.
 pub fn free_memory_mib() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemAvailable:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb / 1024)
+    phaul_core::proc::mem_available() >> 20
 }
 
 /// A child's exit status and resource usage.
