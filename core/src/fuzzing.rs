@@ -507,6 +507,7 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         }],
         dry_run: false,
         post_copy: false,
+        source_facts: vec![("image".into(), "sha256:0123".into())],
     };
     let restart = Hello {
         mode: MigrationMode::Restart,

@@ -12,7 +12,8 @@
 //! apart. On the source, in live mode:
 //!
 //! ```text
-//! init -> root_task_pid -> fs_sync -> adjust_dump_opts   (pre-flight, running)
+//! init -> root_task_pid -> fs_sync -> describe
+//!      -> adjust_dump_opts                               (pre-flight, running)
 //!      -> [adjust_dump_opts per pre-dump]                (running)
 //!      -> adjust_dump_opts -> dump                       (running, just before the freeze)
 //!      -> [net_lock]          CRIU froze the tree; only for a tree with its own
@@ -29,7 +30,8 @@
 //! On the destination, in live mode:
 //!
 //! ```text
-//! init -> fs_sync (as many directories as the source's, matched in order) -> mount
+//! init (with the source driver's `describe` answer)
+//!      -> fs_sync (as many directories as the source's, matched in order) -> mount
 //!      -> meta_files_in -> adjust_restore_opts -> restore    (source frozen)
 //!      -> restored(pid)       the copy exists, held, never ran
 //!         ... the source commits ...
@@ -39,7 +41,7 @@
 //! ```
 //!
 //! In restart mode the source calls `init -> root_task_pid -> fs_sync ->
-//! net_lock -> stop -> [storage_snapshot] -> meta_files_out`, then
+//! describe -> net_lock -> stop -> [storage_snapshot] -> meta_files_out`, then
 //! `migration_complete`; if the destination fails it calls `net_unlock`,
 //! `start` again (when the workload went down) and `migration_fail`. The
 //! destination calls `init -> fs_sync -> mount -> meta_files_in -> start ->
@@ -79,7 +81,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use crate::types::{
     CriuOpts, DriverError, DriverInfo, DriverResult, DumpContext, ErrorCode, FsSyncSpec,
-    HookDeadline, HookOutcome, InitContext, RestoreContext,
+    HookDeadline, HookOutcome, InitContext, KeyValue, RestoreContext,
 };
 
 /// The hooks of an htype driver. Implement this, then export it with
@@ -165,6 +167,18 @@ pub trait Driver: Send + 'static {
     /// Failure refuses the migration.
     fn fs_sync(&mut self) -> DriverResult<FsSyncSpec> {
         Ok(FsSyncSpec::nothing())
+    }
+
+    /// Source, in pre-flight after `fs_sync`, workload running: what the
+    /// destination's driver must know before anything is frozen (an image
+    /// id, the container's configuration), as key/value pairs. They reach
+    /// the destination driver's `init` as
+    /// [`InitContext::source_facts`](crate::InitContext::source_facts),
+    /// so that it can check and prepare there (and refuse) while the
+    /// workload still runs. At most 256 pairs and 1 MiB in all. Default:
+    /// nothing. Failure refuses the migration.
+    fn describe(&mut self) -> DriverResult<Vec<KeyValue>> {
+        Ok(Vec::new())
     }
 
     /// Source, when CRIU has frozen the tree (CRIU's `network-lock`
@@ -339,6 +353,7 @@ pub trait FfiDriver: Send {
     fn restored(&mut self, pid: i32) -> RResult<(), DriverError>;
     fn dump_wait(&mut self) -> RResult<(), DriverError>;
     fn restore_wait(&mut self) -> RResult<i32, DriverError>;
+    fn describe(&mut self) -> RResult<RVec<KeyValue>, DriverError>;
     #[sabi(last_prefix_field)]
     fn deadlines(&self) -> RResult<RVec<HookDeadline>, DriverError>;
 }
@@ -517,6 +532,9 @@ impl<D: Driver> FfiDriver for GuardedDriver<D> {
     }
     fn restore_wait(&mut self) -> RResult<i32, DriverError> {
         self.call("restore_wait", |d| d.restore_wait())
+    }
+    fn describe(&mut self) -> RResult<RVec<KeyValue>, DriverError> {
+        self.call("describe", |d| d.describe().map(RVec::from))
     }
     fn deadlines(&self) -> RResult<RVec<HookDeadline>, DriverError> {
         guard("deadlines", || {

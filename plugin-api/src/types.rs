@@ -260,12 +260,26 @@ pub struct InitContext {
     pub work_dir: RString,
     /// Engine services the driver may call.
     pub host: HostBox,
+    /// Destination: the source driver's answer to
+    /// [`Driver::describe`](crate::Driver::describe), as it sent it.
+    /// Empty on the source.
+    pub source_facts: RVec<KeyValue>,
 }
 
 impl InitContext {
     /// The value of option `key`, if given (the last one wins).
     pub fn option(&self, key: &str) -> Option<&str> {
         self.options
+            .iter()
+            .rev()
+            .find(|kv| kv.key.as_str() == key)
+            .map(|kv| kv.value.as_str())
+    }
+
+    /// Destination: the source driver's fact `key`, if it sent one (the
+    /// last one wins).
+    pub fn source_fact(&self, key: &str) -> Option<&str> {
+        self.source_facts
             .iter()
             .rev()
             .find(|kv| kv.key.as_str() == key)

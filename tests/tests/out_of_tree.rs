@@ -118,6 +118,7 @@ fn hello_driver_builds_alone_loads_and_is_listed() {
         mode: Mode::Live,
         id: id.as_str().into(),
         options: Default::default(),
+        source_facts: Default::default(),
         work_dir: "/tmp".into(),
         host: EngineHost::new(
             "hello",

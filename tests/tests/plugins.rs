@@ -59,6 +59,7 @@ fn ctx(htype: &str, id: &str, options: &[(&str, &str)]) -> InitContext {
             .collect(),
         work_dir: "/tmp".into(),
         host: host(htype),
+        source_facts: Default::default(),
     }
 }
 

@@ -258,6 +258,7 @@ fn hello_bytes() -> Vec<u8> {
         bound: Vec::new(),
         dry_run: true,
         post_copy: false,
+        source_facts: Vec::new(),
     };
     let mut v = Vec::new();
     phaul_core::proto::write_preamble(&mut v).unwrap();

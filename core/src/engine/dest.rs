@@ -264,6 +264,12 @@ pub(crate) fn check_hello(hello: &Hello) -> Result<HelloChecks> {
     }
     let (criu_defaults, driver_options) =
         super::CriuDefaults::split(&hello.options).map_err(refuse(Refusal::Other))?;
+    super::session::check_facts(&hello.source_facts).map_err(|e| {
+        DestError::Refused(
+            Refusal::Other,
+            format!("the source driver's description: {e}"),
+        )
+    })?;
     Ok(HelloChecks {
         need_bytes: hello.need_bytes.saturating_add(hello.need_bytes / 10),
         criu_defaults,
@@ -462,6 +468,7 @@ impl<'a> Session<'a> {
                 hello.mode,
                 &hello.id,
                 &driver_options,
+                &hello.source_facts,
                 &work,
                 host,
             ))
@@ -1573,6 +1580,7 @@ mod tests {
             bound: Vec::new(),
             dry_run: false,
             post_copy: false,
+            source_facts: Vec::new(),
         };
         let c = check_hello(&hello).unwrap();
         assert_eq!(c.need_bytes, u64::MAX);

@@ -118,6 +118,7 @@ pub fn dry_run(
                 need_bytes: p.need_bytes,
                 pids: p.pids.clone(),
                 bound: p.bound.clone(),
+                source_facts: p.prepared.facts.clone(),
                 dry_run: true,
                 ..hello(opts, session, &roots)
             },

@@ -271,6 +271,7 @@ pub(crate) fn init_context(
     mode: MigrationMode,
     id: &str,
     options: &[(String, String)],
+    source_facts: &[(String, String)],
     work: &WorkDir,
     host: EngineHost,
 ) -> InitContext {
@@ -284,6 +285,10 @@ pub(crate) fn init_context(
         options: options.iter().map(|(k, v)| KeyValue::new(k, v)).collect(),
         work_dir: work.driver().display().to_string().into(),
         host: host.into_box(),
+        source_facts: source_facts
+            .iter()
+            .map(|(k, v)| KeyValue::new(k, v))
+            .collect(),
     }
 }
 

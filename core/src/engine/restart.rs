@@ -15,6 +15,7 @@
 //! (the commit: from here only the destination's answer, or its answer to
 //! a query, decides whether the source starts it again).
 
+use crate::proto::Hello;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -55,6 +56,7 @@ pub(crate) fn source(
         mut driver,
         pid,
         fs,
+        facts,
         ..
     } = prepare(driver, opts, &work, &env.launcher, "none")?;
     let roots = fs_roots(&fs);
@@ -67,7 +69,13 @@ pub(crate) fn source(
     let mut control = Control::with_peer(conns.control, "destination").map_err(|e| {
         super::error::PreflightError::Check(format!("cannot use the control connection: {e}"))
     })?;
-    handshake(&mut control, hello(opts, env.session, &roots))?;
+    handshake(
+        &mut control,
+        Hello {
+            source_facts: facts,
+            ..hello(opts, env.session, &roots)
+        },
+    )?;
     let mut sync = conns
         .fs
         .map(|c| SourceSync::start(c, roots.iter().map(PathBuf::from).collect(), opts.fs_rules));

@@ -243,7 +243,28 @@ pub(crate) fn hello(opts: &SourceOptions, session: u64, roots: &[String]) -> Hel
         bound: Vec::new(),
         dry_run: false,
         post_copy: false,
+        source_facts: Vec::new(),
     }
+}
+
+/// Most pairs a driver's `describe` may send.
+pub(crate) const MAX_FACTS: usize = 256;
+/// Most bytes (keys and values) a driver's `describe` may send.
+pub(crate) const MAX_FACT_BYTES: usize = 1 << 20;
+
+/// The limits of a driver's description (both sides check them).
+pub(crate) fn check_facts(facts: &[(String, String)]) -> Result<(), String> {
+    let bytes: usize = facts.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if facts.len() > MAX_FACTS || bytes > MAX_FACT_BYTES {
+        return Err(format!(
+            "{} pairs, {bytes} bytes: more than {MAX_FACTS} pairs or {MAX_FACT_BYTES} bytes",
+            facts.len()
+        ));
+    }
+    if let Some((k, _)) = facts.iter().find(|(k, _)| k.is_empty()) {
+        return Err(format!("an empty key ({k:?})"));
+    }
+    Ok(())
 }
 
 /// Sends the handshake and reads the answer.
@@ -291,6 +312,8 @@ pub(crate) struct Prepared {
     pub fs: phaul_plugin_api::FsSyncSpec,
     /// The engine's CRIU options, taken out of the user's `-o` options.
     pub criu_defaults: super::CriuDefaults,
+    /// The driver's `describe` answer, for the destination's driver.
+    pub facts: Vec<(String, String)>,
 }
 
 /// Initialises the source driver and asks it about the workload.
@@ -314,6 +337,7 @@ pub(crate) fn prepare(
         opts.mode,
         &opts.id,
         &driver_options,
+        &[],
         work,
         host,
     ))?;
@@ -344,12 +368,17 @@ pub(crate) fn prepare(
             opts.htype
         )));
     }
+    let facts = driver.describe()?;
+    check_facts(&facts).map_err(|e| {
+        PreflightError::Check(format!("the {} driver's description: {e}", opts.htype))
+    })?;
     Ok(Prepared {
         driver,
         info,
         pid,
         fs,
         criu_defaults,
+        facts,
     })
 }
 

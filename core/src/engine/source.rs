@@ -559,6 +559,7 @@ impl<'a> Live<'a> {
                 pids,
                 bound,
                 post_copy,
+                source_facts: prepared.facts.clone(),
                 ..hello(opts, env.session, &roots)
             },
         )?;
@@ -619,6 +620,7 @@ impl<'a> Live<'a> {
             fs: spec,
             info,
             criu_defaults,
+            ..
         } = prepared;
         Ok((
             Live {

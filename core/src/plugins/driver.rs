@@ -44,6 +44,7 @@ impl HookDeadlines {
             "net_lock" | "net_unlock" => 10,
             "info"
             | "init"
+            | "describe"
             | "root_task_pid"
             | "fs_sync"
             | "adjust_dump_opts"
@@ -284,6 +285,14 @@ impl Driver {
     /// See [`phaul_plugin_api::Driver::fs_sync`].
     pub fn fs_sync(&mut self) -> Result<FsSyncSpec, Error> {
         self.call("fs_sync", |d| d.fs_sync())
+    }
+    /// See [`phaul_plugin_api::Driver::describe`].
+    pub fn describe(&mut self) -> Result<Vec<(String, String)>, Error> {
+        let facts = self.call("describe", |d| d.describe())?;
+        Ok(facts
+            .into_iter()
+            .map(|kv| (kv.key.into_string(), kv.value.into_string()))
+            .collect())
     }
     /// See [`phaul_plugin_api::Driver::net_lock`].
     pub fn net_lock(&mut self) -> Result<(), Error> {

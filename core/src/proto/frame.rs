@@ -5,7 +5,7 @@ use std::io::{self, Read, Write};
 use serde::{de::DeserializeOwned, Serialize};
 
 /// The protocol version both sides must speak.
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 /// First bytes of every connection.
 pub const MAGIC: &[u8; 6] = b"phaul\0";
 /// The largest frame accepted (image files travel in chunks below it).

@@ -64,6 +64,9 @@ pub struct Hello {
     /// The final dump may leave private memory lazy (`--post-copy`): the
     /// destination must be able to restore with lazy pages.
     pub post_copy: bool,
+    /// The source driver's `describe` answer, for the destination's
+    /// driver's `init`.
+    pub source_facts: Vec<(String, String)>,
 }
 
 /// The destination accepts the migration.

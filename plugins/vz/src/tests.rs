@@ -115,6 +115,7 @@ impl Tree {
             options: options.into_iter().collect(),
             work_dir: work.display().to_string().into(),
             host: host(),
+            source_facts: Default::default(),
         })
         .unwrap();
         d
@@ -641,6 +642,7 @@ fn init_refuses_what_it_cannot_migrate() {
             options: options.into_iter().collect(),
             work_dir: "/tmp".into(),
             host: host(),
+            source_facts: Default::default(),
         })
     };
     assert!(init("101", &[], Side::Source).is_ok());
@@ -678,6 +680,7 @@ fn init_refuses_what_it_cannot_migrate() {
             .collect(),
         work_dir: "/tmp".into(),
         host: host(),
+        source_facts: Default::default(),
     })
     .unwrap();
     assert_eq!(d.fs_sync().unwrap().kind, FsSyncKind::SharedStorage);

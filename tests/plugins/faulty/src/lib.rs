@@ -274,6 +274,10 @@ impl Driver for FaultyDriver {
         self.inject("fs_sync")?;
         self.inner.fs_sync()
     }
+    fn describe(&mut self) -> DriverResult<Vec<KeyValue>> {
+        self.inject("describe")?;
+        self.inner.describe()
+    }
     fn net_lock(&mut self) -> DriverResult<()> {
         self.inject("net_lock")?;
         self.inner.net_lock()
