@@ -28,18 +28,43 @@ RUNTIME_PKGS=(iproute2 util-linux attr procps psmisc rsync)
 # The lxc htype's tests and demo: LXC itself and the busybox template's
 # static busybox (containers are created offline).
 LXC_PKGS=(lxc busybox-static)
+# The docker htype's tests and demo: the stock engine (dockerd, containerd,
+# runc). They start engines of their own with scripts/docker-engines.sh;
+# the package's own service is never started (see below).
+DOCKER_PKGS=(docker.io)
 
-missing=()
-for p in "${CRIU_BUILD_DEPS[@]}" "${RUNTIME_PKGS[@]}" "${LXC_PKGS[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  log "installing packages: ${missing[*]}"
+not_installed() {
+  local p
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || echo "$p"
+  done
+}
+mapfile -t missing < <(not_installed "${CRIU_BUILD_DEPS[@]}" "${RUNTIME_PKGS[@]}" "${LXC_PKGS[@]}")
+mapfile -t missing_docker < <(not_installed "${DOCKER_PKGS[@]}")
+if [ ${#missing[@]} -gt 0 ] || [ ${#missing_docker[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 else
   log "packages: already installed"
+fi
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing packages: ${missing[*]}"
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+if [ ${#missing_docker[@]} -gt 0 ]; then
+  # docker.io's maintainer scripts start the machine's own engine (on
+  # /var/run/docker.sock, managing the firewall) where an init system runs
+  # services (not here: no systemd, no runlevel). Unless the machine has a
+  # policy of its own, a policy-rc.d denying every start keeps it stopped.
+  policy=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    policy=/usr/sbin/policy-rc.d
+    trap 'rm -f "$policy"' EXIT
+    printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 0755 "$policy"
+  fi
+  log "installing packages: ${missing_docker[*]}"
+  apt-get install -y -qq --no-install-recommends "${missing_docker[@]}" >/dev/null
+  if [ -n "$policy" ]; then rm -f "$policy"; trap - EXIT; fi
 fi
 
 # --- CRIU --------------------------------------------------------------------

@@ -6,6 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod docker;
 pub mod harness;
 pub mod out_of_tree;
 pub mod pki;

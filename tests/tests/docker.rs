@@ -1,0 +1,289 @@
+//! The docker htype with two real, stock Docker engines on one machine
+//! (`tests/src/docker.rs`): a workload container moves from engine A to
+//! engine B, which then manages it as a normally running container; a
+//! missing image is refused before anything freezes (and sent along with
+//! `-o send-image`); a restore that dies on B leaves A's container running
+//! as before and nothing on B; restart mode carries the writable layer.
+//! Neither daemon is ever restarted (their pids are checked).
+//!
+//! The destination `phaul serve` reaches engine B through `DOCKER_HOST`
+//! (its own setting, never the source's), writes only under B's data root
+//! (`--allow-sync-root`), and the source names engine A with `-o
+//! socket=`. The workload container's init is `phaul-workload` (memory
+//! verified page by page through the merged rootfs), with a shell counter
+//! appending to a file it holds open in the writable layer.
+
+use std::time::Duration;
+
+use phaul_tests::docker::{
+    build_test_image, copy_image, run_workload, Container, Engine, Engines, BEFORE_TXT,
+};
+use phaul_tests::harness::{migrate, setup, wait_for, Migration, Serve};
+use phaul_tests::plugin_dir;
+use serde_json::Value;
+
+const DOCKER: &[(&str, &str)] = &[("phaul_docker", "libphaul_docker.so")];
+
+/// runc's CRIU configuration, which the driver changes only during its
+/// restore.
+const RUNC_CONF: &str = "/etc/criu/runc.conf";
+
+/// `phaul serve` for engine `b`: its `DOCKER_HOST`, its data root allowed
+/// for the sync.
+fn serve_for(b: &Engine) -> Serve {
+    let host = format!("DOCKER_HOST={}", b.host());
+    let root = b.root.display().to_string();
+    Serve::start_wrapped(&["env", &host], DOCKER, &["--allow-sync-root", &root])
+}
+
+/// `phaul migrate docker NAME` from engine `a`.
+fn migrate_from(a: &Engine, name: &str, serve: &Serve, extra: &[&str]) -> (i32, Option<Value>) {
+    let socket = format!("socket={}", a.sock.display());
+    let mut args = vec!["-o", socket.as_str()];
+    args.extend_from_slice(extra);
+    let src = plugin_dir(DOCKER);
+    let (out, json) = migrate(src.path(), "docker", name, &serve.addr, &args);
+    (out.status.code().unwrap_or(-1), json)
+}
+
+/// The containers engine `e` has, running or not.
+fn containers(e: &Engine) -> Vec<String> {
+    e.docker_ok(&["ps", "-a", "--format", "{{.Names}}"])
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// Nothing of a migration left on the destination engine's side: no
+/// staging directory, runc's configuration as it was.
+fn assert_no_leftovers(b: &Engine, runc_conf_before: &Option<String>) {
+    let staging = b.root.join("phaul");
+    let left: Vec<_> = std::fs::read_dir(&staging)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "staging left on B: {left:?}");
+    let copies: Vec<_> = std::fs::read_dir(b.root.join("tmp"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("ctrd-checkpoint")
+        })
+        .map(|e| e.path())
+        .collect();
+    assert!(
+        copies.is_empty(),
+        "containerd's checkpoint copies left: {copies:?}"
+    );
+    assert_eq!(
+        &std::fs::read_to_string(RUNC_CONF).ok(),
+        runc_conf_before,
+        "{RUNC_CONF} changed"
+    );
+}
+
+/// Two engines with the test image on A (and on B unless `only_a`).
+fn engines(tag: &str, octets: (u8, u8), only_a: bool) -> Option<(Engines, String)> {
+    if !setup() {
+        return None;
+    }
+    let e = Engines::start(tag, octets.0, octets.1);
+    let image = build_test_image(&e.a);
+    if !only_a {
+        copy_image(&e.a, &e.b, &image);
+    }
+    Some((e, image))
+}
+
+/// runc's `criu` on engine `b` (the restore's), if one runs.
+fn runc_criu_of(b: &Engine) -> Option<i32> {
+    let exec_root = b.exec_root().display().to_string();
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+        if comm.trim() != "criu" {
+            return None;
+        }
+        let ppid = phaul_tests::harness::parent(pid)?;
+        let cmd = std::fs::read(format!("/proc/{ppid}/cmdline")).ok()?;
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        (cmd.contains("runc") && cmd.contains(&exec_root)).then_some(pid)
+    })
+}
+
+#[test]
+fn a_container_moves_live_between_two_engines_and_b_manages_it() {
+    let Some((e, image)) = engines("mv", (71, 72), false) else {
+        return;
+    };
+    let (pid_a, pid_b) = (e.a.dockerd_pid(), e.b.dockerd_pid());
+    let runc_conf = std::fs::read_to_string(RUNC_CONF).ok();
+    let src = run_workload(&e.a, "web", &image, 32, &[]);
+    let mut w = src.workload();
+    w.assert_intact(&w.report());
+    let before = src.counter();
+    let serve = serve_for(&e.b);
+    let (code, json) = migrate_from(&e.a, "web", &serve, &[]);
+    assert_eq!(code, 0, "migration failed: {json:?}");
+    let json = json.expect("summary");
+
+    // B runs it: the memory verifies page by page, its heartbeat went on,
+    // the files of its writable layer are there and still written.
+    let dst = Container::of(&e.b, "web").expect("web runs on B");
+    assert_eq!(
+        json["destination_pid"].as_i64(),
+        Some(i64::from(dst.pid)),
+        "{json}"
+    );
+    w.moved_to(dst.pid);
+    let w = dst.workload();
+    let r = w.report();
+    w.assert_intact(&r);
+    assert_eq!(r["pid"], 1, "the workload is still the container's init");
+    assert_eq!(dst.before_txt(), BEFORE_TXT);
+    let moved = dst.counter();
+    assert!(
+        moved > before,
+        "the counter moved with it: {before} -> {moved}"
+    );
+    assert!(
+        wait_for(Duration::from_secs(5), || dst.counter() > moved + 5),
+        "the counter runs on B, appending to the file it kept open"
+    );
+
+    // Docker on B sees a normally running container...
+    let ps = e.b.docker_ok(&["ps", "--format", "{{.Names}} {{.Status}}"]);
+    assert!(ps.contains("web Up"), "docker ps on B: {ps}");
+    let i = e.b.inspect("web").unwrap();
+    assert_eq!(i["State"]["Status"], "running");
+    assert_eq!(i["Config"]["Image"], image.as_str());
+    // ... which `docker stop` stops.
+    e.b.docker_ok(&["stop", "-t", "1", "web"]);
+    assert_eq!(e.b.inspect("web").unwrap()["State"]["Status"], "exited");
+    assert!(!phaul_tests::harness::alive(dst.pid), "its init is gone");
+
+    // A's is gone, neither daemon was restarted, nothing was left behind.
+    assert!(containers(&e.a).is_empty(), "A: {:?}", containers(&e.a));
+    assert_eq!((e.a.dockerd_pid(), e.b.dockerd_pid()), (pid_a, pid_b));
+    assert_no_leftovers(&e.b, &runc_conf);
+}
+
+#[test]
+fn a_missing_image_is_refused_before_the_freeze_and_sent_with_send_image() {
+    let Some((e, image)) = engines("img", (73, 74), true) else {
+        return;
+    };
+    let runc_conf = std::fs::read_to_string(RUNC_CONF).ok();
+    let src = run_workload(&e.a, "app", &image, 16, &[]);
+    let w = src.workload();
+    let serve = serve_for(&e.b);
+    let (code, json) = migrate_from(&e.a, "app", &serve, &[]);
+    assert_eq!(code, 3, "refused in pre-flight: {json:?}");
+    let msg = json.as_ref().map(|j| j.to_string()).unwrap_or_default();
+    assert!(
+        msg.contains("is not on this host's engine") && msg.contains("send-image"),
+        "{msg}"
+    );
+    // Nothing was frozen: the same init, never stopped, verifies.
+    let r = w.report();
+    w.assert_intact(&r);
+    assert_eq!(Container::of(&e.a, "app").unwrap().pid, src.pid);
+    assert!(containers(&e.b).is_empty(), "B: {:?}", containers(&e.b));
+
+    // With the image sent along, it moves.
+    let (code, json) = migrate_from(&e.a, "app", &serve, &["-o", "send-image"]);
+    assert_eq!(code, 0, "{json:?}");
+    let dst = Container::of(&e.b, "app").expect("app runs on B");
+    let mut w = w;
+    w.moved_to(dst.pid);
+    let w = dst.workload();
+    w.assert_intact(&w.report());
+    assert!(containers(&e.a).is_empty());
+    assert_no_leftovers(&e.b, &runc_conf);
+}
+
+#[test]
+fn a_restore_that_dies_on_b_leaves_a_running_as_before_and_nothing_on_b() {
+    let Some((e, image)) = engines("fail", (75, 76), false) else {
+        return;
+    };
+    let runc_conf = std::fs::read_to_string(RUNC_CONF).ok();
+    let src = run_workload(&e.a, "db", &image, 16, &[]);
+    let w = src.workload();
+    let serve = serve_for(&e.b);
+    let journal = tempfile::tempdir().unwrap();
+    let socket = format!("socket={}", e.a.sock.display());
+    let plugins = plugin_dir(DOCKER);
+    let mut m = Migration::start(
+        plugins.path(),
+        "docker",
+        "db",
+        &serve.addr,
+        journal.path(),
+        &["-o", &socket],
+        None,
+    );
+    // Kill B's restoring CRIU (runc's) the moment it appears.
+    let mut killed = None;
+    assert!(
+        wait_for(Duration::from_secs(60), || {
+            killed = runc_criu_of(&e.b);
+            killed.is_some() || m.try_wait().is_some()
+        }),
+        "no restore on B"
+    );
+    let criu = killed.expect("the migration ended before B's CRIU ran");
+    phaul_core::proc::signal_tree(criu, nix::sys::signal::Signal::SIGKILL);
+    let status = m
+        .wait_timeout(Duration::from_secs(60))
+        .expect("migrate ends");
+    assert_eq!(status.code(), Some(4), "rolled back: {:?}", m.json());
+    // A's container runs as before: the same init, memory intact, and
+    // Docker on A still sees it running.
+    let r = w.report();
+    w.assert_intact(&r);
+    let again = Container::of(&e.a, "db").expect("db still runs on A");
+    assert_eq!(again.pid, src.pid);
+    let c = again.counter();
+    assert!(wait_for(Duration::from_secs(5), || again.counter() > c + 5));
+    // Nothing on B.
+    assert!(containers(&e.b).is_empty(), "B: {:?}", containers(&e.b));
+    assert!(
+        wait_for(Duration::from_secs(10), || runc_criu_of(&e.b).is_none()),
+        "B's CRIU went away"
+    );
+    assert_no_leftovers(&e.b, &runc_conf);
+}
+
+#[test]
+fn restart_mode_carries_the_writable_layer_and_starts_it_on_b() {
+    let Some((e, image)) = engines("rst", (77, 78), false) else {
+        return;
+    };
+    let src = run_workload(&e.a, "job", &image, 8, &[]);
+    let before = src.counter();
+    assert!(before > 0);
+    let w = src.workload();
+    let serve = serve_for(&e.b);
+    let (code, json) = migrate_from(&e.a, "job", &serve, &["--mode", "restart"]);
+    assert_eq!(code, 0, "{json:?}");
+    drop(w);
+    // Started afresh on B, with A's files: the counter continues from the
+    // last number A's wrote.
+    let dst = Container::of(&e.b, "job").expect("job runs on B");
+    assert!(
+        wait_for(Duration::from_secs(10), || dst.counter() > before),
+        "the counter continued from A's file"
+    );
+    let log = std::fs::read_to_string(dst.counter_file()).unwrap();
+    let first: u64 = log.lines().next().unwrap().parse().unwrap();
+    assert_eq!(first, 1, "the whole file came across, from its first line");
+    assert!(containers(&e.a).is_empty(), "A's was stopped and removed");
+    let w = dst.workload();
+    w.assert_intact(&w.report());
+}
