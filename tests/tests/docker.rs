@@ -100,6 +100,19 @@ fn engines(tag: &str, octets: (u8, u8), only_a: bool) -> Option<(Engines, String
     Some((e, image))
 }
 
+/// The host path of container `name`'s volume at `destination`.
+fn volume_path(e: &Engine, name: &str, destination: &str) -> std::path::PathBuf {
+    let i = e.inspect(name).expect("inspect");
+    let m = i["Mounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["Destination"] == destination)
+        .unwrap_or_else(|| panic!("no mount at {destination}: {}", i["Mounts"]));
+    assert_eq!(m["Type"], "volume");
+    m["Source"].as_str().unwrap().into()
+}
+
 /// runc's `criu` on engine `b` (the restore's), if one runs.
 fn runc_criu_of(b: &Engine) -> Option<i32> {
     let exec_root = b.exec_root().display().to_string();
@@ -123,7 +136,10 @@ fn a_container_moves_live_between_two_engines_and_b_manages_it() {
     };
     let (pid_a, pid_b) = (e.a.dockerd_pid(), e.b.dockerd_pid());
     let runc_conf = std::fs::read_to_string(RUNC_CONF).ok();
-    let src = run_workload(&e.a, "web", &image, 32, &[]);
+    let src = run_workload(&e.a, "web", &image, 32, &["-v", "webdata:/srv/webdata"]);
+    // A file in its named volume (written on A's side of it).
+    let vol_a = volume_path(&e.a, "web", "/srv/webdata");
+    std::fs::write(vol_a.join("site.txt"), "in the volume\n").unwrap();
     let mut w = src.workload();
     w.assert_intact(&w.report());
     let before = src.counter();
@@ -156,6 +172,13 @@ fn a_container_moves_live_between_two_engines_and_b_manages_it() {
         "the counter runs on B, appending to the file it kept open"
     );
 
+    // Its volume came along, as a volume of B's engine.
+    let vol_b = volume_path(&e.b, "web", "/srv/webdata");
+    assert!(vol_b.starts_with(&e.b.root), "{}", vol_b.display());
+    assert_eq!(
+        std::fs::read_to_string(vol_b.join("site.txt")).unwrap(),
+        "in the volume\n"
+    );
     // Docker on B sees a normally running container...
     let ps = e.b.docker_ok(&["ps", "--format", "{{.Names}} {{.Status}}"]);
     assert!(ps.contains("web Up"), "docker ps on B: {ps}");

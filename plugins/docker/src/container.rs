@@ -30,8 +30,36 @@ pub struct SourceMeta {
     pub networks: Map<String, Value>,
     /// Bind-mount sources the destination must have (host paths).
     pub bind_sources: Vec<String>,
+    /// Its docker volumes.
+    #[serde(default)]
+    pub volumes: Vec<Volume>,
     /// Whether the image is sent along (`-o send-image`).
     pub image_sent: bool,
+}
+
+/// A docker volume of the container.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Volume {
+    /// Its name (a hash for an anonymous one).
+    pub name: String,
+    /// Where the container sees it.
+    pub destination: String,
+    /// Its data on the source host (`Mountpoint`).
+    pub source: String,
+    /// Copied with the file sync (a plain local volume); otherwise it is
+    /// on storage both hosts see (another driver, or the local driver
+    /// mounting a device or a network filesystem) and must exist on the
+    /// destination under the same name.
+    pub synced: bool,
+}
+
+impl Volume {
+    /// Whether `GET /volumes/{name}` describes storage of this host only
+    /// (the local driver without mount options).
+    pub fn is_host_local(volume: &Value) -> bool {
+        volume["Driver"].as_str() == Some("local")
+            && volume["Options"].as_object().is_none_or(|o| o.is_empty())
+    }
 }
 
 /// The parts of `docker inspect` the source side uses.
@@ -134,15 +162,42 @@ impl Inspected {
                 .unwrap_or_default();
             match t {
                 "bind" | "tmpfs" => {}
-                "volume" => out.push(format!(
-                    "volume {:?} at {dest}: docker volumes are not moved yet; put its data on a \
-                     bind mount of storage both hosts share, or use --mode restart with a copy",
-                    m.get("Name").and_then(Value::as_str).unwrap_or_default()
-                )),
+                "volume" => {}
                 other => out.push(format!("a {other} mount at {dest}")),
             }
         }
         out
+    }
+
+    /// Its volumes as `(name, destination, host path)`.
+    pub fn volume_mounts(&self) -> Vec<(String, String, String)> {
+        self.raw
+            .pointer("/Mounts")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter(|m| m.get("Type").and_then(Value::as_str) == Some("volume"))
+            .map(|m| {
+                let f = |k: &str| {
+                    m.get(k)
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_string()
+                };
+                (f("Name"), f("Destination"), f("Source"))
+            })
+            .collect()
+    }
+
+    /// The host path the container's mount at `destination` comes from.
+    pub fn mount_source(&self, destination: &str) -> Option<PathBuf> {
+        self.raw
+            .pointer("/Mounts")
+            .and_then(Value::as_array)?
+            .iter()
+            .find(|m| m.get("Destination").and_then(Value::as_str) == Some(destination))
+            .and_then(|m| m.get("Source").and_then(Value::as_str))
+            .map(PathBuf::from)
     }
 
     /// Host paths bind-mounted into the container.
@@ -370,12 +425,17 @@ mod tests {
             "Config": {"Tty": true},
             "HostConfig": {"Privileged": true, "NetworkMode": "host", "PidMode": ""},
             "GraphDriver": {"Name": "overlay2"},
-            "Mounts": [{"Type": "volume", "Name": "v1", "Destination": "/v"}]
+            "Mounts": [{"Type": "npipe", "Destination": "/v"}]
         });
         let i = Inspected::parse(v);
         assert_eq!((i.name.as_str(), i.pid, i.running), ("w", 7, true));
         let p = i.problems(true).join("\n");
-        for want in ["TTY", "privileged", "network namespace", "volume \"v1\""] {
+        for want in [
+            "TTY",
+            "privileged",
+            "network namespace",
+            "a npipe mount at /v",
+        ] {
             assert!(p.contains(want), "{want} in {p}");
         }
         assert!(!i.problems(false).join("").contains("TTY"));
@@ -392,6 +452,7 @@ mod tests {
             host_config: json!({"CgroupParent": "/a", "Binds": ["/srv:/srv"]}),
             networks: Map::new(),
             bind_sources: vec![],
+            volumes: vec![],
             image_sent: false,
         };
         let b = create_body(&meta, "sha256:1");

@@ -53,7 +53,9 @@ use phaul_plugin_api::{
 use serde_json::Value;
 
 use crate::api::{encode, socket_from_host, Engine, Response, DEFAULT_SOCKET};
-use crate::container::{create_body, external_mounts, freezer_cgroup, Inspected, SourceMeta};
+use crate::container::{
+    create_body, external_mounts, freezer_cgroup, Inspected, SourceMeta, Volume,
+};
 
 const KNOWN_OPTIONS: &[&str] = &[
     "socket",
@@ -212,6 +214,7 @@ struct Source {
     freezer: Option<PathBuf>,
     /// Where `-o send-image` saves the image (synced before the freeze).
     transfer: PathBuf,
+    volumes: Vec<Volume>,
 }
 
 /// The destination: where the container goes.
@@ -392,11 +395,42 @@ impl DockerDriver {
                 ct.bind_sources()
             ),
         );
+        let mut volumes = Vec::new();
+        for (name, destination, source) in ct.volume_mounts() {
+            let r = expect_ok(
+                engine.request("GET", &format!("/volumes/{}", encode(&name)), None)?,
+                &format!("inspecting volume {name}"),
+            )?;
+            volumes.push(Volume {
+                synced: Volume::is_host_local(&r.json()),
+                name,
+                destination,
+                source,
+            });
+        }
+        if !volumes.is_empty() {
+            let (synced, shared): (Vec<&Volume>, Vec<&Volume>) =
+                volumes.iter().partition(|v| v.synced);
+            let names = |v: Vec<&Volume>| {
+                v.iter()
+                    .map(|v| format!("{} at {}", v.name, v.destination))
+                    .collect::<Vec<_>>()
+            };
+            self.log(
+                LogLevel::Info,
+                &format!(
+                    "docker: volumes copied: {:?}; on shared storage, left alone: {:?}",
+                    names(synced),
+                    names(shared)
+                ),
+            );
+        }
         self.state = State::Source(Box::new(Source {
             engine,
             ct,
             freezer,
             transfer,
+            volumes,
         }));
         Ok(())
     }
@@ -433,6 +467,27 @@ impl DockerDriver {
                 )));
             }
         }
+        for v in &meta.volumes {
+            let here = engine
+                .request("GET", &format!("/volumes/{}", encode(&v.name)), None)?
+                .ok();
+            if v.synced && here {
+                return Err(DriverError::invalid(format!(
+                    "docker: a volume {} already exists on this host's engine; the container's \
+                     (at {}) would be copied into it (docker volume rm it here, or migrate a \
+                     container whose volume has another name)",
+                    v.name, v.destination
+                )));
+            }
+            if !v.synced && !here {
+                return Err(DriverError::failed(format!(
+                    "docker: the container's volume {} (at {}) is on shared storage and is not \
+                     copied, but this host's engine has no volume {} (create it here with the \
+                     same driver and options)",
+                    v.name, v.destination, v.name
+                )));
+            }
+        }
         let image = image_here(&engine, &meta)?;
         if image.is_none() && !meta.image_sent {
             return Err(DriverError::failed(format!(
@@ -450,7 +505,11 @@ impl DockerDriver {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| std::process::id().to_string());
         let staging = root.join("phaul").join(session);
-        for d in ["upper", "transfer"] {
+        let synced = meta.volumes.iter().filter(|v| v.synced).count();
+        for d in ["upper".to_string(), "transfer".into()]
+            .into_iter()
+            .chain((0..synced).map(|i| format!("volume-{i}")))
+        {
             let p = staging.join(d);
             std::fs::create_dir_all(&p).map_err(io("creating", &p))?;
         }
@@ -545,6 +604,22 @@ impl DockerDriver {
         std::fs::rename(&upper, &empty).map_err(io("moving aside", &upper))?;
         std::fs::rename(&staged, &upper).map_err(io("installing the writable layer at", &upper))?;
         let _ = std::fs::remove_dir_all(&empty);
+        // The copied volumes, onto the new container's (created with it).
+        let ct = inspect(&d.engine, d.created.as_deref().unwrap_or_default())?;
+        let staged: Vec<(PathBuf, Volume)> =
+            d.staged_volumes().map(|(p, v)| (p, v.clone())).collect();
+        for (from, v) in staged {
+            let to = ct.mount_source(&v.destination).ok_or_else(|| {
+                DriverError::failed(format!(
+                    "docker: the new container has no volume at {}",
+                    v.destination
+                ))
+            })?;
+            let empty = from.with_extension("created");
+            std::fs::rename(&to, &empty).map_err(io("moving aside", &to))?;
+            std::fs::rename(&from, &to).map_err(io("installing volume data at", &to))?;
+            let _ = std::fs::remove_dir_all(&empty);
+        }
         Ok(())
     }
 
@@ -717,6 +792,16 @@ fn log_errors(path: &Path) -> String {
 }
 
 impl Dest {
+    /// Where each copied volume is synced to, with the volume.
+    fn staged_volumes(&self) -> impl Iterator<Item = (PathBuf, &Volume)> + '_ {
+        self.meta
+            .volumes
+            .iter()
+            .filter(|v| v.synced)
+            .enumerate()
+            .map(|(i, v)| (self.staging.join(format!("volume-{i}")), v))
+    }
+
     fn checkpoint_dir(&self, id: &str) -> PathBuf {
         self.root
             .join("containers")
@@ -817,14 +902,27 @@ impl Driver for DockerDriver {
 
     fn fs_sync(&mut self) -> DriverResult<FsSyncSpec> {
         match &self.state {
-            State::Source(s) => Ok(FsSyncSpec::paths([
-                s.ct.upper.clone().unwrap_or_default().display().to_string(),
-                s.transfer.display().to_string(),
-            ])),
-            State::Dest(d) => Ok(FsSyncSpec::paths([
-                d.staging.join("upper").display().to_string(),
-                d.staging.join("transfer").display().to_string(),
-            ])),
+            // The writable layer, the transfer directory, the volumes this
+            // host alone has: the same number on both sides, in order.
+            State::Source(s) => Ok(FsSyncSpec::paths(
+                [
+                    s.ct.upper.clone().unwrap_or_default().display().to_string(),
+                    s.transfer.display().to_string(),
+                ]
+                .into_iter()
+                .chain(
+                    s.volumes
+                        .iter()
+                        .filter(|v| v.synced)
+                        .map(|v| v.source.clone()),
+                ),
+            )),
+            State::Dest(d) => Ok(FsSyncSpec::paths(
+                [d.staging.join("upper"), d.staging.join("transfer")]
+                    .into_iter()
+                    .chain(d.staged_volumes().map(|(p, _)| p))
+                    .map(|p| p.display().to_string()),
+            )),
             State::New => Err(DriverError::failed("docker: fs_sync before init")),
         }
     }
@@ -883,6 +981,7 @@ impl Driver for DockerDriver {
             host_config: s.ct.raw["HostConfig"].clone(),
             networks: s.ct.networks(),
             bind_sources: s.ct.bind_sources(),
+            volumes: s.volumes.clone(),
             image_sent: send_image,
         };
         let json = serde_json::to_string(&meta)
@@ -1140,6 +1239,8 @@ impl Driver for DockerDriver {
         }
         d.clean_checkpoint();
         if let Some(id) = d.created.take() {
+            // Its copied volumes were created with it (none existed here).
+            let created: Vec<String> = d.staged_volumes().map(|(_, v)| v.name.clone()).collect();
             match d
                 .engine
                 .request("DELETE", &format!("/containers/{id}?v=1&force=1"), None)
@@ -1147,6 +1248,16 @@ impl Driver for DockerDriver {
                 Ok(r) if r.ok() || r.status == 404 => {}
                 Ok(r) => errors.push(format!("removing container {id}: {}", r.message())),
                 Err(e) => errors.push(e.to_string()),
+            }
+            for name in created {
+                match d
+                    .engine
+                    .request("DELETE", &format!("/volumes/{}", encode(&name)), None)
+                {
+                    Ok(r) if r.ok() || r.status == 404 => {}
+                    Ok(r) => errors.push(format!("removing volume {name}: {}", r.message())),
+                    Err(e) => errors.push(e.to_string()),
+                }
             }
         }
         if let Err(e) = std::fs::remove_dir_all(&d.staging) {
