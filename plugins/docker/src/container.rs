@@ -58,7 +58,7 @@ impl Volume {
     /// (the local driver without mount options).
     pub fn is_host_local(volume: &Value) -> bool {
         volume["Driver"].as_str() == Some("local")
-            && volume["Options"].as_object().is_none_or(|o| o.is_empty())
+            && !volume["Options"].as_object().is_some_and(|o| !o.is_empty())
     }
 }
 
