@@ -5,7 +5,9 @@
 # a shared mount: runc's restore needs it), exec root (/run/phaul-docker-NAME),
 # API socket (/run/phaul-docker-NAME.sock), containerd, bridge and cgroup
 # parent, and stays off the host firewall (--iptables=false). No systemd, no
-# registry, and never the machine's own /var/run/docker.sock.
+# registry, and never the machine's own /var/run/docker.sock. A test's
+# user-defined networks should name their bridges pdk-NAME-* (`-o
+# com.docker.network.bridge.name=...`): stop removes those too.
 #
 #   scripts/docker-engines.sh start NAME SUBNET_OCTET   # e.g. start a 1: bridge 10.204.1.1/24
 #   scripts/docker-engines.sh stop NAME                  # stop it, remove its containers' processes, unmount
@@ -100,6 +102,11 @@ stop() {
   if [ -n "$cgs" ]; then find $cgs -depth -type d -exec rmdir {} + 2>/dev/null || true; fi
   rm -f "$pidfile" "$sock"
   ip link del "$bridge" 2>/dev/null || true
+  # Bridges of its user-defined networks named after it (pdk-NAME-*: the
+  # engine leaves them when it stops).
+  for l in $(ip -o link show type bridge | awk -F': ' '{print $2}' | grep "^$bridge-" || true); do
+    ip link del "$l" 2>/dev/null || true
+  done
 }
 
 case "$cmd" in

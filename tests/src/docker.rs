@@ -479,7 +479,7 @@ pub fn last_number(file: &Path) -> u64 {
 /// counter loop (continuing from `/data/open.log`'s last line, the file
 /// held open as fd 3 and appended to every 50 ms) and then the workload
 /// exec'd as the container's init (the loop its child).
-fn workload_script(mem_mib: u32) -> String {
+fn workload_script(mem_mib: u32, workload_args: &[&str]) -> String {
     let before = BEFORE_TXT.trim_end();
     format!(
         "mkdir -p /data/state\n\
@@ -489,7 +489,8 @@ fn workload_script(mem_mib: u32) -> String {
          \x20 exec 3>>/data/open.log\n\
          \x20 while :; do i=$((i+1)); echo $i >&3; sleep 0.05; done\n\
          ) </dev/null >/dev/null 2>&1 &\n\
-         exec /bin/phaul-workload run --state-dir /data/state --mem-mib {mem_mib} --dirty-pct 5\n"
+         exec /bin/phaul-workload run --state-dir /data/state --mem-mib {mem_mib} --dirty-pct 5 {}\n",
+        workload_args.join(" ")
     )
 }
 
@@ -506,7 +507,20 @@ pub fn run_workload(
     mem_mib: u32,
     extra_docker_args: &[&str],
 ) -> Container {
-    let script = workload_script(mem_mib);
+    run_workload_with(engine, name, image, mem_mib, extra_docker_args, &[])
+}
+
+/// [`run_workload`] with more arguments for the workload (`phaul-workload
+/// run ... WORKLOAD_ARGS`, e.g. `--tcp-listen 0.0.0.0:7000`).
+pub fn run_workload_with(
+    engine: &Engine,
+    name: &str,
+    image: &str,
+    mem_mib: u32,
+    extra_docker_args: &[&str],
+    workload_args: &[&str],
+) -> Container {
+    let script = workload_script(mem_mib, workload_args);
     let mut args = vec!["run", "-d", "--name", name];
     args.extend_from_slice(extra_docker_args);
     args.extend([image, "/bin/sh", "-c", &script]);

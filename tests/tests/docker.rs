@@ -16,9 +16,10 @@
 use std::time::Duration;
 
 use phaul_tests::docker::{
-    build_test_image, copy_image, run_workload, Container, Engine, Engines, BEFORE_TXT,
+    build_test_image, copy_image, run_workload, run_workload_with, Container, Engine, Engines,
+    BEFORE_TXT,
 };
-use phaul_tests::harness::{migrate, setup, wait_for, Migration, Serve};
+use phaul_tests::harness::{ip, migrate, setup, tcp_client, wait_for, Migration, Serve};
 use phaul_tests::plugin_dir;
 use serde_json::Value;
 
@@ -309,4 +310,76 @@ fn restart_mode_carries_the_writable_layer_and_starts_it_on_b() {
     assert!(containers(&e.a).is_empty(), "A's was stopped and removed");
     let w = dst.workload();
     w.assert_intact(&w.report());
+}
+
+#[test]
+fn an_established_connection_to_the_container_survives_with_tcp_established() {
+    let Some((e, image)) = engines("tcp", (79, 80), false) else {
+        return;
+    };
+    // The container's network on both hosts: the same subnet and its same
+    // address (a user-defined network with --ip), each engine's on a
+    // bridge of its own. On one machine both bridges' routes exist; the
+    // address moves to B's when A's bridge goes down after the move, as a
+    // network fabric would move it.
+    let bridges = ["pdk-tcpa-net", "pdk-tcpb-net"];
+    for (engine, br) in [(&e.a, bridges[0]), (&e.b, bridges[1])] {
+        engine.docker_ok(&[
+            "network",
+            "create",
+            "--subnet",
+            "10.207.0.0/24",
+            "--gateway",
+            "10.207.0.1",
+            "-o",
+            &format!("com.docker.network.bridge.name={br}"),
+            "tcpnet",
+        ]);
+    }
+    ip(&["link", "set", bridges[1], "up"]);
+    let src = run_workload_with(
+        &e.a,
+        "srv",
+        &image,
+        16,
+        &["--network", "tcpnet", "--ip", "10.207.0.10"],
+        &["--tcp-listen", "0.0.0.0:7000"],
+    );
+    let w = src.workload();
+    let dir = tempfile::tempdir().unwrap();
+    let report_file = dir.path().join("client.json");
+    let mut client = tcp_client("10.207.0.10:7000", 10_000, &report_file);
+    assert!(
+        wait_for(Duration::from_secs(10), || w.report()["tcp_requests"]
+            .as_u64()
+            .unwrap_or(0)
+            > 50),
+        "the client talks to the container before the migration"
+    );
+    let serve = serve_for(&e.b);
+    let (code, json) = migrate_from(&e.a, "srv", &serve, &["--tcp-established"]);
+    assert_eq!(code, 0, "{json:?}");
+    ip(&["link", "set", bridges[0], "down"]);
+    let dst = Container::of(&e.b, "srv").expect("srv runs on B");
+    let i = e.b.inspect("srv").unwrap();
+    assert_eq!(
+        i["NetworkSettings"]["Networks"]["tcpnet"]["IPAddress"], "10.207.0.10",
+        "the same address on B"
+    );
+    let mut w = w;
+    w.moved_to(dst.pid);
+    let wb = dst.workload();
+    let served = wb.report()["tcp_requests"].as_u64().unwrap_or(0);
+    let status = client.wait().unwrap();
+    let r: Value = serde_json::from_slice(&std::fs::read(&report_file).unwrap()).unwrap();
+    assert!(status.success(), "the client saw an error: {r}");
+    assert_eq!(r["connection_broken"], false, "{r}");
+    assert_eq!(r["wrong_answers"], 0, "{r}");
+    assert!(r["ok"].as_u64().unwrap() > 100, "{r}");
+    let after = wb.report();
+    wb.assert_intact(&after);
+    assert!(
+        after["tcp_requests"].as_u64().unwrap_or(0) > served,
+        "B's copy kept answering on the same connection: {served} -> {after}"
+    );
 }

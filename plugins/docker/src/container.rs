@@ -200,6 +200,25 @@ impl Inspected {
             .map(PathBuf::from)
     }
 
+    /// Its addresses that the destination's engine chooses anew: those on
+    /// the default bridge, or without a static address (`--ip`).
+    pub fn moving_addresses(&self) -> Vec<String> {
+        self.raw
+            .pointer("/NetworkSettings/Networks")
+            .and_then(Value::as_object)
+            .into_iter()
+            .flatten()
+            .filter(|(name, ep)| {
+                name.as_str() == "bridge"
+                    || ep["IPAMConfig"]["IPv4Address"]
+                        .as_str()
+                        .map_or(true, str::is_empty)
+            })
+            .filter_map(|(_, ep)| ep["IPAddress"].as_str().filter(|a| !a.is_empty()))
+            .map(str::to_string)
+            .collect()
+    }
+
     /// Host paths bind-mounted into the container.
     pub fn bind_sources(&self) -> Vec<String> {
         self.mounts_of("bind", "Source")
@@ -341,8 +360,16 @@ pub fn create_body(meta: &SourceMeta, image: &str) -> Value {
             .iter()
             .map(|(name, ep)| {
                 let mut e = Map::new();
-                if let Some(a) = ep.get("Aliases") {
-                    e.insert("Aliases".into(), a.clone());
+                // Its aliases, less the source's short id (the engine adds
+                // the new container's own).
+                let short = &meta.id[..meta.id.len().min(12)];
+                if let Some(a) = ep.get("Aliases").and_then(Value::as_array) {
+                    let kept: Vec<Value> = a
+                        .iter()
+                        .filter(|x| x.as_str() != Some(short))
+                        .cloned()
+                        .collect();
+                    e.insert("Aliases".into(), Value::Array(kept));
                 }
                 if let Some(ipam) = ep.get("IPAMConfig").filter(|v| !v.is_null()) {
                     e.insert("IPAMConfig".into(), ipam.clone());
@@ -462,5 +489,40 @@ mod tests {
         assert_eq!(b["HostConfig"]["Binds"][0], "/srv:/srv");
         assert!(b["HostConfig"].get("CgroupParent").is_none());
         assert!(b.get("NetworkingConfig").is_none());
+    }
+
+    #[test]
+    fn networks_keep_a_static_address_and_drop_the_old_id_alias() {
+        let mut net = Map::new();
+        net.insert(
+            "appnet".into(),
+            json!({"IPAMConfig": {"IPv4Address": "10.9.0.10"}, "Aliases": ["abcdef012345", "db"],
+                   "IPAddress": "10.9.0.10"}),
+        );
+        let meta = SourceMeta {
+            id: "abcdef0123456789".into(),
+            name: "w".into(),
+            image_id: "sha256:1".into(),
+            image_ref: String::new(),
+            config: json!({}),
+            host_config: json!({}),
+            networks: net.clone(),
+            bind_sources: vec![],
+            volumes: vec![],
+            image_sent: false,
+        };
+        let ep = &create_body(&meta, "i")["NetworkingConfig"]["EndpointsConfig"]["appnet"];
+        assert_eq!(ep["IPAMConfig"]["IPv4Address"], "10.9.0.10");
+        assert_eq!(ep["Aliases"], json!(["db"]));
+        // Only the engine-chosen address moves.
+        net.insert("bridge".into(), json!({"IPAddress": "172.17.0.2"}));
+        net.insert(
+            "other".into(),
+            json!({"IPAMConfig": null, "IPAddress": "10.8.0.3"}),
+        );
+        let i = Inspected::parse(json!({"NetworkSettings": {"Networks": net}}));
+        let mut m = i.moving_addresses();
+        m.sort();
+        assert_eq!(m, vec!["10.8.0.3", "172.17.0.2"]);
     }
 }

@@ -280,6 +280,7 @@ pub struct DockerDriver {
     opts: DockerOptions,
     host: Option<HostBox>,
     work_dir: PathBuf,
+    warned_tcp: bool,
 }
 
 impl Default for DockerDriver {
@@ -290,6 +291,7 @@ impl Default for DockerDriver {
             opts: DockerOptions::default(),
             host: None,
             work_dir: PathBuf::new(),
+            warned_tcp: false,
         }
     }
 }
@@ -928,6 +930,21 @@ impl Driver for DockerDriver {
     }
 
     fn adjust_dump_opts(&mut self, opts: &mut CriuOpts) -> DriverResult<()> {
+        if opts.tcp_established && !self.warned_tcp {
+            self.warned_tcp = true;
+            let moving = self.source()?.ct.moving_addresses();
+            if !moving.is_empty() {
+                self.log(
+                    LogLevel::Warn,
+                    &format!(
+                        "docker: --tcp-established: the container's addresses {moving:?} are the \
+                         engine's choice (no --ip on a user-defined network), so the destination's \
+                         engine gives it others: connections to them from outside will not \
+                         survive (connections inside the container do)"
+                    ),
+                );
+            }
+        }
         let s = self.source()?;
         let merged = s.ct.merged.clone().unwrap_or_default();
         opts.root = Some(merged.display().to_string().into()).into();
