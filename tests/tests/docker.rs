@@ -19,7 +19,9 @@ use phaul_tests::docker::{
     build_test_image, copy_image, run_workload, run_workload_with, Container, Engine, Engines,
     BEFORE_TXT,
 };
-use phaul_tests::harness::{ip, migrate, setup, tcp_client, wait_for, Migration, Serve};
+use phaul_tests::harness::{
+    ip, migrate, recover, setup, tcp_client, wait_for, Migration, Serve, Workload,
+};
 use phaul_tests::plugin_dir;
 use serde_json::Value;
 
@@ -141,6 +143,10 @@ fn a_container_moves_live_between_two_engines_and_b_manages_it() {
     // A file in its named volume (written on A's side of it).
     let vol_a = volume_path(&e.a, "web", "/srv/webdata");
     std::fs::write(vol_a.join("site.txt"), "in the volume\n").unwrap();
+    // A file of the image removed in the container: a whiteout in its
+    // writable layer, which must hide the image's file on B too.
+    e.a.docker_ok(&["exec", "web", "/bin/busybox", "rm", "/bin/date"]);
+    assert!(!src.merged.join("bin/date").exists());
     let mut w = src.workload();
     w.assert_intact(&w.report());
     let before = src.counter();
@@ -173,6 +179,10 @@ fn a_container_moves_live_between_two_engines_and_b_manages_it() {
         "the counter runs on B, appending to the file it kept open"
     );
 
+    assert!(
+        dst.merged.join("bin/true").exists() && !dst.merged.join("bin/date").exists(),
+        "the writable layer's whiteout came along"
+    );
     // Its volume came along, as a volume of B's engine.
     let vol_b = volume_path(&e.b, "web", "/srv/webdata");
     assert!(vol_b.starts_with(&e.b.root), "{}", vol_b.display());
@@ -190,6 +200,28 @@ fn a_container_moves_live_between_two_engines_and_b_manages_it() {
     e.b.docker_ok(&["stop", "-t", "1", "web"]);
     assert_eq!(e.b.inspect("web").unwrap()["State"]["Status"], "exited");
     assert!(!phaul_tests::harness::alive(dst.pid), "its init is gone");
+
+    // `phaul htypes` lists docker with the engine it reaches, or says that
+    // it reaches none.
+    let htypes = |host: &str| {
+        let plugins = plugin_dir(DOCKER);
+        let out = std::process::Command::new(phaul_tests::bin("phaul"))
+            .arg("--plugin-dir")
+            .arg(plugins.path())
+            .args(["htypes", "--json"])
+            .env("DOCKER_HOST", host)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let listed = htypes(&e.b.host());
+    assert!(
+        listed.contains("\"docker\"") && listed.contains("[engine ") && listed.contains("live"),
+        "{listed}"
+    );
+    let listed = htypes("unix:///nonexistent/docker.sock");
+    assert!(listed.contains("no engine reachable here"), "{listed}");
 
     // A's is gone, neither daemon was restarted, nothing was left behind.
     assert!(containers(&e.a).is_empty(), "A: {:?}", containers(&e.a));
@@ -382,4 +414,116 @@ fn an_established_connection_to_the_container_survives_with_tcp_established() {
         after["tcp_requests"].as_u64().unwrap_or(0) > served,
         "B's copy kept answering on the same connection: {served} -> {after}"
     );
+}
+
+/// The test workload's processes in engine `e`'s containers (its cgroup
+/// parent), with their state letters.
+fn copies(e: &Engine) -> Vec<(i32, char)> {
+    let cgroup = format!("/phaul-docker-{}/", e.name);
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|d| d.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "phaul-workload")
+                && std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+                    .is_ok_and(|c| c.contains(&cgroup))
+        })
+        .filter_map(|pid| Some((pid, phaul_tests::harness::task_state(pid)?)))
+        .collect()
+}
+
+/// Kills the source's or the destination's phaul once B holds a restored
+/// copy, lets `phaul recover` settle what the journal left pending (the
+/// destination service restarted if it was killed), and checks that
+/// exactly one copy exists and runs, with its memory intact, and that
+/// Docker runs the container on that side only.
+fn kill_during_the_restore(tag: &str, octets: (u8, u8), kill_destination: bool) {
+    let Some((e, image)) = engines(tag, octets, false) else {
+        return;
+    };
+    let src = run_workload(&e.a, "kv", &image, 16, &[]);
+    let w = src.workload();
+    let mut serve = serve_for(&e.b);
+    let journal = tempfile::tempdir().unwrap();
+    let socket = format!("socket={}", e.a.sock.display());
+    let plugins = plugin_dir(DOCKER);
+    let mut m = Migration::start(
+        plugins.path(),
+        "docker",
+        "kv",
+        &serve.addr,
+        journal.path(),
+        &["-o", &socket],
+        None,
+    );
+    assert!(
+        wait_for(Duration::from_secs(60), || !copies(&e.b).is_empty()),
+        "B never restored a copy"
+    );
+    if kill_destination {
+        serve.kill();
+        let status = m.wait_timeout(Duration::from_secs(60));
+        assert!(
+            matches!(status.and_then(|s| s.code()), Some(4) | Some(5)),
+            "never reported as migrated: {status:?}"
+        );
+        serve.restart();
+    } else {
+        m.kill();
+    }
+    let r = recover(plugins.path(), journal.path(), 10);
+    assert_eq!(r.code, Some(0), "recover: {}", r.stderr);
+    let one = || {
+        let (a, b) = (copies(&e.a), copies(&e.b));
+        match (a.as_slice(), b.as_slice()) {
+            ([(pid, 'S' | 'R')], []) => Some(("A", *pid)),
+            ([], [(pid, 'S' | 'R')]) => Some(("B", *pid)),
+            _ => None,
+        }
+    };
+    assert!(
+        wait_for(Duration::from_secs(30), || one().is_some()),
+        "exactly one copy, running: A {:?}, B {:?}",
+        copies(&e.a),
+        copies(&e.b)
+    );
+    let (on, pid) = one().unwrap();
+    let (here, there) = if on == "A" {
+        (&e.a, &e.b)
+    } else {
+        (&e.b, &e.a)
+    };
+    let ct = Container::of(here, "kv").expect("Docker runs it where it runs");
+    assert_eq!(ct.pid, pid);
+    assert!(
+        Container::of(there, "kv").is_none(),
+        "and Docker runs no copy on the other side"
+    );
+    if on == "A" {
+        assert_eq!(pid, src.pid, "A's container as it was");
+        w.assert_intact(&w.report());
+    } else {
+        let survivor = Workload::attach(pid, &ct.state_dir());
+        survivor.assert_intact(&survivor.report());
+    }
+    eprintln!(
+        "after killing the {} phaul: the copy on {on} runs",
+        if kill_destination {
+            "destination"
+        } else {
+            "source"
+        }
+    );
+}
+
+#[test]
+fn killing_the_destination_phaul_while_b_holds_a_copy_leaves_exactly_one_running() {
+    kill_during_the_restore("kd", (81, 82), true);
+}
+
+#[test]
+fn killing_the_source_phaul_while_b_holds_a_copy_leaves_exactly_one_running() {
+    kill_during_the_restore("ks", (83, 84), false);
 }
