@@ -18,6 +18,10 @@ src = sys.argv[1] if len(sys.argv) > 1 else "bench/results/results.json"
 dst = sys.argv[2] if len(sys.argv) > 2 else src.rsplit("/", 1)[0] + "/downtime.png"
 doc = json.load(open(src))
 runs = [r for r in doc["runs"] if not r.get("error")]
+if not runs:
+    # A run of the container methods only (their rows are in results.md).
+    print(f"{src}: no process runs to plot")
+    sys.exit(0)
 rates = sorted({r["dirty_pct"] for r in runs})
 fig, axes = plt.subplots(1, len(rates), figsize=(max(8, 5 * len(rates)), 4.2), squeeze=False, sharey=True)
 def plot_medians(ax, by):

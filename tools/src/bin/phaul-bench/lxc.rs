@@ -88,8 +88,9 @@ fn run(cmd: &mut Command) -> anyhow::Result<String> {
     Ok(text)
 }
 
-/// PATH with phaul's CRIU first (liblxc runs the first `criu` on it).
-fn path_with_criu() -> String {
+/// PATH with phaul's CRIU first (liblxc, runc and podman run the first
+/// `criu` on it).
+pub(crate) fn path_with_criu() -> String {
     format!(
         "/usr/local/sbin:{}",
         std::env::var("PATH").unwrap_or_default()
@@ -328,7 +329,14 @@ fn by_hand(h: &Hosts, r: &mut RunResult) -> anyhow::Result<()> {
 
 /// Copies directory `from` to `to` as `tar c | TCP (loopback) | tar x`.
 fn copy_over_tcp(from: &Path, to: &Path) -> anyhow::Result<()> {
+    copy_over_tcp_with(from, to, &[])
+}
+
+/// [`copy_over_tcp`] with `tar_args` (e.g. `--xattrs`) given to both tars.
+pub(crate) fn copy_over_tcp_with(from: &Path, to: &Path, tar_args: &[&str]) -> anyhow::Result<()> {
     std::fs::create_dir_all(to)?;
+    let args: Vec<String> = tar_args.iter().map(|a| a.to_string()).collect();
+    let untar_args = args.clone();
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
     let to = to.to_path_buf();
@@ -336,6 +344,7 @@ fn copy_over_tcp(from: &Path, to: &Path) -> anyhow::Result<()> {
         let (mut conn, _) = listener.accept()?;
         let mut untar = Command::new("tar")
             .arg("x")
+            .args(&untar_args)
             .arg("-C")
             .arg(&to)
             .stdin(Stdio::piped())
@@ -355,6 +364,7 @@ fn copy_over_tcp(from: &Path, to: &Path) -> anyhow::Result<()> {
     });
     let mut tar = Command::new("tar")
         .arg("c")
+        .args(&args)
         .arg("-C")
         .arg(from)
         .arg(".")

@@ -27,8 +27,14 @@
 //! a plain loopback TCP stream and the same stream through phaul's TLS
 //! relays, the baselines for phaul's memory channel, and moves an LXC
 //! container by phaul and by hand with LXC's own tools (see [`lxc`]).
+//!
+//! The methods `docker-engine`, `podman` and `phaul-docker` (not run unless
+//! named in `--methods`) move a Docker or Podman container with the
+//! workload inside instead, once per size and run at their own dirtying
+//! rate (see [`docker`]).
 
 mod channel;
+mod docker;
 mod lxc;
 mod methods;
 mod summary;
@@ -44,8 +50,10 @@ use methods::{Method, RunResult};
 /// Benchmark phaul against dump-copy-restore and the no-copy floor.
 #[derive(Debug, Parser)]
 #[command(after_help = "\
-Example:
+Examples:
   phaul-bench --sizes 64,256,1024 --rates 0,1,10 --runs 5 --out bench/results
+  phaul-bench --methods docker-engine,podman,phaul-docker --sizes 64,256 --runs 3 \
+      --lxc-sizes 0 --out bench/results/docker
 
 Writes <out>/results.json (every run), <out>/results.md (the table) and
 prints the table; bench/plot.py turns results.json into a PNG.")]
@@ -62,7 +70,10 @@ struct Args {
     /// Output directory.
     #[arg(long, default_value = "bench/results")]
     out: PathBuf,
-    /// Methods to run.
+    /// Methods to run. The container methods (docker-engine: docker
+    /// checkpoint/start --checkpoint between two engines by hand; podman:
+    /// checkpoint --export/restore --import; phaul-docker: phaul migrate
+    /// docker) run once per size at 5 %/s, whatever --rates says.
     #[arg(
         long,
         value_delimiter = ',',
@@ -178,6 +189,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
     }
 
+    let (container_methods, methods): (Vec<Method>, Vec<Method>) =
+        methods.into_iter().partition(|m| m.is_container());
+
     let mut results: Vec<RunResult> = Vec::new();
     for &mem in &sizes {
         for &rate in &args.rates {
@@ -201,6 +215,34 @@ fn run(args: Args) -> anyhow::Result<()> {
                 }
             }
         }
+    }
+
+    let mut docker_runs: Vec<RunResult> = Vec::new();
+    if !container_methods.is_empty() {
+        eprintln!("phaul-bench: setting up the container rows (image, engines)");
+        let d = docker::Docker::setup(&env, &container_methods);
+        for &mem in &sizes {
+            for run in 1..=args.runs {
+                for &method in &container_methods {
+                    let r = d.measure(&env, method, mem, run);
+                    match &r.error {
+                        None => eprintln!(
+                            "phaul-bench: docker {mem} MiB run {run} {}: downtime {:.1} ms, total {:.1} ms",
+                            method.name(),
+                            r.downtime_ms,
+                            r.total_ms
+                        ),
+                        Some(e) => eprintln!(
+                            "phaul-bench: docker {mem} MiB run {run} {}: FAILED: {e}",
+                            method.name()
+                        ),
+                    }
+                    docker_runs.push(r);
+                }
+            }
+        }
+        // Stops the engines, removes images and leftovers.
+        drop(d);
     }
 
     let mut containers: Vec<RunResult> = Vec::new();
@@ -238,6 +280,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         "baseline_channel": baseline_channel,
         "runs": results,
         "containers": containers,
+        "docker": docker_runs,
     });
     let json_path = args.out.join("results.json");
     std::fs::write(&json_path, serde_json::to_string_pretty(&doc)?)?;
@@ -253,6 +296,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     table.push_str(&summary::lxc_markdown(&containers));
+    table.push_str(&summary::docker_markdown(&docker_runs));
     std::fs::write(args.out.join("results.md"), &table)?;
     println!("{table}");
     eprintln!("phaul-bench: wrote {} and results.md", json_path.display());

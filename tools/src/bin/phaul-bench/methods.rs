@@ -3,6 +3,7 @@
 //! CRIU gets the socket itself), dump-copy-restore with the CRIU command
 //! line, and the no-copy floor.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -36,6 +37,16 @@ pub enum Method {
     Naive,
     /// criu dump to tmpfs, criu restore from it.
     Floor,
+    /// A Docker container, Docker's own way between two engines:
+    /// `docker checkpoint create`, the checkpoint and the writable layer
+    /// copied, `docker start --checkpoint` (see [`crate::docker`]).
+    DockerEngine,
+    /// A Podman container: `podman container checkpoint --export` and
+    /// `restore --import` on this host.
+    Podman,
+    /// A Docker container moved by `phaul migrate docker` between two
+    /// engines.
+    PhaulDocker,
 }
 
 impl Method {
@@ -49,7 +60,20 @@ impl Method {
             Method::PhaulUffd => "phaul-uffd",
             Method::Naive => "naive",
             Method::Floor => "floor",
+            Method::DockerEngine => "docker-engine",
+            Method::Podman => "podman",
+            Method::PhaulDocker => "phaul-docker",
         }
+    }
+
+    /// Whether it moves a container ([`crate::docker`]) rather than the
+    /// process workload: such methods run once per size, at their own
+    /// dirtying rate, not for every `--rates`.
+    pub fn is_container(self) -> bool {
+        matches!(
+            self,
+            Method::DockerEngine | Method::Podman | Method::PhaulDocker
+        )
     }
 }
 
@@ -108,6 +132,11 @@ pub struct RunResult {
     /// phaul only: its whole `--json` summary (CRIU's own dump and restore
     /// statistics, passes, bytes), for analysis.
     pub phaul_report: Option<Value>,
+    /// Container rows only: the wall time of each step of the move, ms
+    /// (e.g. `checkpoint`, `copy`, `restore`, and the runtime's or CRIU's
+    /// own figures where it reports them).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub steps_ms: BTreeMap<&'static str, f64>,
     /// Why the run failed, if it did.
     pub error: Option<String>,
 }
@@ -525,6 +554,12 @@ impl Env {
                 }
                 Method::Naive => self.criu_cli(pid, true, &mut r)?,
                 Method::Floor => self.criu_cli(pid, false, &mut r)?,
+                Method::DockerEngine | Method::Podman | Method::PhaulDocker => {
+                    bail!(
+                        "{} moves a container: docker::measure runs it",
+                        method.name()
+                    )
+                }
             };
             pids.push(new);
             r.record_after(&before, &self.report(&state, new)?)
