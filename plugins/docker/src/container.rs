@@ -130,6 +130,20 @@ impl Inspected {
         {
             out.push("it has host devices (--device)".to_string());
         }
+        let caps: Vec<&str> = v
+            .pointer("/HostConfig/CapAdd")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .filter(|c| matches!(*c, "ALL" | "SYS_ADMIN" | "CAP_SYS_ADMIN"))
+            .collect();
+        if !caps.is_empty() {
+            out.push(format!(
+                "it adds capability {} (--cap-add): as good as privileged",
+                caps.join(", ")
+            ));
+        }
         let graph = s("/GraphDriver/Name");
         if graph != "overlay2" {
             out.push(format!(
@@ -254,6 +268,20 @@ impl Inspected {
                     .collect()
             })
             .unwrap_or_default()
+    }
+}
+
+impl SourceMeta {
+    /// What the destination refuses to create from this description,
+    /// whatever the source's driver checked: the same rules, applied by
+    /// the side that runs the container as root.
+    pub fn problems(&self, live: bool) -> Vec<String> {
+        Inspected::parse(json!({
+            "Config": self.config,
+            "HostConfig": self.host_config,
+            "GraphDriver": {"Name": "overlay2"},
+        }))
+        .problems(live)
     }
 }
 
@@ -466,6 +494,35 @@ mod tests {
             assert!(p.contains(want), "{want} in {p}");
         }
         assert!(!i.problems(false).join("").contains("TTY"));
+    }
+
+    #[test]
+    fn the_destination_applies_the_same_rules_to_a_description() {
+        let meta = |host: Value| SourceMeta {
+            id: "abc".into(),
+            name: "w".into(),
+            image_id: "sha256:1".into(),
+            image_ref: String::new(),
+            config: json!({"Tty": false}),
+            host_config: host,
+            networks: Map::new(),
+            bind_sources: vec![],
+            volumes: vec![],
+            image_sent: false,
+        };
+        assert!(meta(json!({"NetworkMode": "default"}))
+            .problems(true)
+            .is_empty());
+        let p = meta(
+            json!({"Privileged": true, "CapAdd": ["NET_ADMIN", "SYS_ADMIN"],
+                            "PidMode": "host"}),
+        )
+        .problems(true)
+        .join("\n");
+        for want in ["privileged", "SYS_ADMIN", "pid namespace"] {
+            assert!(p.contains(want), "{want} in {p}");
+        }
+        assert!(!p.contains("NET_ADMIN"));
     }
 
     #[test]

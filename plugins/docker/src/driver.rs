@@ -1,33 +1,37 @@
 //! The docker driver itself (exported as a plugin by `lib.rs`).
 //!
-//! The engine dumps the container's processes with its own CRIU and the
-//! options runc's checkpoint uses (the merged rootfs as `--root`, its
+//! Before anything is frozen, the source's driver describes the container
+//! (`describe`: image, `Config`, `HostConfig`, networks, bind-mount
+//! sources, volumes) and the destination's checks that description against
+//! its own rules and its engine (the image, the name, the bind sources, the
+//! volumes) and creates the same container there through its engine's API.
+//! The engine then dumps the container's processes with its own CRIU and
+//! the options runc's checkpoint uses (the merged rootfs as `--root`, its
 //! freezer cgroup, every bind mount and cgroup controller mount as an
 //! external mount keyed by its in-container destination, masked files as
-//! `/dev/null`), so pre-dumps, the memory channel, statistics and the
-//! commit protocol work as for the pid htype, and the dump costs what CRIU
-//! costs (the engine's own `docker checkpoint` tars the images into
-//! containerd's content store first). The destination engine restores:
-//! the driver creates the same container there through its API (same
-//! image, command, environment, hostname, labels, mounts), puts the
-//! synced writable layer under it, moves the images into that container's
-//! checkpoint directory with runc's `descriptors.json`, and calls
-//! `POST /containers/{id}/start?checkpoint=`. runc's CRIU reads
-//! `/etc/criu/runc.conf`, which holds the engine's action script for the
-//! duration of the restore: the restored copy is held, never running, at
-//! `post-restore` until the source commits, and discarded otherwise. No
-//! daemon is restarted; the destination engine manages a normally running
-//! container afterwards (`docker ps`, `stop`, `logs` work).
+//! `/dev/null`), so the memory channel, statistics and the commit protocol
+//! work as for the pid htype, and the dump costs what CRIU costs (the
+//! engine's own `docker checkpoint` tars the images into containerd's
+//! content store first). The destination's engine restores: the driver puts
+//! the synced writable layer and volumes under the new container, makes its
+//! checkpoint directory of links to the engine's images (with runc's
+//! `descriptors.json`) and calls `POST /containers/{id}/start?checkpoint=`.
+//! runc's CRIU reads `/etc/criu/runc.conf`, which for the restore names a
+//! hook that hands over to the engine's hold script in those images: the
+//! restored copy is held, never running, at `post-restore` until the source
+//! commits, and discarded otherwise. No daemon is restarted; the
+//! destination's engine manages a normally running container afterwards
+//! (`docker ps`, `stop`, `logs` work).
 //!
 //! What moves: the processes (memory, open files, pipes to the engine's
-//! shim, sockets), the writable layer (phaul's file sync: live passes, a
-//! last one while frozen). What stays: bind-mount sources (host paths the
-//! destination must have: shared storage or its own copy; checked), the
-//! image (it must exist on the destination; `-o send-image` copies it
-//! through the engines' save/load before the freeze). The container's
-//! address is the destination engine's (its network is created by that
-//! engine's network stack), so connections to the container's own address
-//! do not survive a move between two bridges.
+//! shim, sockets), the writable layer and plain local volumes (phaul's file
+//! sync: live passes, a last one while frozen). What stays: bind-mount
+//! sources and volumes on shared storage (the destination must have them;
+//! checked), the image (it must exist on the destination; `-o send-image`
+//! copies it through the engines' save/load before the freeze). The
+//! container's address is the destination engine's choice unless it is a
+//! static one (`--ip`) on a user-defined network both hosts have, so only
+//! then do connections to it from outside survive.
 //!
 //! Options (both sides receive the same ones; the destination's engine is
 //! its own `DOCKER_HOST`, never one the source names):
@@ -451,6 +455,14 @@ impl DockerDriver {
                 )))
             }
         };
+        let problems = meta.problems(self.mode == Mode::Live);
+        if !problems.is_empty() {
+            return Err(DriverError::invalid(format!(
+                "docker: this host does not create container {} as described: {}",
+                meta.name,
+                problems.join("; ")
+            )));
+        }
         let engine = local_engine()?;
         let root = root_dir(&engine)?;
         if let Some(msg) = repair_runc_conf() {
