@@ -302,6 +302,19 @@ impl Default for DockerDriver {
     }
 }
 
+/// Whatever the engine called last (a dry run ends after the pre-flight,
+/// a given-up hook ends the instance): the destination's staging
+/// directory and runc's configuration do not outlive the instance.
+impl Drop for DockerDriver {
+    fn drop(&mut self) {
+        if let State::Dest(d) = &mut self.state {
+            d.stop_start();
+            let _ = d.restore_runc_conf();
+            let _ = std::fs::remove_dir_all(&d.staging);
+        }
+    }
+}
+
 impl DockerDriver {
     fn log(&self, level: LogLevel, msg: &str) {
         if let Some(h) = &self.host {
