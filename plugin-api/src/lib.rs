@@ -66,6 +66,7 @@ pub mod constants;
 pub mod driver;
 pub mod host;
 pub mod module;
+pub mod mountinfo;
 pub mod types;
 
 pub use abi_stable;

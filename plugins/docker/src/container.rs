@@ -6,6 +6,7 @@
 
 use std::path::PathBuf;
 
+use phaul_plugin_api::mountinfo::unescape;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
@@ -319,24 +320,6 @@ pub fn external_mounts(mountinfo: &str, binds: &[String], masked: &[String]) -> 
         }
     }
     out
-}
-
-/// mountinfo's octal escapes (`\040` for a space).
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(u8::is_ascii_digit) {
-            let n = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
-            out.push(n);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The freezer cgroup directory of `pid` (cgroup v1 freezer, else the
