@@ -251,6 +251,36 @@ fn a_missing_image_is_refused_before_the_freeze_and_sent_with_send_image() {
     assert_eq!(Container::of(&e.a, "app").unwrap().pid, src.pid);
     assert!(containers(&e.b).is_empty(), "B: {:?}", containers(&e.b));
 
+    // Containers that cannot move are refused before anything freezes,
+    // with the reason: a stopped one, one with a TTY, an unknown name.
+    e.a.docker_ok(&["create", "--name", "off", &image, "/bin/sleep", "60"]);
+    e.a.docker_ok(&[
+        "run",
+        "-d",
+        "-t",
+        "--name",
+        "tty",
+        &image,
+        "/bin/sleep",
+        "60",
+    ]);
+    for (name, want) in [
+        (
+            "off",
+            "only a running container can be migrated (docker start off)",
+        ),
+        ("tty", "it has a TTY"),
+        ("nosuch", "no container \"nosuch\""),
+    ] {
+        let (code, json) = migrate_from(&e.a, name, &serve, &[]);
+        let msg = json
+            .and_then(|j| j["message"].as_str().map(str::to_string))
+            .unwrap_or_default();
+        assert_eq!(code, 3, "{name}: {msg}");
+        assert!(msg.contains(want), "{name}: {msg}");
+    }
+    e.a.docker_ok(&["rm", "-f", "off", "tty"]);
+
     // With the image sent along, it moves.
     let (code, json) = migrate_from(&e.a, "app", &serve, &["-o", "send-image"]);
     assert_eq!(code, 0, "{json:?}");
