@@ -15,7 +15,6 @@
 //! (the commit: from here only the destination's answer, or its answer to
 //! a query, decides whether the source starts it again).
 
-use crate::proto::Hello;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -33,7 +32,7 @@ use super::source::Env;
 use super::Connector;
 use crate::plugins::Driver;
 use crate::proc;
-use crate::proto::Msg;
+use crate::proto::{Hello, Msg};
 use crate::workdir::WorkDir;
 
 /// How the hand-over ended when it did not succeed.
