@@ -419,8 +419,13 @@ fn an_established_connection_to_the_container_survives_with_tcp_established() {
         "the client talks to the container before the migration"
     );
     let serve = serve_for(&e.b);
-    let (code, json) = migrate_from(&e.a, "srv", &serve, &["--tcp-established"]);
+    let (code, json) = migrate_from(&e.a, "srv", &serve, &["--tcp-established", "--keep-source"]);
     assert_eq!(code, 0, "{json:?}");
+    // --keep-source: A's container stays, exited.
+    assert_eq!(
+        e.a.inspect("srv").expect("A keeps srv")["State"]["Status"],
+        "exited"
+    );
     ip(&["link", "set", bridges[0], "down"]);
     let dst = Container::of(&e.b, "srv").expect("srv runs on B");
     let i = e.b.inspect("srv").unwrap();
