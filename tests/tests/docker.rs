@@ -31,6 +31,29 @@ const DOCKER: &[(&str, &str)] = &[("phaul_docker", "libphaul_docker.so")];
 /// restore.
 const RUNC_CONF: &str = "/etc/criu/runc.conf";
 
+/// runc's CRIU configuration as the host's own: what the file says, or,
+/// where a phaul killed during its restore left its own there (the first
+/// line names that phaul, whose pid is gone), the host's that the driver
+/// saved and the next migration to this host puts back.
+fn runc_conf() -> Option<String> {
+    let text = std::fs::read_to_string(RUNC_CONF).ok();
+    let left_by = text
+        .as_deref()
+        .and_then(|t| t.lines().next())
+        .and_then(|l| l.strip_prefix("# phaul docker driver restore, by pid "))
+        .and_then(|p| p.trim().parse::<i32>().ok());
+    match left_by {
+        Some(pid) => {
+            assert!(
+                !phaul_tests::harness::alive(pid),
+                "{RUNC_CONF} is phaul {pid}'s, which still runs"
+            );
+            std::fs::read_to_string("/var/lib/phaul/docker-runc.conf.orig").ok()
+        }
+        None => text,
+    }
+}
+
 /// `phaul serve` for engine `b`: its `DOCKER_HOST`, its data root allowed
 /// for the sync.
 fn serve_for(b: &Engine) -> Serve {
@@ -83,11 +106,7 @@ fn assert_no_leftovers(b: &Engine, runc_conf_before: &Option<String>) {
         copies.is_empty(),
         "containerd's checkpoint copies left: {copies:?}"
     );
-    assert_eq!(
-        &std::fs::read_to_string(RUNC_CONF).ok(),
-        runc_conf_before,
-        "{RUNC_CONF} changed"
-    );
+    assert_eq!(&runc_conf(), runc_conf_before, "{RUNC_CONF} changed");
 }
 
 /// Two engines with the test image on A (and on B unless `only_a`).
@@ -116,20 +135,31 @@ fn volume_path(e: &Engine, name: &str, destination: &str) -> std::path::PathBuf 
     m["Source"].as_str().unwrap().into()
 }
 
-/// runc's `criu` on engine `b` (the restore's), if one runs.
-fn runc_criu_of(b: &Engine) -> Option<i32> {
+/// runc's `criu` processes on engine `b` (the restore's), with their
+/// command lines: its RPC worker and, until it becomes the workload, the
+/// restored tree's root (runc's child too; both `criu: restore --rpc`).
+fn runc_criu_of(b: &Engine) -> Vec<(i32, String)> {
     let exec_root = b.exec_root().display().to_string();
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
-        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
-        if comm.trim() != "criu" {
-            return None;
-        }
-        let ppid = phaul_tests::harness::parent(pid)?;
-        let cmd = std::fs::read(format!("/proc/{ppid}/cmdline")).ok()?;
-        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        (cmd.contains("runc") && cmd.contains(&exec_root)).then_some(pid)
-    })
+    let cmdline = |pid: i32| {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+            .unwrap_or_default()
+    };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "criu")
+                && phaul_tests::harness::task_state(pid).is_some_and(|s| s != 'Z')
+                && phaul_tests::harness::parent(pid).is_some_and(|pp| {
+                    let cmd = cmdline(pp);
+                    cmd.contains("runc") && cmd.contains(&exec_root)
+                })
+        })
+        .map(|pid| (pid, cmdline(pid)))
+        .collect()
 }
 
 #[test]
@@ -138,7 +168,7 @@ fn a_container_moves_live_between_two_engines_and_b_manages_it() {
         return;
     };
     let (pid_a, pid_b) = (e.a.dockerd_pid(), e.b.dockerd_pid());
-    let runc_conf = std::fs::read_to_string(RUNC_CONF).ok();
+    let runc_conf = runc_conf();
     let src = run_workload(&e.a, "web", &image, 32, &["-v", "webdata:/srv/webdata"]);
     // A file in its named volume (written on A's side of it).
     let vol_a = volume_path(&e.a, "web", "/srv/webdata");
@@ -234,7 +264,7 @@ fn a_missing_image_is_refused_before_the_freeze_and_sent_with_send_image() {
     let Some((e, image)) = engines("img", (73, 74), true) else {
         return;
     };
-    let runc_conf = std::fs::read_to_string(RUNC_CONF).ok();
+    let runc_conf = runc_conf();
     let src = run_workload(&e.a, "app", &image, 16, &[]);
     let w = src.workload();
     let serve = serve_for(&e.b);
@@ -293,12 +323,25 @@ fn a_missing_image_is_refused_before_the_freeze_and_sent_with_send_image() {
     assert_no_leftovers(&e.b, &runc_conf);
 }
 
-#[test]
-fn a_restore_that_dies_on_b_leaves_a_running_as_before_and_nothing_on_b() {
-    let Some((e, image)) = engines("fail", (75, 76), false) else {
+/// Which of runc's CRIU processes on B dies.
+enum Dies {
+    /// The first one seen, the moment it appears.
+    First,
+    /// Its RPC worker while the restored tree's root is still CRIU's
+    /// (both are runc's children then): the root holds runc's socket open,
+    /// and runc would wait for an answer forever.
+    RpcWorkerMidRestore,
+    /// Its RPC worker while the restored copy is held for the commit.
+    RpcWorkerWhileHeld,
+}
+
+/// B's restore dies (a CRIU process SIGKILLed): the migration rolls back,
+/// A's container runs as before, nothing is left on B.
+fn restore_dies(tag: &str, octets: (u8, u8), dies: Dies) {
+    let Some((e, image)) = engines(tag, octets, false) else {
         return;
     };
-    let runc_conf = std::fs::read_to_string(RUNC_CONF).ok();
+    let runc_conf = runc_conf();
     let src = run_workload(&e.a, "db", &image, 16, &[]);
     let w = src.workload();
     let serve = serve_for(&e.b);
@@ -314,17 +357,32 @@ fn a_restore_that_dies_on_b_leaves_a_running_as_before_and_nothing_on_b() {
         &["-o", &socket],
         None,
     );
-    // Kill B's restoring CRIU (runc's) the moment it appears.
     let mut killed = None;
     assert!(
         wait_for(Duration::from_secs(60), || {
-            killed = runc_criu_of(&e.b);
+            let criu = runc_criu_of(&e.b);
+            killed = match dies {
+                Dies::First => criu.first().map(|c| c.0),
+                // Held: the copy exists (as the workload, in B's cgroup);
+                // the one `criu` left under runc is its RPC worker.
+                // The worker forked the root: the lower pid.
+                Dies::RpcWorkerMidRestore => (criu.len() >= 2)
+                    .then(|| criu.iter().map(|c| c.0).min())
+                    .flatten(),
+                Dies::RpcWorkerWhileHeld => (!copies(&e.b).is_empty())
+                    .then(|| criu.first().map(|c| c.0))
+                    .flatten(),
+            };
             killed.is_some() || m.try_wait().is_some()
         }),
         "no restore on B"
     );
     let criu = killed.expect("the migration ended before B's CRIU ran");
-    phaul_core::proc::signal_tree(criu, nix::sys::signal::Signal::SIGKILL);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(criu),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
     let status = m
         .wait_timeout(Duration::from_secs(60))
         .expect("migrate ends");
@@ -340,10 +398,25 @@ fn a_restore_that_dies_on_b_leaves_a_running_as_before_and_nothing_on_b() {
     // Nothing on B.
     assert!(containers(&e.b).is_empty(), "B: {:?}", containers(&e.b));
     assert!(
-        wait_for(Duration::from_secs(10), || runc_criu_of(&e.b).is_none()),
+        wait_for(Duration::from_secs(10), || runc_criu_of(&e.b).is_empty()),
         "B's CRIU went away"
     );
     assert_no_leftovers(&e.b, &runc_conf);
+}
+
+#[test]
+fn a_restore_that_dies_on_b_leaves_a_running_as_before_and_nothing_on_b() {
+    restore_dies("fail", (75, 76), Dies::First);
+}
+
+#[test]
+fn b_criu_dying_mid_restore_does_not_leave_runc_waiting_and_a_resumes() {
+    restore_dies("fork", (87, 88), Dies::RpcWorkerMidRestore);
+}
+
+#[test]
+fn b_criu_dying_while_the_copy_is_held_rolls_back_and_a_resumes() {
+    restore_dies("held", (89, 90), Dies::RpcWorkerWhileHeld);
 }
 
 #[test]
@@ -474,10 +547,11 @@ fn copies(e: &Engine) -> Vec<(i32, char)> {
 /// destination service restarted if it was killed), and checks that
 /// exactly one copy exists and runs, with its memory intact, and that
 /// Docker runs the container on that side only.
-fn kill_during_the_restore(tag: &str, octets: (u8, u8), kill_destination: bool) {
+fn kill_during_the_restore(tag: &str, octets: (u8, u8), kill_destination: bool, running: bool) {
     let Some((e, image)) = engines(tag, octets, false) else {
         return;
     };
+    let runc_conf_before = runc_conf();
     let src = run_workload(&e.a, "kv", &image, 16, &[]);
     let w = src.workload();
     let mut serve = serve_for(&e.b);
@@ -490,11 +564,20 @@ fn kill_during_the_restore(tag: &str, octets: (u8, u8), kill_destination: bool) 
         "kv",
         &serve.addr,
         journal.path(),
-        &["-o", &socket],
+        // A source that lost the destination after the commit asks it
+        // again only so long, then leaves the decision to `phaul recover`.
+        &["-o", &socket, "--resolve-timeout", "3"],
         None,
     );
+    // B has a copy: held for the commit (the moment varies: it may have
+    // been released already), or with `running`, released and running
+    // under B's engine (its start returned after the commit).
     assert!(
-        wait_for(Duration::from_secs(60), || !copies(&e.b).is_empty()),
+        wait_for(Duration::from_secs(60), || if running {
+            Container::of(&e.b, "kv").is_some()
+        } else {
+            !copies(&e.b).is_empty()
+        }),
         "B never restored a copy"
     );
     if kill_destination {
@@ -543,6 +626,9 @@ fn kill_during_the_restore(tag: &str, octets: (u8, u8), kill_destination: bool) 
         let survivor = Workload::attach(pid, &ct.state_dir());
         survivor.assert_intact(&survivor.report());
     }
+    // runc's configuration is the host's, or (a killed destination's)
+    // phaul's left by a dead pid, which puts the host's back next time.
+    assert_eq!(runc_conf(), runc_conf_before);
     eprintln!(
         "after killing the {} phaul: the copy on {on} runs",
         if kill_destination {
@@ -555,10 +641,15 @@ fn kill_during_the_restore(tag: &str, octets: (u8, u8), kill_destination: bool) 
 
 #[test]
 fn killing_the_destination_phaul_while_b_holds_a_copy_leaves_exactly_one_running() {
-    kill_during_the_restore("kd", (81, 82), true);
+    kill_during_the_restore("kd", (81, 82), true, false);
+}
+
+#[test]
+fn killing_the_destination_phaul_once_b_runs_the_copy_leaves_exactly_one_running() {
+    kill_during_the_restore("kr", (85, 86), true, true);
 }
 
 #[test]
 fn killing_the_source_phaul_while_b_holds_a_copy_leaves_exactly_one_running() {
-    kill_during_the_restore("ks", (83, 84), false);
+    kill_during_the_restore("ks", (83, 84), false, false);
 }

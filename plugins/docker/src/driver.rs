@@ -60,6 +60,7 @@ use crate::api::{encode, socket_from_host, Engine, Response, DEFAULT_SOCKET};
 use crate::container::{
     create_body, external_mounts, freezer_cgroup, Inspected, SourceMeta, Volume,
 };
+use crate::runc;
 
 const KNOWN_OPTIONS: &[&str] = &[
     "socket",
@@ -258,6 +259,10 @@ struct Dest {
 /// A running `start?checkpoint=`.
 struct Start {
     done: mpsc::Receiver<DriverResult<()>>,
+    /// The container restored.
+    id: String,
+    /// Set by the watchdog when runc's CRIU died and runc was killed.
+    died: Arc<Mutex<Option<String>>>,
     /// A process that lives exactly as long as the request: the engine
     /// watches it to learn at once when the start failed. Whoever ends
     /// first (the request, or the driver giving it up) takes and kills it.
@@ -821,6 +826,35 @@ fn link_images(from: &Path, to: &Path) -> DriverResult<()> {
     Ok(())
 }
 
+/// Watches runc's restore of container `id` while the start is under way
+/// (until the sentinel is taken): when runc's CRIU has been dead for
+/// [`runc::DEAD_FOR`], kills runc, says so in `died` and ends the sentinel.
+fn watchdog(id: &str, sentinel: &Sentinel, died: &Mutex<Option<String>>) {
+    let tick = Duration::from_millis(100);
+    let mut dead_since: Option<Instant> = None;
+    while sentinel.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
+        std::thread::sleep(tick);
+        let Some(r) = runc::restore_of(id) else {
+            dead_since = None;
+            continue;
+        };
+        if !runc::criu_died(r) {
+            dead_since = None;
+            continue;
+        }
+        let since = *dead_since.get_or_insert_with(Instant::now);
+        if since.elapsed() >= runc::DEAD_FOR {
+            runc::kill_tree(r);
+            *died.lock().unwrap_or_else(|e| e.into_inner()) = Some(format!(
+                "docker: runc's CRIU died during the restore on this host (runc {r} was left \
+                 waiting for it and was killed)"
+            ));
+            end_sentinel(sentinel);
+            return;
+        }
+    }
+}
+
 /// The last CRIU errors of a restore log, for an error message.
 fn log_errors(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
@@ -881,11 +915,18 @@ impl Dest {
         }
     }
 
-    /// Ends a start under way (the sentinel, the request's thread is left
-    /// to the engine's answer).
+    /// Ends a start under way: its sentinel, and runc's restore if it
+    /// still runs (so that the engine's start returns and the container
+    /// can be removed).
     fn stop_start(&mut self) {
         if let Some(s) = self.start.take() {
             end_sentinel(&s.sentinel);
+            if s.done.recv_timeout(Duration::from_millis(200)).is_err() {
+                if let Some(r) = runc::restore_of(&s.id) {
+                    runc::kill_tree(r);
+                }
+                let _ = s.done.recv_timeout(Duration::from_secs(10));
+            }
         }
     }
 }
@@ -897,7 +938,7 @@ impl Driver for DockerDriver {
             .to_string();
         match local_engine().and_then(|e| {
             let e = Engine {
-                timeout: Duration::from_secs(2),
+                timeout: Duration::from_secs(5),
                 ..e
             };
             expect_ok(e.request("GET", "/version", None)?, "GET /version").map(|r| (e, r))
@@ -1192,7 +1233,20 @@ impl Driver for DockerDriver {
             end_sentinel(&sentinel);
             return Err(DriverError::failed(format!("docker: a thread: {e}")));
         }
-        d.start = Some(Start { done, sentinel });
+        // The watchdog: a CRIU that dies under runc leaves the start
+        // hanging; runc is killed so that it returns, and the sentinel ends
+        // so that the engine asks at once.
+        let died = Arc::new(Mutex::new(None));
+        let (watched, report, cid) = (sentinel.clone(), died.clone(), id.clone());
+        let _ = std::thread::Builder::new()
+            .name("docker-watchdog".into())
+            .spawn(move || watchdog(&cid, &watched, &report));
+        d.start = Some(Start {
+            done,
+            id,
+            died,
+            sentinel,
+        });
         Ok(HookOutcome::handled(tool))
     }
 
@@ -1202,13 +1256,25 @@ impl Driver for DockerDriver {
         let Some(start) = d.start.take() else {
             return Err(DriverError::failed("docker: no restore was started"));
         };
-        let result = start.done.recv_timeout(START_FINISH).unwrap_or_else(|_| {
-            Err(DriverError::failed(format!(
-                "docker: the engine's start did not finish within {START_FINISH:?} of the \
-                     engine's answer"
-            )))
-        });
+        let result = match start.done.recv_timeout(START_FINISH) {
+            Ok(r) => r,
+            Err(_) => {
+                // Unstick it: runc's restore of this container, killed.
+                if let Some(r) = runc::restore_of(&start.id) {
+                    runc::kill_tree(r);
+                }
+                let _ = start.done.recv_timeout(Duration::from_secs(10));
+                Err(DriverError::failed(format!(
+                    "docker: the engine's start did not finish within {START_FINISH:?} of the \
+                     engine's answer; runc's restore was killed"
+                )))
+            }
+        };
         end_sentinel(&start.sentinel);
+        let result = match start.died.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            Some(why) => Err(DriverError::failed(why)),
+            None => result,
+        };
         let conf = d.restore_runc_conf();
         let id = d.created.clone().unwrap_or_default();
         let restore_log = work_dir.join(RESTORE_LOG);
