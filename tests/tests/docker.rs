@@ -2,9 +2,11 @@
 //! (`tests/src/docker.rs`): a workload container moves from engine A to
 //! engine B, which then manages it as a normally running container; a
 //! missing image is refused before anything freezes (and sent along with
-//! `-o send-image`); a restore that dies on B leaves A's container running
-//! as before and nothing on B; restart mode carries the writable layer.
-//! Neither daemon is ever restarted (their pids are checked).
+//! `-o send-image`); a restore whose CRIU dies on B leaves A's container
+//! running as before and nothing on B; either phaul killed during the
+//! restore leaves exactly one copy running; an established TCP connection
+//! survives; restart mode carries the writable layer. Neither daemon is
+//! ever restarted (their pids are checked).
 //!
 //! The destination `phaul serve` reaches engine B through `DOCKER_HOST`
 //! (its own setting, never the source's), writes only under B's data root
