@@ -66,12 +66,48 @@ fn serve_for(b: &Engine) -> Serve {
 
 /// `phaul migrate docker NAME` from engine `a`.
 fn migrate_from(a: &Engine, name: &str, serve: &Serve, extra: &[&str]) -> (i32, Option<Value>) {
-    let socket = format!("socket={}", a.sock.display());
-    let mut args = vec!["-o", socket.as_str()];
-    args.extend_from_slice(extra);
+    let args = source_args(a, extra);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let src = plugin_dir(DOCKER);
     let (out, json) = migrate(src.path(), "docker", name, &serve.addr, &args);
     (out.status.code().unwrap_or(-1), json)
+}
+
+/// The source's arguments for engine `a`, then `extra`.
+fn source_args(a: &Engine, extra: &[&str]) -> Vec<String> {
+    let mut args = vec!["-o".to_string(), format!("socket={}", a.sock.display())];
+    args.extend(extra.iter().map(|x| x.to_string()));
+    args
+}
+
+/// A `phaul migrate docker NAME` from engine `a` under way, with the
+/// plugin and journal directories `phaul recover` needs afterwards.
+struct Moving {
+    m: Migration,
+    plugins: tempfile::TempDir,
+    journal: tempfile::TempDir,
+}
+
+/// Starts `phaul migrate docker NAME` from engine `a` in the background.
+fn start_from(a: &Engine, name: &str, serve: &Serve, extra: &[&str]) -> Moving {
+    let journal = tempfile::tempdir().unwrap();
+    let plugins = plugin_dir(DOCKER);
+    let args = source_args(a, extra);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let m = Migration::start(
+        plugins.path(),
+        "docker",
+        name,
+        &serve.addr,
+        journal.path(),
+        &args,
+        None,
+    );
+    Moving {
+        m,
+        plugins,
+        journal,
+    }
 }
 
 /// The containers engine `e` has, running or not.
@@ -347,18 +383,12 @@ fn restore_dies(tag: &str, octets: (u8, u8), dies: Dies) {
     let src = run_workload(&e.a, "db", &image, 16, &[]);
     let w = src.workload();
     let serve = serve_for(&e.b);
-    let journal = tempfile::tempdir().unwrap();
-    let socket = format!("socket={}", e.a.sock.display());
-    let plugins = plugin_dir(DOCKER);
-    let mut m = Migration::start(
-        plugins.path(),
-        "docker",
-        "db",
-        &serve.addr,
-        journal.path(),
-        &["-o", &socket],
-        None,
-    );
+    // The directories live as long as the migration.
+    let Moving {
+        mut m,
+        plugins: _plugins,
+        journal: _journal,
+    } = start_from(&e.a, "db", &serve, &[]);
     let mut killed = None;
     assert!(
         wait_for(Duration::from_secs(60), || {
@@ -557,20 +587,13 @@ fn kill_during_the_restore(tag: &str, octets: (u8, u8), kill_destination: bool, 
     let src = run_workload(&e.a, "kv", &image, 16, &[]);
     let w = src.workload();
     let mut serve = serve_for(&e.b);
-    let journal = tempfile::tempdir().unwrap();
-    let socket = format!("socket={}", e.a.sock.display());
-    let plugins = plugin_dir(DOCKER);
-    let mut m = Migration::start(
-        plugins.path(),
-        "docker",
-        "kv",
-        &serve.addr,
-        journal.path(),
-        // A source that lost the destination after the commit asks it
-        // again only so long, then leaves the decision to `phaul recover`.
-        &["-o", &socket, "--resolve-timeout", "3"],
-        None,
-    );
+    // A source that lost the destination after the commit asks it again
+    // only so long, then leaves the decision to `phaul recover`.
+    let Moving {
+        mut m,
+        plugins,
+        journal,
+    } = start_from(&e.a, "kv", &serve, &["--resolve-timeout", "3"]);
     // B has a copy: held for the commit (the moment varies: it may have
     // been released already), or with `running`, released and running
     // under B's engine (its start returned after the commit).

@@ -105,6 +105,27 @@ impl Engine {
         Ok(s)
     }
 
+    /// Whether the engine's socket takes a connection (no request: a
+    /// check cheap enough for every start of phaul).
+    pub fn reachable(&self) -> Result<(), DriverError> {
+        self.connect().map(drop)
+    }
+
+    /// A request's head: `Connection: close`, the body's type and length.
+    fn head(method: &str, path: &str, body: Option<(&str, u64)>) -> String {
+        let (kind, len) = body.unwrap_or(("", 0));
+        format!(
+            "{method} /{API_VERSION}{path} HTTP/1.1\r\nHost: docker\r\nConnection: close\r\n\
+             User-Agent: phaul-docker/{}\r\n{}Content-Length: {len}\r\n\r\n",
+            env!("CARGO_PKG_VERSION"),
+            if kind.is_empty() {
+                String::new()
+            } else {
+                format!("Content-Type: {kind}\r\n")
+            },
+        )
+    }
+
     fn io(&self, what: &str, path: &str, e: std::io::Error) -> DriverError {
         DriverError::failed(format!(
             "docker: {what} {path} on {}: {e}",
@@ -121,16 +142,10 @@ impl Engine {
     ) -> Result<Response, DriverError> {
         let body = body.map(|b| b.to_string().into_bytes());
         let mut s = self.connect()?;
-        let head = format!(
-            "{method} /{API_VERSION}{path} HTTP/1.1\r\nHost: docker\r\nConnection: close\r\n\
-             User-Agent: phaul-docker/{}\r\n{}Content-Length: {}\r\n\r\n",
-            env!("CARGO_PKG_VERSION"),
-            if body.is_some() {
-                "Content-Type: application/json\r\n"
-            } else {
-                ""
-            },
-            body.as_ref().map_or(0, Vec::len)
+        let head = Self::head(
+            method,
+            path,
+            body.as_ref().map(|b| ("application/json", b.len() as u64)),
         );
         s.write_all(head.as_bytes())
             .and_then(|()| s.write_all(body.as_deref().unwrap_or_default()))
@@ -141,9 +156,7 @@ impl Engine {
     /// `GET PATH` whose body is streamed into the file `to` (image save).
     pub fn download(&self, path: &str, to: &Path) -> Result<Response, DriverError> {
         let mut s = self.connect()?;
-        let head = format!(
-            "GET /{API_VERSION}{path} HTTP/1.1\r\nHost: docker\r\nConnection: close\r\n\r\n"
-        );
+        let head = Self::head("GET", path, None);
         s.write_all(head.as_bytes())
             .map_err(|e| self.io("sending", path, e))?;
         let mut file = std::fs::File::create(to).map_err(|e| self.io("creating", path, e))?;
@@ -168,10 +181,7 @@ impl Engine {
             .map_err(|e| self.io("opening", path, e))?
             .len();
         let mut s = self.connect()?;
-        let head = format!(
-            "POST /{API_VERSION}{path} HTTP/1.1\r\nHost: docker\r\nConnection: close\r\n\
-             Content-Type: application/x-tar\r\nContent-Length: {len}\r\n\r\n"
-        );
+        let head = Self::head("POST", path, Some(("application/x-tar", len)));
         s.write_all(head.as_bytes())
             .and_then(|()| std::io::copy(&mut file, &mut s).map(drop))
             .map_err(|e| self.io("sending", path, e))?;

@@ -238,8 +238,9 @@ struct Dest {
     staging: PathBuf,
     /// The container this side created (rollback removes it).
     created: Option<String>,
-    /// Its writable layer.
-    upper: Option<PathBuf>,
+    /// It, as its engine described it when it was created (its writable
+    /// layer, its volumes' host paths).
+    new_ct: Option<Inspected>,
     /// The source's description.
     meta: SourceMeta,
     /// runc's CRIU configuration as it was before the restore (restored
@@ -267,6 +268,21 @@ struct Start {
     /// watches it to learn at once when the start failed. Whoever ends
     /// first (the request, or the driver giving it up) takes and kills it.
     sentinel: Sentinel,
+}
+
+impl Start {
+    /// Waits up to `wait` for the start to return; if it does not, kills
+    /// runc's restore of the container (so that it does) and waits a little
+    /// more. `None` when it still did not return.
+    fn finish(&self, wait: Duration) -> Option<DriverResult<()>> {
+        if let Ok(r) = self.done.recv_timeout(wait) {
+            return Some(r);
+        }
+        if let Some(r) = runc::restore_of(&self.id) {
+            runc::kill_tree(r);
+        }
+        self.done.recv_timeout(Duration::from_secs(10)).ok()
+    }
 }
 
 type Sentinel = Arc<Mutex<Option<Child>>>;
@@ -564,7 +580,7 @@ impl DockerDriver {
             image,
             staging,
             created: None,
-            upper: None,
+            new_ct: None,
             meta,
             runc_conf: None,
             runc_lock: None,
@@ -593,12 +609,13 @@ impl DockerDriver {
         let id = r.json()["Id"].as_str().unwrap_or_default().to_string();
         d.created = Some(id.clone());
         let ct = inspect(&d.engine, &id)?;
-        d.upper = Some(ct.upper.clone().ok_or_else(|| {
-            DriverError::failed(format!(
+        if ct.upper.is_none() {
+            return Err(DriverError::failed(format!(
                 "docker: the new container {} has no UpperDir",
                 d.name
-            ))
-        })?);
+            )));
+        }
+        d.new_ct = Some(ct);
         let msg = format!(
             "docker: created {} ({}) from {image}",
             d.name,
@@ -632,14 +649,16 @@ impl DockerDriver {
             self.create_container()?;
         }
         let d = self.dest()?;
-        let upper = d.upper.clone().unwrap_or_default();
+        let ct = d.new_ct.clone().ok_or_else(|| {
+            DriverError::failed("docker: install before the container was created")
+        })?;
+        let upper = ct.upper.clone().unwrap_or_default();
         let staged = d.staging.join("upper");
         let empty = d.staging.join("upper.created");
         std::fs::rename(&upper, &empty).map_err(io("moving aside", &upper))?;
         std::fs::rename(&staged, &upper).map_err(io("installing the writable layer at", &upper))?;
         let _ = std::fs::remove_dir_all(&empty);
         // The copied volumes, onto the new container's (created with it).
-        let ct = inspect(&d.engine, d.created.as_deref().unwrap_or_default())?;
         let staged: Vec<(PathBuf, Volume)> =
             d.staged_volumes().map(|(p, v)| (p, v.clone())).collect();
         for (from, v) in staged {
@@ -832,9 +851,14 @@ fn link_images(from: &Path, to: &Path) -> DriverResult<()> {
 fn watchdog(id: &str, sentinel: &Sentinel, died: &Mutex<Option<String>>) {
     let tick = Duration::from_millis(100);
     let mut dead_since: Option<Instant> = None;
+    let mut runc: Option<i32> = None;
     while sentinel.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
         std::thread::sleep(tick);
-        let Some(r) = runc::restore_of(id) else {
+        // runc, found once (a scan of every process) and kept while it runs.
+        runc = runc
+            .filter(|r| Path::new(&format!("/proc/{r}")).exists())
+            .or_else(|| runc::restore_of(id));
+        let Some(r) = runc else {
             dead_since = None;
             continue;
         };
@@ -921,12 +945,7 @@ impl Dest {
     fn stop_start(&mut self) {
         if let Some(s) = self.start.take() {
             end_sentinel(&s.sentinel);
-            if s.done.recv_timeout(Duration::from_millis(200)).is_err() {
-                if let Some(r) = runc::restore_of(&s.id) {
-                    runc::kill_tree(r);
-                }
-                let _ = s.done.recv_timeout(Duration::from_secs(10));
-            }
+            s.finish(Duration::from_millis(200));
         }
     }
 }
@@ -936,18 +955,9 @@ impl Driver for DockerDriver {
         let mut description = "Docker containers between two stock engines (phaul's CRIU dump, \
                                the destination engine's start?checkpoint=)"
             .to_string();
-        match local_engine().and_then(|e| {
-            let e = Engine {
-                timeout: Duration::from_secs(5),
-                ..e
-            };
-            expect_ok(e.request("GET", "/version", None)?, "GET /version").map(|r| (e, r))
-        }) {
-            Ok((e, r)) => description.push_str(&format!(
-                " [engine {} at {}]",
-                r.json()["Version"].as_str().unwrap_or("?"),
-                e.socket.display()
-            )),
+        // Every phaul that loads the plugin asks: a connection, no request.
+        match local_engine().and_then(|e| e.reachable().map(|()| e)) {
+            Ok(e) => description.push_str(&format!(" [engine at {}]", e.socket.display())),
             Err(e) => description.push_str(&format!(" [no engine reachable here: {e}]")),
         }
         DriverInfo {
@@ -1260,10 +1270,7 @@ impl Driver for DockerDriver {
             Ok(r) => r,
             Err(_) => {
                 // Unstick it: runc's restore of this container, killed.
-                if let Some(r) = runc::restore_of(&start.id) {
-                    runc::kill_tree(r);
-                }
-                let _ = start.done.recv_timeout(Duration::from_secs(10));
+                start.finish(Duration::ZERO);
                 Err(DriverError::failed(format!(
                     "docker: the engine's start did not finish within {START_FINISH:?} of the \
                      engine's answer; runc's restore was killed"
@@ -1369,21 +1376,19 @@ impl Driver for DockerDriver {
         if let Some(id) = d.created.take() {
             // Its copied volumes were created with it (none existed here).
             let created: Vec<String> = d.staged_volumes().map(|(_, v)| v.name.clone()).collect();
-            match d
-                .engine
-                .request("DELETE", &format!("/containers/{id}?v=1&force=1"), None)
-            {
-                Ok(r) if r.ok() || r.status == 404 => {}
-                Ok(r) => errors.push(format!("removing container {id}: {}", r.message())),
-                Err(e) => errors.push(e.to_string()),
-            }
-            for name in created {
-                match d
-                    .engine
-                    .request("DELETE", &format!("/volumes/{}", encode(&name)), None)
-                {
+            let paths = std::iter::once((
+                format!("/containers/{id}?v=1&force=1"),
+                format!("container {id}"),
+            ))
+            .chain(
+                created
+                    .iter()
+                    .map(|n| (format!("/volumes/{}", encode(n)), format!("volume {n}"))),
+            );
+            for (path, what) in paths {
+                match d.engine.request("DELETE", &path, None) {
                     Ok(r) if r.ok() || r.status == 404 => {}
-                    Ok(r) => errors.push(format!("removing volume {name}: {}", r.message())),
+                    Ok(r) => errors.push(format!("removing {what}: {}", r.message())),
                     Err(e) => errors.push(e.to_string()),
                 }
             }
